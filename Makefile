@@ -1,0 +1,30 @@
+# The two commands of the README. Each sets itself up: a .venv is created and the
+# package installed (with its dev extra) when missing or when pyproject.toml changed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedsm demo
+
+test: $(STAMP)
+	$(BIN)/ruff check fedsm tests tools
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedsm tests tools
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_log.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,34 @@
+"""fedsm: federated learning for medicine on an event-sourced, replayable Job lifecycle.
+
+The public names are imported lazily so that ``import fedsm`` (and the light parts of the
+CLI, such as ``fedsm replay``) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Job": "fedsm.job",
+    "Experiment": "fedsm.experiment",
+    "LocalJob": "fedsm.localjob",
+    "localJob": "fedsm.localjob",
+    "TorchTrainingPlan": "fedsm.training.plan",
+    "TrainingArgs": "fedsm.training.args",
+    "FedAvg": "fedsm.aggregation",
+    "FederatedDataSet": "fedsm.requests",
+    "Requests": "fedsm.requests",
+    "FedsmError": "fedsm.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedsm' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,46 @@
+"""The ``fedsm`` command line. Each sub-command lives in its own module with a ``register``
+function that adds its parser; this module only dispatches and turns fedsm's errors into a
+one-line message and an exit code (the only place fedsm calls exit)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedsm.errors import FedsmError
+
+# Sub-command modules, in the order of ``fedsm --help``.
+_COMMANDS = ("demo", "node", "repo", "replay", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsm",
+        description="Federated learning with an event-sourced, replayable job lifecycle.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"fedsm.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FedsmError as exc:
+        print(f"fedsm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedsm: interrupted", file=sys.stderr)
+        return 130
