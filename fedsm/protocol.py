@@ -261,7 +261,9 @@ def _check_float_map(name: str, value: Any) -> dict[str, float]:
         if not isinstance(key, str):
             raise MessageDecodeError(f"map key {_short(key)} is not a string", name)
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise MessageDecodeError(f"expected a number, got {type(item).__name__}", f"{name}.{key}")
+            raise MessageDecodeError(
+                f"expected a number, got {type(item).__name__}", f"{name}.{key}"
+            )
         out[key] = float(item)
     return out
 
@@ -525,7 +527,6 @@ def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=max_bytes,
             max_str_len=_MAX_TEXT,
             max_bin_len=0,
             max_array_len=_MAX_ITEMS,
