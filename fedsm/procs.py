@@ -1,0 +1,80 @@
+"""Child processes of the command line (repository server, node processes): start one, wait
+for the line that says it is ready (with a deadline), and stop it for sure."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+from fedsm.errors import DeadlineExceeded
+
+__all__ = ["Child", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """A ``python -m fedsm ...`` child whose stdout lines are read by a thread into a queue."""
+
+    def __init__(self, args: Sequence[str], *, name: str, env: dict[str, str] | None = None):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedsm", *args],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for_line(self, prefix: str, timeout_s: float) -> str:
+        """The first stdout line starting with ``prefix``; raise if the child dies or time runs out."""
+        import time
+
+        end = time.monotonic() + timeout_s
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                raise DeadlineExceeded(
+                    f"{self.name} exited with code {self.proc.wait()} before printing {prefix!r}"
+                )
+            if line.startswith(prefix):
+                return line
+        raise DeadlineExceeded(f"{self.name} did not print {prefix!r} within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout_s)
+        return int(self.proc.returncode)
