@@ -1,0 +1,184 @@
+"""Digest checks and crash-safe hashed writes shared by every repository backend.
+
+Everything that lands on disk in fedsm's repositories goes through :class:`HashedTempFile`:
+bytes are written to a temporary file *in the destination's directory* while being hashed
+and counted, and only a file whose digest (and size) is right is fsynced and renamed into
+place. A crash, a cut-short stream or a tampered byte therefore never leaves a partial or
+wrong file under a final name; at worst a temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from types import TracebackType
+
+from fedsm.repository.base import DigestMismatch, FileTooLarge
+from fedsm.repository.errors import InvalidDigest
+
+__all__ = [
+    "CHUNK_SIZE",
+    "HashedTempFile",
+    "check_digest",
+    "fsync_dir",
+    "is_digest",
+    "resolve_destination",
+    "sha256_file",
+]
+
+#: Bytes read or written per step when streaming: big enough for throughput, small enough
+#: that memory use stays constant whatever the file size.
+CHUNK_SIZE = 1 << 20
+
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_digest(text: str) -> bool:
+    """Whether ``text`` is a sha256 hex digest in canonical form (64 lowercase hex)."""
+    return isinstance(text, str) and _DIGEST_RE.fullmatch(text) is not None
+
+
+def check_digest(text: str) -> str:
+    """Return ``text`` if it is a canonical sha256 hex digest, else raise :class:`InvalidDigest`.
+
+    Only this form is ever turned into a file name, so no caller-supplied string can name
+    a path outside a repository (no ``..``, no separators, no case aliasing).
+    """
+    if not is_digest(text):
+        raise InvalidDigest(
+            f"{text!r} is not a sha256 digest: expected exactly 64 lowercase hex characters"
+        )
+    return text
+
+
+def sha256_file(path: str | Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, int]:
+    """Hash the file at ``path`` in constant memory; return ``(hex digest, size in bytes)``."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename inside it survives a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve_destination(filename: str | Path, download_dir: Path | None) -> Path:
+    """Where a download named ``filename`` goes: relative names land in ``download_dir``.
+
+    Without a ``download_dir``, relative names are relative to the current directory. The
+    parent directory is created if missing.
+    """
+    dest = Path(filename).expanduser()
+    if not dest.is_absolute() and download_dir is not None:
+        dest = download_dir / dest
+    dest = dest.absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+class HashedTempFile:
+    """A temporary file that hashes what is written to it and is renamed into place only if right.
+
+    Parameters
+    ----------
+    directory
+        Where the temporary file is created. It must be on the same file system as the
+        final destination, so the final :func:`os.replace` is atomic.
+    max_size
+        Refuse (raise :class:`FileTooLarge`) as soon as more than this many bytes are written.
+
+    Use as a context manager: leaving the block without :meth:`commit` removes the file.
+    """
+
+    def __init__(self, directory: Path, *, max_size: int | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkstemp: its 0600 mode would make stored files unreadable to the other
+        # users of a shared repository; 0644 filtered by the umask is what a plain copy gives.
+        self.path = directory / f".part-{secrets.token_hex(8)}.tmp"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self._max_size = max_size
+        self.size = 0
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``, updating the running digest and size."""
+        self.size += len(chunk)
+        if self._max_size is not None and self.size > self._max_size:
+            raise FileTooLarge(
+                f"more than {self._max_size} bytes received: over the repository's size limit"
+            )
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    @property
+    def hexdigest(self) -> str:
+        """The sha256 of everything written so far."""
+        return self._hash.hexdigest()
+
+    def verify(self, expected_digest: str, expected_size: int | None = None) -> None:
+        """Raise :class:`DigestMismatch` unless the bytes written hash to ``expected_digest``."""
+        if expected_size is not None and self.size != expected_size:
+            raise DigestMismatch(
+                f"got {self.size} bytes where {expected_size} were expected "
+                f"(a cut-short or padded transfer of {expected_digest})"
+            )
+        actual = self.hexdigest
+        if actual != expected_digest:
+            raise DigestMismatch(
+                f"bytes hash to {actual}, not to {expected_digest} as their name says "
+                "(corrupted, tampered with, or changed while being copied)"
+            )
+
+    def commit(self, destination: Path) -> None:
+        """fsync the bytes, atomically rename them to ``destination`` and fsync its directory.
+
+        If ``destination`` exists it is replaced: with content addressing it holds the same
+        bytes, so two writers racing on one digest both succeed and leave one file.
+        """
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.path, destination)
+        self._done = True
+        fsync_dir(destination.parent)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> HashedTempFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.discard()
