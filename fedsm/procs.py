@@ -48,7 +48,7 @@ class Child:
         self._lines.put(None)
 
     def wait_for_line(self, prefix: str, timeout_s: float) -> str:
-        """The first stdout line starting with ``prefix``; raise if the child dies or time runs out."""
+        """The first stdout line starting with ``prefix``; raise if the child dies or times out."""
         import time
 
         end = time.monotonic() + timeout_s
