@@ -1,0 +1,74 @@
+"""Errors of the node, each bound to the :class:`~fedsm.protocol.ErrorNumber` it is reported as.
+
+A request that fails on the node raises a :class:`RequestFailed` subclass carrying the code;
+the node turns it into one ``error`` reply (and one log line) without knowing which step
+failed. Errors of the operator's own commands (CLI) are plain :class:`NodeError` subclasses.
+"""
+
+from __future__ import annotations
+
+from fedsm.errors import FedsmError
+from fedsm.protocol import ErrorNumber
+
+__all__ = [
+    "NodeError",
+    "NodeNotInitialised",
+    "DatasetNotRegistered",
+    "PlanNotRegistered",
+    "RequestFailed",
+    "TrainingFailed",
+    "TrainingTimedOut",
+    "WorkerCrashed",
+]
+
+
+class NodeError(FedsmError):
+    """Something the node or its operator asked for could not be done."""
+
+
+class NodeNotInitialised(NodeError, FileNotFoundError):
+    """The node directory has no ``node.toml``: run ``fedsm node init --dir DIR`` first."""
+
+
+class DatasetNotRegistered(NodeError, KeyError):
+    """No dataset of this id in the node's registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PlanNotRegistered(NodeError, KeyError):
+    """No training plan with this sha256 in the node's registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RequestFailed(NodeError):
+    """A request could not be served; ``code`` is what the ``error`` reply says."""
+
+    def __init__(self, code: ErrorNumber, message: str) -> None:
+        super().__init__(f"{code.name} ({int(code)}): {message}")
+        self.code = code
+        self.detail = message
+
+
+class TrainingFailed(RequestFailed):
+    """The plan raised while being imported or trained (code says which)."""
+
+    def __init__(self, message: str, code: ErrorNumber = ErrorNumber.TRAINING_FAILED) -> None:
+        super().__init__(code, message)
+
+
+class TrainingTimedOut(RequestFailed):
+    """Training ran past the node's wall-clock limit; the worker running it was killed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorNumber.TRAINING_TIMED_OUT, message)
+
+
+class WorkerCrashed(RequestFailed):
+    """The worker process died while training (the plan may have killed it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorNumber.WORKER_CRASHED, message)

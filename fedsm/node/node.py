@@ -1,0 +1,337 @@
+"""The node: answers a researcher's requests over a :class:`~fedsm.transport.base.Bus`.
+
+Handlers run on the transport's delivery thread, so they only do what is quick: ping, list
+and search are answered right there (sqlite reads); a plan-status request (a download) goes
+to the executor's control pool; a train request goes to the node's lane on the executor, so
+trainings run one at a time and never on the delivery thread. A train request already
+answered is answered again from the reply cache (in sqlite, so it survives a restart) and a
+copy arriving while the first is still being served gets the same reply when it is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import msgpack
+
+from fedsm.node.errors import RequestFailed
+from fedsm.node.executor import TrainingExecutor
+from fedsm.node.registry import (
+    DB_FILE,
+    ApprovalRegistry,
+    DatasetRegistry,
+    NodeDatabase,
+    ReplyCache,
+    public_dataset,
+)
+from fedsm.node.round import RoundContext, fetch_plan, run_train_request
+from fedsm.node.settings import NodeSettings, load_settings
+from fedsm.protocol import (
+    BROADCAST,
+    ErrorNumber,
+    ErrorReply,
+    ListReply,
+    ListRequest,
+    Message,
+    PingReply,
+    PingRequest,
+    Reply,
+    Request,
+    SearchReply,
+    SearchRequest,
+    TrainingPlanStatusReply,
+    TrainingPlanStatusRequest,
+    TrainRequest,
+    decode,
+    encode,
+)
+from fedsm.repository.base import Repository
+from fedsm.transport.base import Bus
+
+__all__ = ["Node", "request_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+def request_fingerprint(request: TrainRequest) -> str:
+    """sha256 of a train request's content without its deadline (a re-send may move it)."""
+    body = request.to_dict()
+    body.pop("deadline", None)
+    return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).hexdigest()
+
+
+class Node:
+    """A hospital node: its registries, its settings, and the request handlers.
+
+    Parameters
+    ----------
+    node_dir
+        The directory made by ``fedsm node init`` (settings, ``node.sqlite``, scratch files).
+    bus
+        This node's connection; the node owns it from now on and closes it in :meth:`stop`.
+    repository
+        Where plans and parameters are downloaded from and results uploaded to.
+    settings
+        Defaults to :func:`~fedsm.node.settings.load_settings` of ``node_dir``.
+    executor
+        Runs trainings. A given executor is shared, not owned: the node never closes it.
+        Without one, the node makes and owns a
+        :class:`~fedsm.node.process_executor.ProcessTrainingExecutor`.
+    durable
+        fsync the registry on every write (``False`` for simulated nodes).
+    """
+
+    def __init__(
+        self,
+        node_dir: str | Path,
+        *,
+        bus: Bus,
+        repository: Repository,
+        settings: NodeSettings | None = None,
+        executor: TrainingExecutor | None = None,
+        durable: bool = True,
+    ) -> None:
+        self.node_dir = Path(node_dir)
+        self.settings = settings if settings is not None else load_settings(self.node_dir)
+        self.node_id = self.settings.node_id
+        self.bus = bus
+        self.repository = repository
+        self._owns_executor = executor is None
+        if executor is None:
+            from fedsm.node.process_executor import ProcessTrainingExecutor
+
+            executor = ProcessTrainingExecutor(time_limit_s=self.settings.training_time_limit_s)
+        self.executor = executor
+        self.db = NodeDatabase(self.node_dir / DB_FILE, durable=durable)
+        self.datasets = DatasetRegistry(self.db)
+        self.plans = ApprovalRegistry(self.db)
+        self.replies = ReplyCache(self.db)
+        self._ctx = RoundContext(
+            node_id=self.node_id,
+            node_dir=self.node_dir,
+            settings=self.settings,
+            repository=repository,
+            executor=executor,
+            datasets=self.datasets,
+            plans=self.plans,
+        )
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}  # request id -> copies waiting for the reply
+        self._started = False
+        self._stopped = False
+        self.trainings_run = 0  # trainings actually started (idempotence is visible here)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> Node:
+        """Subscribe to the bus and get the executor ready; returns ``self``."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"node {self.node_id} was stopped; make a new Node")
+            if self._started:
+                return self
+            self._started = True
+        self.executor.start()
+        self.bus.subscribe(self.handle)
+        log.info("node %s started", self.node_id)
+        return self
+
+    def stop(self) -> None:
+        """Stop answering, close the bus (announcing offline) and what the node owns."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            self.bus.close()
+        finally:
+            if self._owns_executor:
+                self.executor.close(wait=True)
+            self.db.close()
+        log.info("node %s stopped", self.node_id)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- dispatch
+
+    def handle(self, message: Message) -> None:
+        """Serve one message from the bus. Never raises: failures become error replies."""
+        if self._stopped:
+            return
+        if not isinstance(message, Request):
+            log.warning(
+                "node %s dropped a %r message: a node only serves requests",
+                self.node_id,
+                message.command,
+            )
+            return
+        if message.node_id not in (self.node_id, BROADCAST):
+            log.warning(
+                "node %s dropped a %s request addressed to %s",
+                self.node_id,
+                message.command,
+                message.node_id,
+            )
+            return
+        try:
+            if isinstance(message, PingRequest):
+                self._send(PingReply(**self._reply_head(message)))
+            elif isinstance(message, ListRequest):
+                datasets = tuple(public_dataset(d) for d in self.datasets.list())
+                self._send(ListReply(**self._reply_head(message), datasets=datasets))
+            elif isinstance(message, SearchRequest):
+                found = tuple(public_dataset(d) for d in self.datasets.search(message.tags))
+                self._send(SearchReply(**self._reply_head(message), datasets=found))
+            elif isinstance(message, TrainingPlanStatusRequest):
+                self.executor.submit_control(lambda: self._guarded(message, self._serve_status))
+            elif isinstance(message, TrainRequest):
+                self._accept_train(message)
+            else:
+                raise RequestFailed(
+                    ErrorNumber.UNKNOWN_COMMAND, f"command {message.command!r} is not served"
+                )
+        except RequestFailed as exc:
+            self._send_error(message, exc.code, exc.detail)
+        except Exception as exc:  # never let one request take the node down
+            log.exception("node %s: %s request failed", self.node_id, message.command)
+            self._send_error(message, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _reply_head(self, request: Request) -> dict[str, str]:
+        return {
+            "request_id": request.request_id,
+            "researcher_id": request.researcher_id,
+            "node_id": self.node_id,
+        }
+
+    def _send(self, reply: Reply) -> None:
+        if self._stopped:
+            log.info("node %s stopped; %s reply not sent", self.node_id, reply.command)
+            return
+        try:
+            self.bus.reply(reply)
+        except Exception:
+            log.exception("node %s could not send its %s reply", self.node_id, reply.command)
+
+    def _send_error(self, request: Request, code: ErrorNumber, detail: str) -> None:
+        job_id = getattr(request, "job_id", None)
+        log.warning(
+            "node %s: %s request %s (job %s) failed with %s (%d): %s",
+            self.node_id,
+            request.command,
+            request.request_id,
+            job_id,
+            code.name,
+            int(code),
+            detail,
+        )
+        self._send(
+            ErrorReply(
+                **self._reply_head(request),
+                code=int(code),
+                message=f"{code.meaning}: {detail}"[:60_000],
+                job_id=job_id,
+                round=getattr(request, "round", -1),
+            )
+        )
+
+    def _guarded(self, request: Request, serve) -> None:  # noqa: ANN001
+        """Run ``serve(request)`` off the delivery thread, turning failures into replies."""
+        if self._stopped:
+            return
+        try:
+            serve(request)
+        except RequestFailed as exc:
+            self._send_error(request, exc.code, exc.detail)
+        except Exception as exc:
+            log.exception("node %s: %s request failed", self.node_id, request.command)
+            self._send_error(request, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # ----------------------------------------------------------------- plan status
+
+    def _serve_status(self, request: TrainingPlanStatusRequest) -> None:
+        work = self._ctx.scratch_dir(request.request_id)
+        try:
+            source = fetch_plan(self._ctx, request, work / "plan.py")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        status = self.plans.status(request.training_plan_sha256)
+        if status == "unknown":  # so the operator sees what researchers ask for
+            self.plans.record_pending(
+                source,
+                name=f"plan of job {request.job_id}",
+                origin=f"status request {request.request_id} from {request.researcher_id}",
+            )
+        self._send(
+            TrainingPlanStatusReply(
+                **self._reply_head(request),
+                job_id=request.job_id,
+                training_plan_sha256=request.training_plan_sha256,
+                status=status,
+                approval_required=self.settings.enforce_approval,
+            )
+        )
+
+    # ----------------------------------------------------------------- train
+
+    def _cached_reply(self, request: TrainRequest) -> Reply | None:
+        cached = self.replies.get(request.request_id)
+        if cached is None:
+            return None
+        fingerprint, data = cached
+        if fingerprint != request_fingerprint(request):
+            raise RequestFailed(
+                ErrorNumber.BAD_REQUEST,
+                f"request id {request.request_id} was already used for a different train "
+                "request; use a new request id for a new request",
+            )
+        reply = decode(data)
+        assert isinstance(reply, Reply)
+        return reply
+
+    def _accept_train(self, request: TrainRequest) -> None:
+        cached = self._cached_reply(request)
+        if cached is not None:
+            log.info("node %s answers train %s from its cache", self.node_id, request.request_id)
+            self._send(cached)
+            return
+        with self._lock:
+            if request.request_id in self._in_flight:
+                self._in_flight[request.request_id] += 1
+                log.info("node %s: train %s is already being served", self.node_id,
+                         request.request_id)
+                return
+            self._in_flight[request.request_id] = 1
+        self.executor.submit(self, lambda: self._serve_train(request))
+
+    def _serve_train(self, request: TrainRequest) -> None:
+        reply: Reply | None = None
+        try:
+            if self._stopped:
+                return
+            reply = self._cached_reply(request)  # answered while this copy was queued
+            if reply is None:
+                self.trainings_run += 1
+                train_reply = run_train_request(self._ctx, request)
+                self.replies.put(
+                    request.request_id, request_fingerprint(request), encode(train_reply)
+                )
+                reply = train_reply
+        except RequestFailed as exc:
+            self._send_error(request, exc.code, exc.detail)
+        except Exception as exc:
+            log.exception("node %s: train request %s failed", self.node_id, request.request_id)
+            self._send_error(request, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                copies = self._in_flight.pop(request.request_id, 1)
+        if reply is not None:
+            for _ in range(copies):
+                self._send(reply)

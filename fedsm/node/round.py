@@ -1,0 +1,223 @@
+"""One train request, start to finish: download, check, approve, train, upload.
+
+The order is the safety argument. The plan's bytes are downloaded and hashed, the hash is
+compared with the request and looked up in the approval registry, and only then may anything
+import them; the parameters are checked against their digest before the plan ever sees them.
+Every refusal raises :class:`~fedsm.node.errors.RequestFailed` with the code the researcher
+gets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from fedsm.node.errors import DatasetNotRegistered, RequestFailed
+from fedsm.node.executor import TrainingExecutor, TrainingTask
+from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
+from fedsm.node.settings import NodeSettings
+from fedsm.protocol import ErrorNumber, TrainingPlanStatusRequest, TrainReply, TrainRequest
+from fedsm.repository.base import (
+    DigestMismatch,
+    FileNotInRepository,
+    Repository,
+    RepositoryError,
+    RepositoryUnreachable,
+)
+
+__all__ = ["RoundContext", "fetch_plan", "check_approval", "run_train_request", "file_sha256"]
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RoundContext:
+    """What serving a request needs from its node (kept apart so this module has no Node)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        node_dir: Path,
+        settings: NodeSettings,
+        repository: Repository,
+        executor: TrainingExecutor,
+        datasets: DatasetRegistry,
+        plans: ApprovalRegistry,
+    ) -> None:
+        self.node_id = node_id
+        self.node_dir = node_dir
+        self.settings = settings
+        self.repository = repository
+        self.executor = executor
+        self.datasets = datasets
+        self.plans = plans
+
+    def scratch_dir(self, request_id: str) -> Path:
+        """A fresh directory for one request's files (removed by the caller)."""
+        path = self.node_dir / "work" / f"{request_id}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+
+def _download(
+    ctx: RoundContext, url: str, expected_sha256: str, dest: Path, *, what: str,
+    mismatch: ErrorNumber,
+) -> None:
+    """Download ``url`` to ``dest`` and check it hashes to ``expected_sha256``."""
+    try:
+        ctx.repository.download_file(url, dest)
+    except DigestMismatch as exc:
+        raise RequestFailed(
+            mismatch, f"the {what} at {url} failed its digest check: {exc}"
+        ) from None
+    except RepositoryUnreachable as exc:
+        raise RequestFailed(
+            ErrorNumber.REPOSITORY_UNREACHABLE, f"could not download the {what}: {exc}"
+        ) from None
+    except FileNotInRepository as exc:
+        raise RequestFailed(
+            ErrorNumber.BAD_REQUEST, f"the {what} at {url} is not in the repository: {exc}"
+        ) from None
+    except (RepositoryError, ValueError) as exc:
+        raise RequestFailed(ErrorNumber.BAD_REQUEST, f"bad {what} URL {url!r}: {exc}") from None
+    actual = file_sha256(dest)
+    if actual != expected_sha256:
+        raise RequestFailed(
+            mismatch,
+            f"the {what} downloaded from {url} hashes to {actual}, not to the "
+            f"{expected_sha256} the request names; refusing it",
+        )
+
+
+def fetch_plan(
+    ctx: RoundContext, request: TrainingPlanStatusRequest | TrainRequest, dest: Path
+) -> bytes:
+    """Download the request's plan to ``dest``, check its digest, return its bytes."""
+    _download(
+        ctx,
+        request.training_plan_url,
+        request.training_plan_sha256,
+        dest,
+        what="training plan",
+        mismatch=ErrorNumber.PLAN_DIGEST_MISMATCH,
+    )
+    return dest.read_bytes()
+
+
+def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> None:
+    """Refuse a plan that may not run here. Nothing has imported ``source`` yet."""
+    digest = hashlib.sha256(source).hexdigest()
+    status = ctx.plans.status(digest)
+    if status == "rejected":
+        raise RequestFailed(
+            ErrorNumber.PLAN_REJECTED,
+            f"training plan {digest} was rejected by the operator of node {ctx.node_id}",
+        )
+    if not ctx.settings.enforce_approval or status == "approved":
+        if status != "approved":
+            log.warning("node %s runs unapproved plan %s (approval is off)", ctx.node_id, digest)
+        return
+    if status == "unknown":
+        ctx.plans.record_pending(
+            source,
+            name=request.training_plan_class,
+            origin=f"train request {request.request_id} of job {request.job_id} "
+            f"from {request.researcher_id}",
+        )
+    raise RequestFailed(
+        ErrorNumber.PLAN_NOT_APPROVED,
+        f"training plan {digest} is not approved on node {ctx.node_id}; its operator can "
+        f"review it with `fedsm node plan show {digest} --dir DIR` and approve it with "
+        f"`fedsm node plan approve --sha256 {digest} --dir DIR`",
+    )
+
+
+def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
+    """Serve one train request and return the reply; refusals raise ``RequestFailed``."""
+    started = time.monotonic()
+    work = ctx.scratch_dir(request.request_id)
+    try:
+        source = fetch_plan(ctx, request, work / "plan.py")
+        check_approval(ctx, source, request)
+        try:
+            dataset = ctx.datasets.get(request.dataset_id)
+        except DatasetNotRegistered:
+            raise RequestFailed(
+                ErrorNumber.DATASET_NOT_FOUND,
+                f"node {ctx.node_id} has no dataset {request.dataset_id!r} (search again)",
+            ) from None
+        params_in = work / "params_in.safetensors"
+        _download(
+            ctx,
+            request.params_url,
+            request.params_sha256,
+            params_in,
+            what="parameters file",
+            mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
+        )
+        try:
+            plan_text = source.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestFailed(
+                ErrorNumber.PLAN_IMPORT_FAILED, f"the training plan is not UTF-8 text: {exc}"
+            ) from None
+        downloaded = time.monotonic()
+        out_path = work / "params_out.safetensors"
+        task = TrainingTask(
+            plan_source=plan_text,
+            plan_class=request.training_plan_class,
+            model_args=dict(request.model_args),
+            training_args=dict(request.training_args),
+            params_path=str(params_in),
+            dataset=dataset,
+            seed=request.seed,
+            out_path=str(out_path),
+        )
+        outcome = ctx.executor.train(task, time_limit_s=ctx.settings.training_time_limit_s)
+        trained = time.monotonic()
+        if not out_path.is_file() or file_sha256(out_path) != outcome.params_sha256:
+            raise RequestFailed(
+                ErrorNumber.INTERNAL,
+                "training finished but its parameters file is missing or does not match the "
+                "digest the trainer reported",
+            )
+        try:
+            uploaded = ctx.repository.upload_file(out_path)
+        except RepositoryError as exc:
+            raise RequestFailed(
+                ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
+            ) from None
+        finished = time.monotonic()
+        return TrainReply(
+            request_id=request.request_id,
+            researcher_id=request.researcher_id,
+            node_id=ctx.node_id,
+            job_id=request.job_id,
+            round=request.round,
+            dataset_id=request.dataset_id,
+            params_url=uploaded["file"],
+            params_sha256=uploaded["sha256"],
+            sample_size=outcome.sample_size,
+            metrics=outcome.metrics,
+            timing={
+                "download": downloaded - started,
+                "training": trained - downloaded,
+                "upload": finished - trained,
+                "total": finished - started,
+            },
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

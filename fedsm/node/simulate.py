@@ -1,0 +1,117 @@
+"""Simulated nodes in one process, on a memory bus: the embedded default of the demo and Job.
+
+:func:`start_memory_nodes` does what K operators would do with the command line (init a node
+directory, register a CSV dataset, approve the plan) and starts the nodes. Re-running it on
+the same base directory re-opens the existing nodes (a resumed run finds its nodes, their
+datasets and their reply caches as they were).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsm.node.executor import InProcessTrainingExecutor, TrainingExecutor
+from fedsm.node.node import Node
+from fedsm.node.settings import SETTINGS_FILE, init_node_dir, load_settings
+from fedsm.repository.base import Repository
+from fedsm.transport import MemoryBroker, MemoryBus
+
+__all__ = ["start_memory_nodes", "register_csv_dataset", "shared_executor"]
+
+_SHARED: InProcessTrainingExecutor | None = None
+
+
+def shared_executor() -> InProcessTrainingExecutor:
+    """The process-wide executor simulated nodes share unless given one (never closed)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = InProcessTrainingExecutor()
+    return _SHARED
+
+
+def register_csv_dataset(
+    node: Node,
+    path: str | Path,
+    *,
+    name: str,
+    tags: Sequence[str],
+    target: str,
+    description: str = "",
+    dataset_id: str | None = None,
+) -> dict:
+    """Describe a CSV file (checking it loads) and register it on ``node``; return the record."""
+    from fedsm.training.datasets import describe_csv  # imports torch
+
+    meta = describe_csv(path, target)
+    return node.datasets.add(
+        name=name,
+        tags=tags,
+        data_type="csv",
+        path=path,
+        target=target,
+        shape=meta["shape"],
+        dtypes=list(meta["dtypes"]),
+        columns=list(meta["columns"]),
+        sample_count=meta["sample_count"],
+        description=description,
+        dataset_id=dataset_id,
+    )
+
+
+def start_memory_nodes(
+    base_dir: Path,
+    broker: MemoryBroker,
+    repository: Repository,
+    datasets: Sequence[Path],
+    *,
+    tags: Sequence[str] = ("breast-cancer",),
+    target: str = "target",
+    approve: Sequence[Path] = (),
+    executor: TrainingExecutor | None = None,
+) -> list[Node]:
+    """Start one node per CSV in ``datasets`` (ids ``node-1`` .. ``node-K``) and return them.
+
+    Each node lives in ``base_dir/node-k``, holds its CSV as dataset ``dataset-node-k`` and
+    has every plan file in ``approve`` approved. The nodes share ``executor`` (default: one
+    process-wide :class:`InProcessTrainingExecutor`), so they cost a registry each, not a
+    process. Stop them with :meth:`Node.stop`; the caller closes an executor it passed.
+    """
+    executor = executor if executor is not None else shared_executor()
+    sources = [Path(p).read_bytes() for p in approve]
+    nodes: list[Node] = []
+    try:
+        for k, csv in enumerate(datasets, start=1):
+            node_id = f"node-{k}"
+            node_dir = Path(base_dir) / node_id
+            if (node_dir / SETTINGS_FILE).exists():
+                settings = load_settings(node_dir, env={})
+            else:
+                settings = init_node_dir(node_dir, node_id)
+            bus = MemoryBus(broker, settings.node_id, role="node")
+            node = Node(
+                node_dir,
+                bus=bus,
+                repository=repository,
+                settings=settings,
+                executor=executor,
+                durable=False,
+            )
+            nodes.append(node)
+            dataset_id = f"dataset-{settings.node_id}"
+            if not any(d["dataset_id"] == dataset_id for d in node.datasets.list()):
+                register_csv_dataset(
+                    node, csv, name=f"{tags[0] if tags else 'data'}-{node_id}", tags=tags,
+                    target=target, dataset_id=dataset_id,
+                )
+            for path, source in zip(approve, sources, strict=True):
+                if node.plans.status_of_source(source) != "approved":
+                    node.plans.decide(
+                        "approved", source=source, name=Path(path).name, by="simulation"
+                    )
+            node.start()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
