@@ -19,9 +19,9 @@ from fedsm.repository import (
     InvalidDigest,
     InvalidRepositoryUrl,
     LocalRepository,
+    _files,
     open_repository,
 )
-from fedsm.repository import _files
 
 
 def _write(path: Path, data: bytes) -> Path:
