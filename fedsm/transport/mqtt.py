@@ -1,0 +1,548 @@
+"""The MQTT bus: paho-mqtt 2.x (MQTT v5, QoS 1) against a real broker such as mosquitto.
+
+Choices, each forced by a measured fact (``reference/mqtt-facts.md``):
+
+* ``TCP_NODELAY`` on every (re)connected socket, from paho's socket-open callback: QoS 1
+  request-reply takes ~0.6 ms with it on both ends and ~88 ms without.
+* ``clean_start=False`` with a session expiry and a stable client id ``<role>-<id>``, so
+  requests queued for an offline node survive a broker restart. Two processes with one id
+  knock each other off in a loop; the bus notices the repeated "session taken over" and stops
+  with an error naming the id.
+* paho's callbacks only enqueue; handlers run on one dispatch thread per bus. Nothing here
+  waits inside a paho callback (``wait_for_publish`` there always times out).
+* the encoded size is checked before publishing: an oversized publish gets the client
+  disconnected and paho re-sends it after every reconnect.
+* a node's status topic holds a retained "online"; its last will and its clean close set
+  "offline", which is how researchers learn who is online.
+
+The topic layout is in :mod:`fedsm.transport.topics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from fedsm.errors import ConfigurationError
+from fedsm.protocol import (
+    BROADCAST,
+    MAX_MESSAGE_BYTES,
+    Message,
+    MessageDecodeError,
+    MessageTooLarge,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
+from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
+from fedsm.transport.delivery import HandlerSet, NodeLiveness, StatusHandler
+from fedsm.transport.memory import _check_reply, _check_request
+from fedsm.transport.topics import (
+    NODE,
+    RESEARCHER,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    TlsOptions,
+    Topics,
+    check_participant,
+)
+
+__all__ = ["MqttBus", "DuplicateClientId"]
+
+log = logging.getLogger(__name__)
+
+_SESSION_TAKEN_OVER = 142  # MQTT 5 reason code 0x8E
+_FLAP_UPTIME_S = 5.0  # a connection lost sooner than this counts towards the flapping check
+_PACKET_OVERHEAD = 64  # fixed header, topic length, packet id, properties: generous bound
+_STOP = object()
+
+
+class DuplicateClientId(TransportError):
+    """Another process connected with the same client id; the two knock each other off."""
+
+
+class MqttBus(Bus):
+    """One participant's MQTT connection.
+
+    The constructor blocks until the broker accepted the connection and the subscriptions
+    (so no early reply is missed), or raises :class:`TransportError` after
+    ``connect_timeout_s``. Afterwards paho reconnects by itself with exponential backoff
+    between ``reconnect_min_delay_s`` and ``reconnect_max_delay_s``; requests and replies
+    published meanwhile are kept by paho (bounded by ``max_outgoing``) and sent on reconnect.
+
+    Parameters
+    ----------
+    participant_id, role:
+        The researcher or node id and ``"researcher"`` / ``"node"``. The MQTT client id is
+        ``f"{role}-{participant_id}"`` and must be unique on the broker.
+    host, port, username, password, tls:
+        Where and how to connect; see :func:`~fedsm.transport.topics.parse_broker_url`.
+    keepalive:
+        Seconds; a dead peer is noticed after about 1.5x this.
+    session_expiry_s:
+        How long the broker keeps this participant's session (and queued messages) while
+        it is disconnected.
+    max_message_bytes:
+        Encoded size limit; bigger messages raise :class:`MessageTooLarge` before sending.
+    topic_prefix:
+        First level(s) of every topic.
+    tcp_nodelay:
+        Leave True; False exists only so the benchmark can show what it costs.
+    expire_requests:
+        Give each request an MQTT message expiry at its ``deadline`` so the broker does not
+        deliver requests nobody waits for any more.
+    """
+
+    def __init__(
+        self,
+        participant_id: str,
+        role: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        keepalive: int = 30,
+        session_expiry_s: int = 3600,
+        connect_timeout_s: float = 10.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        topic_prefix: str = "fedsm",
+        tcp_nodelay: bool = True,
+        reconnect_min_delay_s: float = 1.0,
+        reconnect_max_delay_s: float = 30.0,
+        close_timeout_s: float = 5.0,
+        expire_requests: bool = True,
+        max_outgoing: int = 10_000,
+        takeover_limit: int = 3,
+        takeover_window_s: float = 30.0,
+    ) -> None:
+        check_participant(participant_id, role)
+        if session_expiry_s <= 0:
+            raise ConfigurationError(
+                "session_expiry_s must be > 0, or queued requests are lost when a node is away"
+            )
+        self.participant_id = participant_id
+        self.role = role
+        self.client_id = f"{role}-{participant_id}"
+        self.host, self.port = host, port
+        self.max_message_bytes = max_message_bytes
+        self.topics = Topics(topic_prefix)
+        self._tcp_nodelay = tcp_nodelay
+        self._close_timeout_s = close_timeout_s
+        self._expire_requests = expire_requests
+        self._takeover_limit = takeover_limit
+        self._takeover_window_s = takeover_window_s
+        self._where = f"{role} {participant_id!r} at {host}:{port}"
+
+        self._handlers = HandlerSet(f"{role} {participant_id}")
+        self._liveness = NodeLiveness(f"{role} {participant_id}")
+        self._cond = threading.Condition()
+        self._ready = False  # CONNACK ok and every SUBACK in
+        self._sub_mid: int | None = None
+        self._connect_error: str | None = None
+        self._fatal: TransportError | None = None
+        self._closing = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._broker_max_packet: int | None = None
+        self._inflight: dict[int, str] = {}
+        self._early_acks: set[int] = set()
+        self._takeovers: deque[float] = deque()
+        self._connected_at: float | None = None
+        self._refused: deque[tuple[str, str]] = deque(maxlen=100)
+        self._inbox: queue.Queue[Any] = queue.Queue()
+
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls is not None:
+            tls.apply(client)
+        if role == NODE:
+            client.will_set(self.topics.status(participant_id), STATUS_OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(reconnect_min_delay_s, reconnect_max_delay_s)
+        client.max_queued_messages_set(max_outgoing)
+        client.connect_timeout = connect_timeout_s
+        client.on_socket_open = self._on_socket_open
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._client = client
+
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name=f"fedsm-mqtt-dispatch-{self.client_id}", daemon=True
+        )
+        self._dispatcher.start()
+        try:
+            self._connect(keepalive, session_expiry_s, connect_timeout_s)
+        except BaseException:
+            self._shutdown(announce=False)
+            raise
+
+    # ------------------------------------------------------------------ Bus
+
+    def send(self, node_id: str, request: Request) -> None:
+        """Publish ``request`` on ``node_id``'s request topic (the broker queues it if offline)."""
+        self._check_usable(RESEARCHER, "send")
+        _check_request(request, node_id)
+        data = encode(request, max_bytes=self.max_message_bytes)
+        self._publish(self.topics.request(node_id), data, expiry_s=self._expiry(request))
+
+    def broadcast(self, request: Request) -> None:
+        """Publish ``request`` on the broadcast topic (queued for nodes with a session)."""
+        self._check_usable(RESEARCHER, "broadcast")
+        _check_request(request, BROADCAST)
+        data = encode(request, max_bytes=self.max_message_bytes)
+        self._publish(self.topics.broadcast, data, expiry_s=self._expiry(request))
+
+    def reply(self, reply: Reply) -> None:
+        """Publish ``reply`` on ``<prefix>/reply/<researcher_id>/<this node>``."""
+        self._check_usable(NODE, "reply")
+        _check_reply(reply, self.participant_id)
+        self._publish(self.topics.reply(reply.researcher_id, self.participant_id),
+                      encode(reply, max_bytes=self.max_message_bytes))
+
+    def subscribe(self, handler: Handler) -> None:
+        """Call ``handler`` for every delivered message, on this bus's dispatch thread."""
+        self._handlers.add(handler)
+
+    def online_nodes(self) -> frozenset[str]:
+        """Researcher: nodes whose retained status is "online". Always empty for a node."""
+        return self._liveness.online()
+
+    def offline_nodes(self) -> frozenset[str]:
+        """Researcher: nodes known from their status topic whose status is "offline"."""
+        return self._liveness.offline()
+
+    def on_status(self, handler: StatusHandler) -> None:
+        """Researcher: call ``handler(node_id, online)`` on the dispatch thread when it changes."""
+        self._liveness.add_callback(handler)
+
+    def wait_online(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Researcher: block until all ``node_ids`` are online, else raise
+        :class:`~fedsm.errors.DeadlineExceeded` naming the missing ones."""
+        self._liveness.wait(node_ids, True, timeout_s)
+
+    def wait_offline(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Researcher: block until all ``node_ids`` are known offline (or raise)."""
+        self._liveness.wait(node_ids, False, timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker connection is up and subscribed."""
+        with self._cond:
+            return self._ready
+
+    @property
+    def refused_publishes(self) -> list[tuple[str, str]]:
+        """Recent publishes the broker refused, as ``(topic, reason)`` (e.g. an ACL denial)."""
+        with self._cond:
+            return list(self._refused)
+
+    def close(self) -> None:
+        """Announce "offline" (a node), wait up to ``close_timeout_s`` for unacknowledged
+        publishes, disconnect cleanly (no last will) and stop the threads. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._shutdown(announce=True)
+
+    # ------------------------------------------------------------------ connecting
+
+    def _connect(self, keepalive: int, session_expiry_s: int, timeout_s: float) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(session_expiry_s)
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            try:
+                self._client.connect(
+                    self.host, self.port, keepalive=keepalive, clean_start=False, properties=props
+                )
+                break
+            except ssl.SSLError as exc:  # a certificate problem does not fix itself: fail now
+                raise TransportError(f"{self._where}: TLS handshake failed: {exc}") from None
+            except OSError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(
+                        f"{self._where}: could not reach the broker within {timeout_s:g} s "
+                        f"({exc}); is it running and is the address right?"
+                    ) from None
+                # Waiting between attempts of the first connect (broker still starting).
+                threading.Event().wait(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+        self._client.loop_start()
+        with self._cond:
+            while not self._ready and self._connect_error is None and self._fatal is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(
+                        f"{self._where}: no CONNACK/SUBACK from the broker within {timeout_s:g} s"
+                    )
+                self._cond.wait(remaining)
+            if self._fatal is not None:
+                raise self._fatal
+            if self._connect_error is not None:
+                raise TransportError(f"{self._where}: {self._connect_error}")
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._tcp_nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError) as exc:  # e.g. a unix socket
+                log.debug("%s: TCP_NODELAY not set: %s", self._where, exc)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any) -> None:
+        if rc.is_failure:
+            hint = ""
+            if rc.value in (134, 135):  # bad user name or password / not authorized
+                hint = "; check the username/password and the broker's password file and ACL"
+            with self._cond:
+                self._connect_error = f"the broker refused the connection: {rc}{hint}"
+                self._cond.notify_all()
+            log.error("%s: the broker refused the connection: %s%s", self._where, rc, hint)
+            return
+        self._broker_max_packet = getattr(props, "MaximumPacketSize", None)
+        if self.role == NODE:
+            filters = [self.topics.request(self.participant_id), self.topics.broadcast]
+        else:
+            filters = [self.topics.replies_to(self.participant_id), self.topics.all_status]
+        result, mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in filters])
+        with self._cond:
+            self._connect_error = None
+            self._sub_mid = mid
+            self._connected_at = time.monotonic()
+        if self.role == NODE:
+            client.publish(self.topics.status(self.participant_id), STATUS_ONLINE, qos=1,
+                           retain=True)
+        log.info("%s: connected (session present: %s)", self._where, flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any],
+                      props: Any) -> None:
+        failed = [str(c) for c in codes if c.is_failure]
+        with self._cond:
+            if mid != self._sub_mid:
+                return
+            if failed:
+                self._connect_error = f"the broker refused the subscriptions: {failed}"
+                log.error("%s: %s", self._where, self._connect_error)
+            else:
+                self._ready = True
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
+                       props: Any) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._ready = False
+            uptime = now - self._connected_at if self._connected_at is not None else None
+            self._connected_at = None
+            self._cond.notify_all()
+            if self._closing:
+                return
+        log.warning("%s: disconnected (%s); reconnecting", self._where, rc)
+        # mosquitto 2.0 closes the socket of the old connection without a DISCONNECT packet
+        # when a second client takes its id over, so "lost right after connecting" counts too.
+        taken_over = getattr(rc, "value", None) == _SESSION_TAKEN_OVER or (
+            not flags.is_disconnect_packet_from_server
+            and uptime is not None
+            and uptime < _FLAP_UPTIME_S
+        )
+        if not taken_over:
+            return
+        with self._cond:
+            self._takeovers.append(now)
+            while self._takeovers and now - self._takeovers[0] > self._takeover_window_s:
+                self._takeovers.popleft()
+            if len(self._takeovers) < self._takeover_limit or self._fatal is not None:
+                return
+            self._fatal = DuplicateClientId(
+                f"{self._where}: the connection was taken away {len(self._takeovers)} times "
+                f"within {self._takeover_window_s:g} s right after connecting: another process "
+                f"is probably connected with the same client id {self.client_id!r}. Each "
+                "participant id must run in one process only; stop the other one or use a "
+                "different id. This bus has stopped."
+            )
+            self._cond.notify_all()
+        log.error("%s", self._fatal)
+        client.loop_stop()  # from the network thread this only stops the loop; no join
+
+    @property
+    def error(self) -> TransportError | None:
+        """The error that stopped this bus for good (e.g. :class:`DuplicateClientId`), if any."""
+        with self._cond:
+            return self._fatal
+
+    # ------------------------------------------------------------------ publishing
+
+    def _expiry(self, request: Request) -> int | None:
+        if not self._expire_requests:
+            return None
+        return max(1, math.ceil(request.deadline - time.time()))
+
+    def _publish(
+        self, topic: str, data: bytes, *, expiry_s: int | None = None, retain: bool = False
+    ) -> None:
+        limit = self._broker_max_packet
+        if limit is not None and len(data) + len(topic) + _PACKET_OVERHEAD > limit:
+            raise MessageTooLarge(
+                f"message of {len(data)} bytes does not fit the broker's maximum packet size "
+                f"of {limit} bytes; send big things through the file repository"
+            )
+        props = Properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
+        info = self._client.publish(topic, data, qos=1, retain=retain, properties=props)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            log.info("%s: not connected; %s kept by paho until reconnect", self._where, topic)
+        elif info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(
+                f"{self._where}: outgoing queue is full (broker unreachable for long?); "
+                f"message to {topic} not sent"
+            )
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"{self._where}: publish to {topic} failed: "
+                                 f"{mqtt.error_string(info.rc)}")
+        with self._cond:
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+            else:
+                self._inflight[info.mid] = topic
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
+                    props: Any) -> None:
+        with self._cond:
+            topic = self._inflight.pop(mid, None)
+            if topic is None:
+                self._early_acks.add(mid)
+            if rc.is_failure:
+                self._refused.append((topic or "?", str(rc)))
+            self._cond.notify_all()
+        if rc.is_failure:
+            log.warning("%s: the broker refused a publish to %s: %s", self._where, topic, rc)
+
+    def _check_usable(self, role: str, what: str) -> None:
+        if self._closed:
+            raise BusClosed(f"{self._where}: the bus is closed; cannot {what}")
+        if self._fatal is not None:
+            raise self._fatal
+        if self.role != role:
+            raise TransportError(f"a {self.role} cannot {what}; only a {role} can")
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho's network thread: never block here, hand over to the dispatch thread.
+        self._inbox.put((msg.topic, msg.payload))
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                return
+            try:
+                self._dispatch(*item)
+            except Exception:
+                log.exception("%s: failed to dispatch a message on %s", self._where, item[0])
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        parts = self.topics.parse(topic)
+        if parts is None:
+            log.warning("%s: dropped a message on unexpected topic %s", self._where, topic)
+            return
+        kind = parts[0]
+        if kind == "status":
+            if self.role == RESEARCHER:
+                self._status(parts[1], payload)
+            return
+        message = self._decode(topic, payload)
+        if message is None:
+            return
+        if self._accepts(kind, parts, message):
+            self._handlers.deliver(message)
+        else:
+            log.warning("%s: dropped a %s (node_id=%s, researcher_id=%s) that does not belong on "
+                        "topic %s", self._where, message.command, message.node_id,
+                        message.researcher_id, topic)
+
+    def _decode(self, topic: str, payload: bytes) -> Message | None:
+        try:
+            return decode(payload, max_bytes=self.max_message_bytes)
+        except MessageDecodeError as exc:
+            log.warning("%s: dropped an undecodable message on %s: %s", self._where, topic, exc)
+            return None
+
+    def _accepts(self, kind: str, parts: tuple[str, ...], message: Message) -> bool:
+        me = self.participant_id
+        if self.role == NODE:
+            if not isinstance(message, Request):
+                return False
+            if kind == "req":
+                return parts[1] == me and message.node_id == me
+            return kind == "broadcast" and message.node_id == BROADCAST
+        # A reply's sender is the topic's node segment, which the broker's ACL vouches for.
+        return (
+            kind == "reply"
+            and isinstance(message, Reply)
+            and parts[1] == me
+            and message.researcher_id == me
+            and message.node_id == parts[2]
+        )
+
+    def _status(self, node_id: str, payload: bytes) -> None:
+        if payload == STATUS_ONLINE:
+            self._liveness.set(node_id, True)
+        elif payload == STATUS_OFFLINE:
+            self._liveness.set(node_id, False)
+        elif payload:
+            log.warning("%s: ignored status %r of node %s", self._where, payload[:40], node_id)
+
+    # ------------------------------------------------------------------ closing
+
+    def _shutdown(self, *, announce: bool) -> None:
+        with self._cond:
+            connected = self._ready
+        if announce and connected and self.role == NODE and self._fatal is None:
+            try:
+                self._publish(self.topics.status(self.participant_id), STATUS_OFFLINE, retain=True)
+            except TransportError as exc:
+                log.warning("%s: could not announce offline: %s", self._where, exc)
+        deadline = time.monotonic() + self._close_timeout_s
+        with self._cond:
+            while self._inflight and self._ready:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("%s: closing with %d unacknowledged publishes", self._where,
+                                len(self._inflight))
+                    break
+                self._cond.wait(remaining)
+            self._closing = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._inbox.put(_STOP)
+        if threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join()
