@@ -1,0 +1,524 @@
+"""The event catalogue of a Job and its codec.
+
+Pure core: no files, sockets, clocks or random numbers. Every event is a frozen dataclass
+that records a fact of the run (``RoundSent`` is written after the request was published,
+``ReplyReceived`` after the params file was downloaded and its digest checked). Events carry
+digests and URLs, never tensors.
+
+Constructing an event validates it exactly as decoding would, so an event that could not be
+read back can not be written either. Sequences are tuples and maps plain dicts of JSON-like
+values, so ``decode_event(**encode_event(e)) == e`` for every event built here.
+
+Decoding looks the type name up in the closed registry :data:`EVENT_TYPES` (no class is
+ever resolved from a name on the wire), checks every field's name and type and raises
+:class:`EventDecodeError` naming the field. An event written under an older schema version
+goes through the class's upcasters, ``upcast_v1_v2(data) -> data`` and so on, applied in a
+loop (the eventsourcing library's convention) before it is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fedsm.errors import FedsmError
+
+__all__ = [
+    "APPROVAL_STATUSES",
+    "EVENT_TYPES",
+    "Aggregated",
+    "ApprovalChecked",
+    "Event",
+    "EventDecodeError",
+    "JobCancelled",
+    "JobCompleted",
+    "JobCreated",
+    "JobFailed",
+    "NodeFailed",
+    "ParamsUploaded",
+    "ReplyReceived",
+    "RoundResent",
+    "RoundSent",
+    "RoundTimedOut",
+    "TrainingPlanUploaded",
+    "decode_event",
+    "encode_event",
+]
+
+#: Values of ``ApprovalChecked.statuses``.
+APPROVAL_STATUSES = frozenset({"approved", "rejected", "pending", "unknown", "no-reply"})
+
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_STR = 4096
+_MAX_TEXT = 64 * 1024
+_MAX_ITEMS = 100_000
+_MAX_DEPTH = 8
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+class EventDecodeError(FedsmError, ValueError):
+    """Data that is not a valid event. ``field`` names the offending field, if any."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message if field is None else f"field {field!r}: {message}")
+        self.field = field
+
+
+# --------------------------------------------------------------------------- field checks
+# Each event field carries a "kind" in its metadata; one checker per kind. A checker returns
+# the value to store (a list becomes a tuple, an int metric a float) or raises.
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_str(name: str, value: Any, limit: int = _MAX_STR) -> str:
+    if type(value) is str and len(value) <= limit:
+        return value
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise EventDecodeError(f"expected a string, got {type(value).__name__}", name)
+        value = str(value)
+    if len(value) > limit:
+        raise EventDecodeError(f"string longer than {limit} characters", name)
+    return value
+
+
+def _check_text(name: str, value: Any) -> str:
+    return _check_str(name, value, _MAX_TEXT)
+
+
+def _check_sha256(name: str, value: Any) -> str:
+    if type(value) is not str or _HEX64_RE.fullmatch(value) is None:
+        raise EventDecodeError(f"expected 64 lowercase hex digits, got {_short(value)}", name)
+    return value
+
+
+def _check_int(name: str, value: Any) -> int:
+    if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+        return value
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EventDecodeError(f"expected an integer, got {type(value).__name__}", name)
+        value = int(value)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise EventDecodeError("integer out of the 64-bit range", name)
+    return value
+
+
+def _check_nonneg_int(name: str, value: Any) -> int:
+    value = _check_int(name, value)
+    if value < 0:
+        raise EventDecodeError(f"expected an integer >= 0, got {value}", name)
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if type(value) is float and value - value == 0.0:  # false for inf and nan
+        return value
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EventDecodeError(f"expected a number, got {type(value).__name__}", name)
+        value = float(value)
+    if not math.isfinite(value):
+        raise EventDecodeError("expected a finite number", name)
+    return value
+
+
+def _check_str_tuple(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise EventDecodeError(f"expected a list of strings, got {type(value).__name__}", name)
+    if len(value) > _MAX_ITEMS:
+        raise EventDecodeError(f"more than {_MAX_ITEMS} items", name)
+    for i, item in enumerate(value):
+        if type(item) is not str:
+            _check_str(f"{name}[{i}]", item)
+        elif len(item) > _MAX_STR:
+            raise EventDecodeError(f"string longer than {_MAX_STR} characters", f"{name}[{i}]")
+    return value if type(value) is tuple else tuple(value)
+
+
+def _typed_map(name: str, value: Any, check_item: Callable[[str, Any], Any]) -> dict[str, Any]:
+    if type(value) is not dict:
+        if not isinstance(value, Mapping):
+            raise EventDecodeError(f"expected a map, got {type(value).__name__}", name)
+        value = dict(value)
+    if len(value) > _MAX_ITEMS:
+        raise EventDecodeError(f"more than {_MAX_ITEMS} entries", name)
+    changed = False
+    out = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            raise EventDecodeError(f"map key {_short(key)} is not a string", name)
+        if len(key) > _MAX_STR:
+            raise EventDecodeError(f"map key longer than {_MAX_STR} characters", name)
+        checked = check_item(f"{name}.{key}", item)
+        changed = changed or checked is not item
+        out[key] = checked
+    return out if changed else value
+
+
+def _check_str_map(name: str, value: Any) -> dict[str, str]:
+    if type(value) is dict and len(value) <= _MAX_ITEMS:  # fast path: already valid
+        for key, item in value.items():
+            if (
+                type(key) is not str
+                or type(item) is not str
+                or len(key) > _MAX_STR
+                or len(item) > _MAX_STR
+            ):
+                break
+        else:
+            return value
+    return _typed_map(name, value, _check_str)
+
+
+def _check_float_map(name: str, value: Any) -> dict[str, float]:
+    if type(value) is dict and len(value) <= _MAX_ITEMS:  # fast path: already valid
+        for key, item in value.items():
+            if (
+                type(key) is not str
+                or type(item) is not float
+                or item - item != 0.0
+                or len(key) > _MAX_STR
+            ):
+                break
+        else:
+            return value
+    return _typed_map(name, value, _check_float)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise EventDecodeError(f"expected a boolean, got {type(value).__name__}", name)
+    return value
+
+
+def _check_bool_map(name: str, value: Any) -> dict[str, bool]:
+    return _typed_map(name, value, _check_bool)
+
+
+def _check_status(name: str, value: Any) -> str:
+    if type(value) is not str or value not in APPROVAL_STATUSES:
+        raise EventDecodeError(
+            f"expected one of {sorted(APPROVAL_STATUSES)}, got {_short(value)}", name
+        )
+    return value
+
+
+def _check_status_map(name: str, value: Any) -> dict[str, str]:
+    return _typed_map(name, value, _check_status)
+
+
+def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
+    """A JSON-like value: None, bool, int, finite float, str, lists and str-keyed maps."""
+    if depth > _MAX_DEPTH:
+        raise EventDecodeError(f"nested deeper than {_MAX_DEPTH} levels", name)
+    if value is None or type(value) is bool:
+        return value
+    if isinstance(value, str):
+        return _check_str(name, value, _MAX_TEXT)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _check_int(name, value)
+    if isinstance(value, float):
+        return _check_float(name, value)
+    if isinstance(value, (list, tuple)):
+        if len(value) > _MAX_ITEMS:
+            raise EventDecodeError(f"more than {_MAX_ITEMS} items", name)
+        # Lists, not tuples, inside plain values: that is what msgpack gives back.
+        return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return _check_plain_map(name, value, depth)
+    raise EventDecodeError(f"unsupported value of type {type(value).__name__}", name)
+
+
+def _check_plain_map(name: str, value: Any, depth: int = 0) -> dict[str, Any]:
+    return _typed_map(name, value, lambda n, v: _check_plain(n, v, depth + 1))
+
+
+_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
+    "str": _check_str,
+    "text": _check_text,
+    "sha256": _check_sha256,
+    "int": _check_int,
+    "nonneg_int": _check_nonneg_int,
+    "float": _check_float,
+    "str_tuple": _check_str_tuple,
+    "str_map": _check_str_map,
+    "float_map": _check_float_map,
+    "bool_map": _check_bool_map,
+    "status_map": _check_status_map,
+    "plain_map": _check_plain_map,
+}
+
+
+def _f(kind: str) -> Any:
+    """A dataclass field with its wire kind (see ``_CHECKERS``)."""
+    if kind not in _CHECKERS:  # pragma: no cover - programming error
+        raise AssertionError(kind)
+    return field(metadata={"kind": kind})
+
+
+def _spec_of(cls: type[Event]) -> tuple[tuple[str, Callable[[str, Any], Any]], ...]:
+    """(field name, checker) pairs of an event class, computed once per class."""
+    spec = cls.__dict__.get("_spec")
+    if spec is None:
+        spec = tuple((f.name, _CHECKERS[f.metadata["kind"]]) for f in dataclasses.fields(cls))
+        cls._spec = spec
+        cls._names = frozenset(name for name, _ in spec)
+    return spec
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event. Don't instantiate; use a concrete event class.
+
+    ``type_name`` is the name on the wire (the class name); ``version`` the schema version of
+    the class's fields. A class whose schema changes bumps ``version`` and adds a static
+    method ``upcast_v<N>_v<N+1>(data: dict) -> dict`` that turns data of version N into N+1.
+    """
+
+    type_name: ClassVar[str] = "Event"
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+
+    def __post_init__(self) -> None:
+        # Validate exactly as decoding does; store normalised values (lists -> tuples).
+        setter = object.__setattr__
+        for name, check in _spec_of(type(self)):
+            value = getattr(self, name)
+            checked = check(name, value)
+            if checked is not value:
+                setter(self, name, checked)
+
+
+@dataclass(frozen=True)
+class JobCreated(Event):
+    """A job was defined: everything needed to run it again, including the seed."""
+
+    job_id: str = _f("str")
+    researcher_id: str = _f("str")
+    training_plan_class: str = _f("str")
+    training_args: dict[str, Any] = _f("plain_map")
+    model_args: dict[str, Any] = _f("plain_map")
+    seed: int = _f("int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    datasets: dict[str, str] = _f("str_map")
+    round_limit: int = _f("nonneg_int")
+    min_nodes: int = _f("nonneg_int")
+    reply_deadline_s: float = _f("float")
+    aggregator: str = _f("str")
+    aggregator_args: dict[str, Any] = _f("plain_map")
+    tags: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class TrainingPlanUploaded(Event):
+    """The training plan source is in the repository under this URL and digest."""
+
+    url: str = _f("str")
+    sha256: str = _f("sha256")
+    class_name: str = _f("str")
+
+
+@dataclass(frozen=True)
+class ParamsUploaded(Event):
+    """Parameters are in the repository. The initial parameters are round 0."""
+
+    round: int = _f("nonneg_int")
+    url: str = _f("str")
+    sha256: str = _f("sha256")
+
+
+@dataclass(frozen=True)
+class ApprovalChecked(Event):
+    """The nodes answered (or not) whether they approve the training plan of this digest."""
+
+    plan_sha256: str = _f("sha256")
+    statuses: dict[str, str] = _f("status_map")
+    approval_required: dict[str, bool] = _f("bool_map")
+
+
+@dataclass(frozen=True)
+class RoundSent(Event):
+    """Train requests of a round were published to these nodes."""
+
+    round: int = _f("nonneg_int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    request_ids: dict[str, str] = _f("str_map")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    deadline: float = _f("float")
+
+
+@dataclass(frozen=True)
+class RoundResent(Event):
+    """After a restore, the current round's requests were sent again with the same ids."""
+
+    round: int = _f("nonneg_int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class ReplyReceived(Event):
+    """A node's reply arrived and its params file was downloaded and its digest checked."""
+
+    round: int = _f("nonneg_int")
+    node_id: str = _f("str")
+    request_id: str = _f("str")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    sample_size: int = _f("nonneg_int")
+    metrics: dict[str, float] = _f("float_map")
+    timing: dict[str, float] = _f("float_map")
+
+
+@dataclass(frozen=True)
+class NodeFailed(Event):
+    """A node answered the round's request with an error."""
+
+    round: int = _f("nonneg_int")
+    node_id: str = _f("str")
+    request_id: str = _f("str")
+    code: int = _f("int")
+    message: str = _f("text")
+
+
+@dataclass(frozen=True)
+class RoundTimedOut(Event):
+    """The round's deadline passed; these nodes had neither replied nor failed."""
+
+    round: int = _f("nonneg_int")
+    missing: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class Aggregated(Event):
+    """The round's replies were aggregated into new global parameters."""
+
+    round: int = _f("nonneg_int")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    weights: dict[str, float] = _f("float_map")
+    aggregator: str = _f("str")
+
+
+@dataclass(frozen=True)
+class JobCompleted(Event):
+    """The job finished; these are its final parameters."""
+
+    round: int = _f("nonneg_int")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    """The job stopped because of an error."""
+
+    round: int = _f("nonneg_int")
+    reason: str = _f("text")
+
+
+@dataclass(frozen=True)
+class JobCancelled(Event):
+    """The job was stopped on purpose."""
+
+    round: int = _f("nonneg_int")
+    reason: str = _f("text")
+
+
+#: The closed registry of event types, by wire name.
+EVENT_TYPES: Mapping[str, type[Event]] = {
+    cls.type_name: cls
+    for cls in (
+        JobCreated,
+        TrainingPlanUploaded,
+        ParamsUploaded,
+        ApprovalChecked,
+        RoundSent,
+        RoundResent,
+        ReplyReceived,
+        NodeFailed,
+        RoundTimedOut,
+        Aggregated,
+        JobCompleted,
+        JobFailed,
+        JobCancelled,
+    )
+}
+for _cls in EVENT_TYPES.values():
+    _spec_of(_cls)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def encode_event(event: Event) -> dict[str, Any]:
+    """The ``type``, ``v`` and ``data`` parts of a log record's payload for ``event``."""
+    if not isinstance(event, Event) or type(event) is Event:
+        raise TypeError(f"expected an event, got {type(event).__name__}")
+    return {"type": event.type_name, "v": event.version, "data": dict(event.__dict__)}
+
+
+def decode_event(
+    type_name: str,
+    version: int,
+    data: Any,
+    *,
+    registry: Mapping[str, type[Event]] | None = None,
+) -> Event:
+    """Rebuild an event from its wire parts, upcasting older schema versions.
+
+    ``registry`` defaults to :data:`EVENT_TYPES` (tests pass their own to exercise
+    upcasting). Raises :class:`EventDecodeError` naming the field for anything invalid.
+    """
+    types = EVENT_TYPES if registry is None else registry
+    cls = types.get(type_name) if type(type_name) is str else None
+    if cls is None:
+        raise EventDecodeError(f"unknown event type {_short(type_name)}", "type")
+    if type(version) is not int or version < 1:
+        raise EventDecodeError(f"expected a schema version >= 1, got {_short(version)}", "v")
+    if version > cls.version:
+        raise EventDecodeError(
+            f"{type_name} schema version {version} is newer than this fedsm knows "
+            f"({cls.version}); upgrade fedsm to read this log",
+            "v",
+        )
+    if type(data) is not dict:
+        raise EventDecodeError(f"expected a map of fields, got {type(data).__name__}", "data")
+    while version < cls.version:
+        upcast = getattr(cls, f"upcast_v{version}_v{version + 1}", None)
+        if upcast is None:
+            raise EventDecodeError(
+                f"{type_name} has no upcaster from schema version {version}", "v"
+            )
+        data = upcast(dict(data))
+        version += 1
+    spec = _spec_of(cls)
+    if len(data) != len(spec) or not cls._names.issuperset(data):
+        unknown = sorted(str(k) for k in data if k not in cls._names)
+        if unknown:
+            raise EventDecodeError(f"unknown field for {type_name}", unknown[0])
+        missing = sorted(cls._names.difference(data))
+        raise EventDecodeError(f"missing field for {type_name}", missing[0])
+    values = {}
+    for name, check in spec:
+        values[name] = check(name, data[name])
+    # Already validated: bypass __init__ (and its second validation) to keep replay fast.
+    event = object.__new__(cls)
+    object.__setattr__(event, "__dict__", values)
+    return event

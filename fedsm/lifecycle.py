@@ -1,0 +1,544 @@
+"""The Job lifecycle: states, the transition table, and ``apply(state, event) -> state``.
+
+Pure core: no files, sockets, clocks or random numbers.
+
+Rules of this module (after h11's ``_state.py``):
+
+1. :data:`TRANSITIONS` is the single source of truth for which event may happen in which
+   state. The ``transitions`` :class:`~transitions.Machine` (:func:`build_machine`, for docs,
+   diagrams and tests) and the lookup table :func:`apply` uses are both built from it.
+2. :func:`apply` is the only way a :class:`JobState` changes, and it is pure: a refused
+   event raises :class:`IllegalTransition` naming the state and the event, and the state
+   passed in is untouched. Live runs and replay use the same function, so there is no second
+   implementation to drift.
+3. Guards read only the state and the event, never the outside world, so replay can (and
+   does) run them: a log whose events break the rules does not replay.
+
+Replay cost: firing a ``transitions`` trigger per event costs several microseconds of
+callback machinery; :func:`apply` does one dict lookup for the destination and one guard
+function instead. Per-round replies live in :class:`AppendMap`, which shares its storage
+with the state it was extended from, so a reply folds in O(1) instead of copying the
+round's mapping (a 1,000-node round would otherwise cost O(n^2)).
+
+States::
+
+    new -JobCreated-> created -TrainingPlanUploaded-> uploaded (-ParamsUploaded(0)-> uploaded)
+    uploaded -ApprovalChecked-> approval_checked -RoundSent(n)-> round_sent
+    round_sent -ReplyReceived|NodeFailed|RoundTimedOut-> collecting -Aggregated-> aggregated
+    aggregated -RoundSent(n+1)-> round_sent ... aggregated -JobCompleted-> completed
+    any state after created -JobFailed-> failed, -JobCancelled-> cancelled
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from transitions import Machine
+
+from fedsm.errors import FedsmError
+from fedsm.events import (
+    EVENT_TYPES,
+    Aggregated,
+    ApprovalChecked,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobFailed,
+    NodeFailed,
+    ParamsUploaded,
+    ReplyReceived,
+    RoundResent,
+    RoundSent,
+    RoundTimedOut,
+    TrainingPlanUploaded,
+    encode_event,
+)
+
+__all__ = [
+    "ACTIVE_STATES",
+    "STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "AppendMap",
+    "IllegalTransition",
+    "JobState",
+    "allowed_events",
+    "apply",
+    "build_machine",
+    "initial_state",
+    "replay",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+STATES = (
+    "new",
+    "created",
+    "uploaded",
+    "approval_checked",
+    "round_sent",
+    "collecting",
+    "aggregated",
+    "completed",
+    "failed",
+    "cancelled",
+)
+TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+#: States in which a job exists and can still fail or be cancelled.
+ACTIVE_STATES = tuple(s for s in STATES if s != "new" and s not in TERMINAL_STATES)
+
+#: (event type, source states, destination). The single source of truth.
+TRANSITIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("JobCreated", ("new",), "created"),
+    ("TrainingPlanUploaded", ("created",), "uploaded"),
+    ("ParamsUploaded", ("uploaded",), "uploaded"),
+    # Initial parameters may be replaced until the first round (the plan is unchanged).
+    ("ParamsUploaded", ("approval_checked",), "approval_checked"),
+    ("ApprovalChecked", ("uploaded", "approval_checked"), "approval_checked"),
+    ("RoundSent", ("approval_checked", "aggregated"), "round_sent"),
+    ("RoundResent", ("round_sent",), "round_sent"),
+    ("RoundResent", ("collecting",), "collecting"),
+    ("ReplyReceived", ("round_sent", "collecting"), "collecting"),
+    ("NodeFailed", ("round_sent", "collecting"), "collecting"),
+    ("RoundTimedOut", ("round_sent", "collecting"), "collecting"),
+    ("Aggregated", ("collecting",), "aggregated"),
+    ("JobCompleted", ("aggregated",), "completed"),
+    ("JobFailed", ACTIVE_STATES, "failed"),
+    ("JobCancelled", ACTIVE_STATES, "cancelled"),
+)
+
+
+class IllegalTransition(FedsmError):
+    """An event that the lifecycle does not allow in the current state (nothing changed)."""
+
+    def __init__(self, state: str, event: str, reason: str) -> None:
+        super().__init__(f"{event} is not allowed in state {state!r}: {reason}")
+        self.state, self.event, self.reason = state, event, reason
+
+
+# --------------------------------------------------------------------------- AppendMap
+
+
+class AppendMap(Mapping[K, V]):
+    """An immutable mapping whose :meth:`plus` is O(1) by sharing storage.
+
+    ``plus`` of a new key on the newest map of a line appends to the shared dict; the older
+    maps keep seeing only their first ``n`` entries (the dict keeps insertion order and each
+    entry carries its index). Extending an older map again (a branch) copies its entries
+    first, so every map ever returned keeps its contents. Not for concurrent ``plus`` calls
+    on the same map from several threads.
+    """
+
+    __slots__ = ("_store", "_n")
+
+    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        self._store: dict[K, tuple[int, V]] = {}
+        for key, value in pairs:
+            if key in self._store:
+                self._store[key] = (self._store[key][0], value)
+            else:
+                self._store[key] = (len(self._store), value)
+        self._n = len(self._store)
+
+    def __getitem__(self, key: K) -> V:
+        index, value = self._store[key]
+        if index >= self._n:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        entry = self._store.get(key)  # type: ignore[call-overload]
+        return entry is not None and entry[0] < self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[K]:
+        return itertools.islice(iter(self._store), self._n)
+
+    def __repr__(self) -> str:
+        return f"AppendMap({dict(self.items())!r})"
+
+    def plus(self, key: K, value: V) -> AppendMap[K, V]:
+        """A map with ``key`` set to ``value`` (O(1) when ``key`` is new and this map is the
+        newest of its line)."""
+        store, n = self._store, self._n
+        if key in self:
+            return AppendMap([*((k, v) for k, v in self.items() if k != key), (key, value)])
+        if n == 0:  # never grow a shared empty map (the default of every JobState)
+            store = {}
+        elif len(store) != n:  # someone extended this map already: branch off a copy
+            store = dict(itertools.islice(store.items(), n))
+        store[key] = (n, value)
+        new = AppendMap.__new__(AppendMap)
+        new._store, new._n = store, n + 1
+        return new
+
+
+_EMPTY: AppendMap[Any, Any] = AppendMap()
+
+
+class _RoundsView(Mapping[int, Mapping[str, Any]]):
+    """Per round -> per node: the finished rounds plus the current one, without copying."""
+
+    __slots__ = ("_past", "_round", "_current")
+
+    def __init__(self, past: Mapping[int, Any], round_: int, current: Mapping[str, Any]) -> None:
+        self._past, self._round, self._current = past, round_, current
+
+    def __getitem__(self, key: int) -> Mapping[str, Any]:
+        if key == self._round and self._round > 0:
+            return self._current
+        return self._past[key]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._past
+        if self._round > 0:
+            yield self._round
+
+    def __len__(self) -> int:
+        return len(self._past) + (self._round > 0)
+
+
+# --------------------------------------------------------------------------- JobState
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Everything known about a job, derived from its events only.
+
+    ``round`` is the current round (0 before the first ``RoundSent``); ``round_nodes`` and
+    ``request_ids`` belong to it. ``round_replies``/``round_failures`` are the current
+    round's; :attr:`replies`/:attr:`failures` give every round's (round -> node -> event).
+    ``params_url``/``params_sha256`` are the current global parameters.
+    """
+
+    status: str = "new"
+    job_id: str | None = None
+    researcher_id: str | None = None
+    config: JobCreated | None = None
+    plan_url: str | None = None
+    plan_sha256: str | None = None
+    params_url: str | None = None
+    params_sha256: str | None = None
+    round: int = 0
+    round_nodes: tuple[str, ...] = ()
+    request_ids: Mapping[str, str] = _EMPTY
+    round_replies: AppendMap[str, ReplyReceived] = _EMPTY
+    round_failures: AppendMap[str, NodeFailed] = _EMPTY
+    past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = _EMPTY
+    past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = _EMPTY
+    timed_out: AppendMap[int, tuple[str, ...]] = _EMPTY
+    aggregates: AppendMap[int, Aggregated] = _EMPTY
+    approvals: ApprovalChecked | None = None
+
+    @property
+    def replies(self) -> Mapping[int, Mapping[str, ReplyReceived]]:
+        """Round -> node -> ``ReplyReceived``, for every round sent so far."""
+        return _RoundsView(self.past_replies, self.round, self.round_replies)
+
+    @property
+    def failures(self) -> Mapping[int, Mapping[str, NodeFailed]]:
+        """Round -> node -> ``NodeFailed``, for every round sent so far."""
+        return _RoundsView(self.past_failures, self.round, self.round_failures)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATES
+
+    def unanswered_nodes(self) -> tuple[str, ...]:
+        """Nodes of the current round that have neither replied nor failed."""
+        replied, failed = self.round_replies, self.round_failures
+        return tuple(n for n in self.round_nodes if n not in replied and n not in failed)
+
+    def pending_nodes(self) -> tuple[str, ...]:
+        """Nodes still awaited in the current round: the unanswered ones, or none once the
+        round has timed out (a late reply is not counted) or is no longer being collected."""
+        if self.status not in ("round_sent", "collecting") or self.round in self.timed_out:
+            return ()
+        return self.unanswered_nodes()
+
+    def round_complete(self) -> bool:
+        """Whether the current round is over: every node replied or failed, or it timed out."""
+        if self.round == 0:
+            return False
+        return self.round in self.timed_out or not self.unanswered_nodes()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (events as their ``type``/``v``/``data`` maps)."""
+
+        def ev(event: Event | None) -> dict[str, Any] | None:
+            return None if event is None else encode_event(event)
+
+        def rounds(per_round: Mapping[int, Mapping[str, Event]]) -> dict[str, Any]:
+            return {
+                str(r): {n: encode_event(e)["data"] for n, e in nodes.items()}
+                for r, nodes in per_round.items()
+            }
+
+        return {
+            "status": self.status,
+            "job_id": self.job_id,
+            "researcher_id": self.researcher_id,
+            "config": ev(self.config),
+            "plan_url": self.plan_url,
+            "plan_sha256": self.plan_sha256,
+            "params_url": self.params_url,
+            "params_sha256": self.params_sha256,
+            "round": self.round,
+            "round_nodes": list(self.round_nodes),
+            "request_ids": dict(self.request_ids),
+            "pending_nodes": list(self.pending_nodes()),
+            "replies": rounds(self.replies),
+            "failures": rounds(self.failures),
+            "timed_out": {str(r): list(m) for r, m in self.timed_out.items()},
+            "aggregates": {str(r): encode_event(a)["data"] for r, a in self.aggregates.items()},
+            "approvals": ev(self.approvals),
+        }
+
+
+def initial_state() -> JobState:
+    """The state before any event: status ``new``."""
+    return JobState()
+
+
+def _evolve(state: JobState, changes: dict[str, Any]) -> JobState:
+    # dataclasses.replace re-runs __init__ field by field; a dict copy is ~10x cheaper and
+    # replay does this once per event.
+    new = object.__new__(JobState)
+    values = state.__dict__.copy()
+    values.update(changes)
+    object.__setattr__(new, "__dict__", values)
+    return new
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def build_machine(model: Any = None) -> Machine:
+    """A ``transitions`` Machine of :data:`TRANSITIONS` (triggers are event type names).
+
+    For documentation, diagrams and tests: it knows which event is allowed where, not the
+    guards on the events' contents, which :func:`apply` checks.
+    """
+    machine = Machine(
+        model=Machine.self_literal if model is None else model,
+        states=list(STATES),
+        initial="new",
+        auto_transitions=False,  # no to_<state>() back doors around the table
+    )
+    for trigger, sources, dest in TRANSITIONS:
+        machine.add_transition(trigger, list(sources), dest)
+    return machine
+
+
+def _derive_table() -> dict[tuple[str, str], str]:
+    machine = build_machine()
+    table: dict[tuple[str, str], str] = {}
+    for trigger, event in machine.events.items():
+        for source, transitions in event.transitions.items():
+            for transition in transitions:
+                table[(source, trigger)] = transition.dest
+    return table
+
+
+#: (state, event type name) -> next state, derived from the Machine built from TRANSITIONS.
+_NEXT = _derive_table()
+
+
+def allowed_events(status: str) -> tuple[str, ...]:
+    """Event type names the table allows in ``status`` (guards may still refuse one)."""
+    return tuple(sorted(trigger for (source, trigger) in _NEXT if source == status))
+
+
+# --------------------------------------------------------------------------- guards + updates
+# One function per event type: check the event against the state (raise _Refused) and
+# return the fields that change. ``status`` is set by apply() from the table.
+
+
+class _Refused(Exception):
+    pass
+
+
+def _check(condition: bool, reason: str) -> None:
+    if not condition:
+        raise _Refused(reason)
+
+
+def _on_job_created(s: JobState, e: JobCreated) -> dict[str, Any]:
+    _check(bool(e.nodes), "a job needs at least one node")
+    _check(len(set(e.nodes)) == len(e.nodes), f"nodes are not unique: {list(e.nodes)}")
+    _check(1 <= e.min_nodes <= len(e.nodes), f"min_nodes {e.min_nodes} not in 1..{len(e.nodes)}")
+    _check(e.round_limit >= 1, "round_limit must be >= 1")
+    missing = [n for n in e.nodes if n not in e.datasets]
+    _check(not missing, f"no dataset given for nodes {missing}")
+    return {"job_id": e.job_id, "researcher_id": e.researcher_id, "config": e}
+
+
+def _on_plan_uploaded(s: JobState, e: TrainingPlanUploaded) -> dict[str, Any]:
+    return {"plan_url": e.url, "plan_sha256": e.sha256}
+
+
+def _on_params_uploaded(s: JobState, e: ParamsUploaded) -> dict[str, Any]:
+    _check(e.round == 0, f"only initial parameters (round 0) are uploaded here, got {e.round}")
+    return {"params_url": e.url, "params_sha256": e.sha256}
+
+
+def _on_approval_checked(s: JobState, e: ApprovalChecked) -> dict[str, Any]:
+    _check(s.params_sha256 is not None, "initial parameters are not uploaded yet")
+    _check(
+        e.plan_sha256 == s.plan_sha256,
+        f"checked plan {e.plan_sha256[:12]}..., but the job's plan is {s.plan_sha256}",
+    )
+    return {"approvals": e}
+
+
+def _on_round_sent(s: JobState, e: RoundSent) -> dict[str, Any]:
+    assert s.config is not None
+    _check(e.round == s.round + 1, f"round {e.round} is not the next round ({s.round + 1})")
+    _check(e.round <= s.config.round_limit, f"round {e.round} is over the round_limit")
+    _check(bool(e.nodes), "a round needs at least one node")
+    _check(len(set(e.nodes)) == len(e.nodes), "the round's nodes are not unique")
+    strangers = sorted(set(e.nodes).difference(s.config.nodes))
+    _check(not strangers, f"nodes {strangers} are not nodes of this job")
+    _check(set(e.request_ids) == set(e.nodes), "request_ids must name exactly the round's nodes")
+    _check(
+        e.params_sha256 == s.params_sha256,
+        f"sent params {e.params_sha256[:12]}..., but the current params are {s.params_sha256}",
+    )
+    changes: dict[str, Any] = {
+        "round": e.round,
+        "round_nodes": e.nodes,
+        "request_ids": e.request_ids,
+        "round_replies": _EMPTY,
+        "round_failures": _EMPTY,
+    }
+    if s.round > 0:  # archive the finished round's replies and failures
+        changes["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
+        changes["past_failures"] = s.past_failures.plus(s.round, s.round_failures)
+    return changes
+
+
+def _check_current(s: JobState, round_: int) -> None:
+    _check(round_ == s.round, f"round {round_} is not the current round {s.round}")
+
+
+def _on_round_resent(s: JobState, e: RoundResent) -> dict[str, Any]:
+    _check_current(s, e.round)
+    _check(bool(e.nodes), "nothing re-sent")
+    strangers = sorted(set(e.nodes).difference(s.round_nodes))
+    _check(not strangers, f"nodes {strangers} are not in round {s.round}")
+    return {}
+
+
+def _check_answer(s: JobState, round_: int, node: str, request_id: str) -> None:
+    _check_current(s, round_)
+    _check(node in s.request_ids, f"node {node!r} is not in round {s.round}")
+    _check(node not in s.round_replies, f"node {node!r} already replied in round {s.round}")
+    _check(node not in s.round_failures, f"node {node!r} already failed in round {s.round}")
+    _check(s.round not in s.timed_out, f"round {s.round} timed out; answers are closed")
+    _check(
+        s.request_ids[node] == request_id,
+        f"request id {request_id!r} is not the one sent to {node!r}",
+    )
+
+
+def _on_reply(s: JobState, e: ReplyReceived) -> dict[str, Any]:
+    _check_answer(s, e.round, e.node_id, e.request_id)
+    return {"round_replies": s.round_replies.plus(e.node_id, e)}
+
+
+def _on_node_failed(s: JobState, e: NodeFailed) -> dict[str, Any]:
+    _check_answer(s, e.round, e.node_id, e.request_id)
+    return {"round_failures": s.round_failures.plus(e.node_id, e)}
+
+
+def _on_timed_out(s: JobState, e: RoundTimedOut) -> dict[str, Any]:
+    _check_current(s, e.round)
+    _check(s.round not in s.timed_out, f"round {s.round} already timed out")
+    unanswered = s.unanswered_nodes()
+    _check(bool(unanswered), "every node answered: nothing timed out")
+    _check(
+        sorted(e.missing) == sorted(unanswered),
+        f"missing {sorted(e.missing)} is not the unanswered nodes {sorted(unanswered)}",
+    )
+    return {"timed_out": s.timed_out.plus(s.round, e.missing)}
+
+
+def _on_aggregated(s: JobState, e: Aggregated) -> dict[str, Any]:
+    assert s.config is not None
+    _check_current(s, e.round)
+    replied = tuple(sorted(s.round_replies))
+    _check(e.nodes == replied, f"contributors {list(e.nodes)} are not the replied {list(replied)}")
+    _check(set(e.weights) == set(e.nodes), "weights must name exactly the contributors")
+    _check(
+        len(replied) >= s.config.min_nodes,
+        f"{len(replied)} replies, fewer than min_nodes {s.config.min_nodes}",
+    )
+    _check(s.round_complete(), f"nodes {list(s.unanswered_nodes())} have not answered yet")
+    return {
+        "params_url": e.params_url,
+        "params_sha256": e.params_sha256,
+        "aggregates": s.aggregates.plus(e.round, e),
+    }
+
+
+def _on_completed(s: JobState, e: JobCompleted) -> dict[str, Any]:
+    _check_current(s, e.round)
+    _check(e.params_sha256 == s.params_sha256, "final params are not the current params")
+    return {}
+
+
+def _on_stopped(s: JobState, e: JobFailed | JobCancelled) -> dict[str, Any]:
+    return {}
+
+
+_HANDLERS: dict[str, Callable[[JobState, Any], dict[str, Any]]] = {
+    "JobCreated": _on_job_created,
+    "TrainingPlanUploaded": _on_plan_uploaded,
+    "ParamsUploaded": _on_params_uploaded,
+    "ApprovalChecked": _on_approval_checked,
+    "RoundSent": _on_round_sent,
+    "RoundResent": _on_round_resent,
+    "ReplyReceived": _on_reply,
+    "NodeFailed": _on_node_failed,
+    "RoundTimedOut": _on_timed_out,
+    "Aggregated": _on_aggregated,
+    "JobCompleted": _on_completed,
+    "JobFailed": _on_stopped,
+    "JobCancelled": _on_stopped,
+}
+if set(_HANDLERS) != set(EVENT_TYPES):  # pragma: no cover - caught at import by any test
+    raise AssertionError("every event type needs a lifecycle handler")
+
+
+def apply(state: JobState, event: Event) -> JobState:
+    """The state after ``event``; raises :class:`IllegalTransition` (state untouched) if the
+    event is not allowed in ``state.status`` or its contents break a guard."""
+    name = type(event).type_name if isinstance(event, Event) else type(event).__name__
+    if EVENT_TYPES.get(name) is not type(event):
+        raise IllegalTransition(state.status, name, "not an event of the catalogue")
+    dest = _NEXT.get((state.status, name))
+    if dest is None:
+        allowed = ", ".join(allowed_events(state.status)) or "none (the job is over)"
+        raise IllegalTransition(state.status, name, f"allowed events: {allowed}")
+    try:
+        changes = _HANDLERS[name](state, event)
+    except _Refused as exc:
+        raise IllegalTransition(state.status, name, str(exc)) from None
+    changes["status"] = dest
+    return _evolve(state, changes)
+
+
+def replay(events: Iterable[Event], state: JobState | None = None) -> JobState:
+    """Fold ``events`` into ``state`` (default: the initial state) with :func:`apply`."""
+    current = initial_state() if state is None else state
+    for event in events:
+        current = apply(current, event)
+    return current

@@ -1,0 +1,277 @@
+"""Reading an event log without writing it: the log's errors and records, :func:`scan`
+(every good record, read-only, no lock: the log may be live) and :func:`verify` (every
+finding). See :mod:`fedsm.log` for the format and the writer; everything here is re-exported
+there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsm.errors import FedsmError
+from fedsm.events import Event, EventDecodeError, decode_event
+from fedsm.logformat import (
+    HEADER_SIZE,
+    FrameError,
+    check_header,
+    find_next_frame,
+    genesis_hash,
+    read_frame,
+)
+
+__all__ = [
+    "Finding",
+    "LogCorrupted",
+    "LogError",
+    "LogFormatError",
+    "LogLocked",
+    "LogNotFound",
+    "LogScan",
+    "Record",
+    "TornTail",
+    "scan",
+    "verify",
+]
+
+
+class LogError(FedsmError):
+    """A problem with an event log (base class)."""
+
+
+class LogFormatError(LogError):
+    """The file is not a fedsm event log, or one of a format version this fedsm can't read."""
+
+
+class LogNotFound(LogError, FileNotFoundError):
+    """No log at the path and ``create=False``."""
+
+
+class LogCorrupted(LogError):
+    """The log is damaged somewhere other than a torn tail. ``offset`` and ``seq`` say where."""
+
+    def __init__(self, path: Path | str, offset: int, seq: int, what: str) -> None:
+        super().__init__(
+            f"{path}: corrupted at byte offset {offset} (seq {seq}): {what}. Run "
+            f"`fedsm replay --verify {path}` for every finding; open with repair=True to keep "
+            f"the records before it (the rest goes to a sidecar file, nothing is deleted)"
+        )
+        self.path, self.offset, self.seq, self.what = Path(path), offset, seq, what
+
+
+class LogLocked(LogError):
+    """Another process (or another EventLog in this one) is writing this log."""
+
+    def __init__(self, path: Path | str, pid: int | None) -> None:
+        holder = f"process {pid}" if pid is not None else "another process (PID unknown)"
+        super().__init__(
+            f"{path} is being written by {holder}: one writer per log. Stop that process or "
+            f"read the log without writing (fedsm.log.scan, `fedsm replay`)"
+        )
+        self.path, self.pid = Path(path), pid
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of a log, with its decoded event. ``hash`` is the record's chain hash."""
+
+    seq: int
+    ts: float
+    event: Event
+    offset: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """What opening a log found after its last good record and did about it.
+
+    ``sidecar`` is where the bytes went (``None`` when only scanned read-only);
+    ``last_good_seq`` is the seq of the last record kept (0 if none).
+    """
+
+    offset: int
+    length: int
+    sidecar: Path | None
+    last_good_seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of :func:`verify`. ``error`` is False for a torn tail, which is normal."""
+
+    offset: int
+    seq: int
+    what: str
+    error: bool = True
+
+
+@dataclass(frozen=True)
+class LogScan:
+    """A read-only view of a log: its id, its good records, and any torn tail."""
+
+    path: Path
+    log_id: bytes
+    records: list[Record]
+    torn: TornTail | None
+
+    @property
+    def last_seq(self) -> int:
+        return self.records[-1].seq if self.records else 0
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class ScanStop:
+    """Why a scan stopped before the end of the data."""
+
+    offset: int
+    seq: int
+    what: str
+    frame_damaged: bool  # short or checksum-failing: a torn write if nothing valid follows
+
+
+def walk_records(
+    data: bytes, genesis: bytes, stop_out: list[ScanStop]
+) -> Iterator[tuple[int, int, dict[str, Any], bytes]]:
+    """Yield ``(offset, end, payload, hash)`` of each good record in order; on the first problem
+    append a :class:`ScanStop` to ``stop_out`` and end."""
+    offset, seq, prev, size = HEADER_SIZE, 1, genesis, len(data)
+    view = memoryview(data)
+    while offset < size:
+        try:
+            payload, end, digest = read_frame(view, offset)
+        except FrameError as exc:
+            stop_out.append(ScanStop(offset, seq, exc.what, exc.frame_damaged))
+            return
+        if payload["seq"] != seq:
+            what = f"sequence broken: expected seq {seq}, found seq {payload['seq']}"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return
+        if payload["prev"] != prev:
+            what = "hash chain broken: prev is not the hash of the record before"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return
+        yield offset, end, payload, digest
+        offset, seq, prev = end, seq + 1, digest
+
+
+def is_torn_tail(data: bytes, stop: ScanStop) -> bool:
+    """True if the problem at ``stop`` is a torn tail: a damaged frame with no valid frame
+    after it."""
+    return stop.frame_damaged and find_next_frame(memoryview(data), stop.offset) is None
+
+
+def to_record(path: Path, offset: int, payload: dict[str, Any], digest: bytes) -> Record:
+    try:
+        event = decode_event(payload["type"], payload["v"], payload["data"])
+    except EventDecodeError as exc:
+        raise LogCorrupted(path, offset, payload["seq"], f"event does not decode: {exc}") from None
+    return Record(payload["seq"], payload["ts"], event, offset, digest)
+
+
+def read_header(path: Path, data: bytes) -> bytes:
+    """Check the header; return the log id."""
+    try:
+        return check_header(data)
+    except FrameError as exc:
+        if exc.frame_damaged:
+            raise LogCorrupted(path, 0, 0, exc.what) from None
+        raise LogFormatError(f"{path}: {exc.what}") from None
+
+
+def scan(path: str | os.PathLike[str], *, from_seq: int = 1) -> LogScan:
+    """Read a log without locking or modifying it (it may be live): every good record from
+    ``from_seq`` on, and the torn tail, if any, that a writer opening it would move aside.
+
+    Raises :class:`LogCorrupted` for damage before the tail, :class:`LogFormatError` for a
+    file that is not a log, :class:`LogNotFound` if there is no file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LogNotFound(f"no event log at {path}") from None
+    log_id = read_header(path, data)
+    stops: list[ScanStop] = []
+    records = [
+        to_record(path, off, payload, digest)
+        for off, _end, payload, digest in walk_records(
+            data, genesis_hash(data[:HEADER_SIZE]), stops
+        )
+        if payload["seq"] >= from_seq
+    ]
+    torn = None
+    if stops:
+        stop = stops[0]
+        if not is_torn_tail(data, stop):
+            raise LogCorrupted(path, stop.offset, stop.seq, stop.what)
+        torn = TornTail(stop.offset, len(data) - stop.offset, None, stop.seq - 1, stop.what)
+    return LogScan(path, log_id, records, torn)
+
+
+def verify(path: str | os.PathLike[str]) -> list[Finding]:
+    """Check framing, checksums, sequence, hash chain and event decoding of a whole log,
+    without modifying it. Returns every finding (empty: the log is sound). A torn tail is a
+    finding with ``error=False``. Scanning goes on past damage by looking for the next valid
+    frame, so one bad record yields one finding, not a cascade.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LogNotFound(f"no event log at {path}") from None
+    try:
+        check_header(data)
+    except FrameError as exc:
+        return [Finding(0, 0, f"header: {exc.what}")]
+    view = memoryview(data)
+    findings: list[Finding] = []
+    offset, seq = HEADER_SIZE, 1
+    prev: bytes | None = genesis_hash(data[:HEADER_SIZE])
+    while offset < len(data):
+        try:
+            payload, end, digest = read_frame(view, offset)
+        except FrameError as exc:
+            following = find_next_frame(view, offset)
+            if following is None and exc.frame_damaged:
+                findings.append(
+                    Finding(
+                        offset,
+                        seq,
+                        f"torn tail of {len(data) - offset} bytes ({exc.what}); a writer "
+                        f"opening the log moves it to {path.name}.torn-{offset}",
+                        error=False,
+                    )
+                )
+                break
+            findings.append(Finding(offset, seq, exc.what))
+            if following is None:
+                break
+            # The records in between are lost; the next one's seq and prev can't be checked
+            # against them, so carry on from whatever it says.
+            offset, seq, prev = following, -1, None
+            continue
+        found = payload["seq"]
+        if seq != -1 and found != seq:
+            findings.append(
+                Finding(offset, found, f"sequence broken: expected seq {seq}, found seq {found}")
+            )
+        if prev is not None and payload["prev"] != prev:
+            findings.append(
+                Finding(
+                    offset, found, "hash chain broken: prev is not the hash of the record before"
+                )
+            )
+        try:
+            decode_event(payload["type"], payload["v"], payload["data"])
+        except EventDecodeError as exc:
+            findings.append(Finding(offset, found, f"event does not decode: {exc}"))
+        offset, seq, prev = end, found + 1, digest
+    return findings
