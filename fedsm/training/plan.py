@@ -1,0 +1,419 @@
+"""``TorchTrainingPlan``: what a researcher subclasses, and what a node runs.
+
+The shape follows Fed-BioMed's torch training plan (``post_init``, ``training_data``,
+``training_step``, ``training_routine``, ``save_code``, ``save``/``load``, ``model``,
+``type``), with three differences that matter for safety and reproducibility:
+
+- ``save_code`` writes a self-contained module (its imports, then the class source) and checks
+  that it imports on its own before returning its sha256, the digest nodes approve.
+  Dependency lines must be plain ``import``/``from ... import`` statements; they are written
+  into the source, never ``exec``'ed by the library.
+- ``save``/``load`` use safetensors files (see :mod:`fedsm.training.params`), checked against
+  the model's own names, shapes and dtypes.
+- ``training_routine`` shuffles with an explicit ``torch.Generator``; with the same seed and
+  inputs it takes the same steps bit for bit.
+
+Lifecycle on a node: ``plan = cls()``, ``post_init(model_args, training_args)``,
+``set_params(...)``, ``plan.dataset = <loaded dataset>``, ``training_data().split(...)``
+into ``training_data_loader`` / ``testing_data_loader``, ``training_routine(...)``,
+``testing_routine(...)``, ``get_params()``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import logging
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsm.errors import FedsmError
+from fedsm.training.args import TrainingArgs
+from fedsm.training.loader import PLAN_SOURCE_ATTRIBUTE, PlanImportError, load_plan_class
+from fedsm.training.loaders import BatchLoader, DataManager
+from fedsm.training.params import check_like, load_params, save_params
+
+__all__ = ["PlanError", "TorchTrainingPlan", "TrainingError"]
+
+_LOG = logging.getLogger(__name__)
+_LOG.addHandler(logging.NullHandler())
+
+# Imports every saved plan starts with, so a plan's class body can name them directly.
+BASE_IMPORTS = (
+    "import torch",
+    "from torch import nn",
+    "from fedsm.training.plan import TorchTrainingPlan",
+    "from fedsm.training.loaders import DataManager",
+)
+
+
+class PlanError(FedsmError):
+    """A training plan is misdefined (e.g. ``init_model`` returned no module)."""
+
+
+class TrainingError(FedsmError):
+    """Training could not proceed (non-finite loss, no data loader, bad step output)."""
+
+
+def _check_import_line(line: str) -> str:
+    """Return ``line`` stripped if it is exactly one import statement, else raise PlanError."""
+    if not isinstance(line, str):
+        raise PlanError(f"a dependency must be an import line (str), got {type(line).__name__}")
+    stripped = line.strip()
+    try:
+        tree = ast.parse(stripped)
+    except SyntaxError as exc:
+        raise PlanError(f"dependency {line!r} is not valid Python: {exc.msg}") from exc
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.Import, ast.ImportFrom)):
+        raise PlanError(
+            f"dependency {line!r} must be a single 'import x' or 'from x import y' statement"
+        )
+    return stripped
+
+
+class TorchTrainingPlan:
+    """Base class of torch training plans.
+
+    Subclasses must define :meth:`init_model` and :meth:`training_step`; they may override
+    :meth:`init_optimizer`, :meth:`init_dependencies`, :meth:`training_data` and
+    :meth:`testing_step`.
+
+    Attributes
+    ----------
+    dataset
+        The node's loaded dataset (``CsvDataset``/``TensorDataset``), set by the node or
+        LocalJob before :meth:`training_data` is called.
+    training_data_loader, testing_data_loader
+        The loaders :meth:`training_routine` / :meth:`testing_routine` use by default.
+    """
+
+    def __init__(self) -> None:
+        self.dataset: Any = None
+        self.training_data_loader: BatchLoader | None = None
+        self.testing_data_loader: BatchLoader | None = None
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._model_args: dict[str, Any] = {}
+        self._training_args: TrainingArgs = TrainingArgs()
+        self._dependencies: list[str] = []
+
+    # ----------------------------------------------------------------- researcher hooks
+
+    def init_model(self, model_args: dict[str, Any]) -> nn.Module:
+        """Build and return the model (an ``nn.Module``) from ``model_args``."""
+        raise NotImplementedError(f"{type(self).__name__} must define init_model(model_args)")
+
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
+        """Return the optimiser; default ``SGD(model.parameters(), **optimizer_args)``.
+
+        ``optimizer_args`` is the training args' ``lr`` merged with their ``optimizer_args``.
+        """
+        return torch.optim.SGD(self.model().parameters(), **optimizer_args)
+
+    def init_dependencies(self) -> list[str]:
+        """Return extra import lines the plan's source needs (``torch``/``nn`` are implied)."""
+        return []
+
+    def training_data(self) -> DataManager:
+        """Return a :class:`DataManager` over ``self.dataset`` (batch size from the args)."""
+        return DataManager(self.dataset, batch_size=self._training_args["batch_size"])
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return the (scalar, differentiable) loss of one batch."""
+        raise NotImplementedError(f"{type(self).__name__} must define training_step(data, target)")
+
+    def testing_step(self, data: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Return metrics of one batch, averaged per sample. Called under ``torch.no_grad``.
+
+        Default: ``loss`` is :meth:`training_step` on the batch; ``accuracy`` is added when
+        every target is a whole number, reading the model output as logits: argmax over the
+        last dimension when it has several classes, ``output > 0`` for a single output.
+        Override it for regression or any other metric.
+        """
+        metrics = {"loss": float(self.training_step(data, target))}
+        if bool(torch.all(target == torch.round(target))):
+            output = self.model()(data)
+            if output.dim() >= 2 and output.shape[-1] > 1:
+                predicted = output.argmax(dim=-1)
+            else:
+                predicted = (output.reshape(target.shape) > 0).long()
+            correct = (predicted.reshape(-1) == target.reshape(-1).long()).double().mean()
+            metrics["accuracy"] = float(correct)
+        return metrics
+
+    # ----------------------------------------------------------------- framework side
+
+    def post_init(
+        self, model_args: Mapping[str, Any] | None, training_args: Mapping[str, Any] | None
+    ) -> None:
+        """Validate the args, build the model, the dependency list and the optimiser.
+
+        Raises
+        ------
+        TrainingArgsError
+            Invalid training args.
+        PlanError
+            ``init_model`` did not return an ``nn.Module``, a dependency is not an import
+            line, or ``init_optimizer`` did not return an optimiser.
+        """
+        self._model_args = dict(model_args or {})
+        self._training_args = (
+            training_args
+            if isinstance(training_args, TrainingArgs)
+            else TrainingArgs(training_args)
+        )
+        model = self.init_model(self._model_args)
+        if not isinstance(model, nn.Module):
+            raise PlanError(
+                f"{type(self).__name__}.init_model returned {type(model).__name__}, "
+                "expected a torch.nn.Module"
+            )
+        self._model = model
+        self._dependencies = [_check_import_line(line) for line in self.init_dependencies()]
+        optimizer = self.init_optimizer(self._training_args.optimizer_arguments())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise PlanError(
+                f"{type(self).__name__}.init_optimizer returned {type(optimizer).__name__}, "
+                "expected a torch.optim.Optimizer"
+            )
+        self._optimizer = optimizer
+
+    def model(self) -> nn.Module:
+        """Return the model; :meth:`post_init` must have run."""
+        if self._model is None:
+            raise PlanError(
+                "the model does not exist yet: call post_init(model_args, training_args)"
+            )
+        return self._model
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Return the optimiser built by :meth:`post_init`."""
+        if self._optimizer is None:
+            raise PlanError("no optimizer yet: call post_init(model_args, training_args)")
+        return self._optimizer
+
+    def type(self) -> str:
+        """The plan family, ``"torch"`` (the seed's ``TrainingPlans.TorchTrainingPlan``)."""
+        return "torch"
+
+    def model_args(self) -> dict[str, Any]:
+        """The model args given to :meth:`post_init`."""
+        return dict(self._model_args)
+
+    def training_args(self) -> TrainingArgs:
+        """The validated training args given to :meth:`post_init`."""
+        return self._training_args
+
+    def dependencies(self) -> list[str]:
+        """The validated import lines from :meth:`init_dependencies`."""
+        return list(self._dependencies)
+
+    def get_params(self) -> dict[str, torch.Tensor]:
+        """Return a detached CPU copy of the model's ``state_dict`` (parameters and buffers)."""
+        return {
+            name: value.detach().to("cpu").clone()
+            for name, value in self.model().state_dict().items()
+        }
+
+    def set_params(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Load ``params`` into the model after checking names, shapes and dtypes.
+
+        Raises
+        ------
+        ParamsFileError
+            The tensors do not fit the model.
+        """
+        model = self.model()
+        check_like(params, model.state_dict(), source="parameters")
+        model.load_state_dict(dict(params), strict=True)
+
+    def save(self, path: str | Path, params: Mapping[str, torch.Tensor] | None = None) -> str:
+        """Write ``params`` (default: the model's) as a safetensors file; return its sha256."""
+        return save_params(path, self.get_params() if params is None else params)
+
+    def load(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """Read a params file checked against the model, load it, and return the tensors."""
+        params = load_params(path, like=self.model().state_dict())
+        self.model().load_state_dict(params, strict=True)
+        return params
+
+    # ----------------------------------------------------------------- source
+
+    def source(self) -> str:
+        """Return the self-contained module source of this plan (what :meth:`save_code` writes).
+
+        A plan that was itself loaded from source returns that source unchanged, so saving a
+        loaded plan again gives the same bytes and sha256. Otherwise: a header, the base
+        imports, :meth:`init_dependencies`' lines, then the source of the class and of any
+        intermediate base classes between it and ``TorchTrainingPlan``.
+
+        Raises
+        ------
+        PlanError
+            The class source is not available (e.g. defined interactively).
+        """
+        cls = type(self)
+        module = sys.modules.get(cls.__module__)
+        loaded = getattr(module, PLAN_SOURCE_ATTRIBUTE, None)
+        if isinstance(loaded, str):
+            return loaded
+        deps = [_check_import_line(line) for line in self.init_dependencies()]
+        chain = [
+            klass
+            for klass in reversed(cls.__mro__)
+            if klass is not TorchTrainingPlan and issubclass(klass, TorchTrainingPlan)
+        ]
+        blocks = []
+        for klass in chain:
+            try:
+                blocks.append(textwrap.dedent(inspect.getsource(klass)).rstrip() + "\n")
+            except (OSError, TypeError) as exc:
+                raise PlanError(
+                    f"cannot read the source of {klass.__name__}: define the plan in a .py file "
+                    f"(inspect said: {exc})"
+                ) from exc
+        lines = [
+            f'"""Training plan {cls.__name__}, written by fedsm TorchTrainingPlan.save_code."""',
+            "",
+            "from __future__ import annotations",
+            "",
+        ]
+        for line in (*BASE_IMPORTS, *deps):
+            if line not in lines:
+                lines.append(line)
+        return "\n".join(lines) + "\n\n\n" + "\n\n".join(blocks)
+
+    def save_code(self, path: str | Path) -> str:
+        """Write :meth:`source` to ``path`` (atomically) and return the sha256 of its bytes.
+
+        The source is first imported on its own with :func:`load_plan_class`, so a plan that
+        would not import on a node fails here, on the researcher's side.
+
+        Raises
+        ------
+        PlanError
+            The source cannot be produced or does not import on its own.
+        """
+        source = self.source()
+        try:
+            load_plan_class(source, type(self).__name__)
+        except PlanImportError as exc:
+            raise PlanError(
+                f"the saved source of {type(self).__name__} does not import on its own: {exc}. "
+                "Add the missing imports to init_dependencies()."
+            ) from exc
+        data = source.encode("utf-8")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            raise PlanError(f"cannot write training plan source to {str(path)!r}: {exc}") from exc
+        return hashlib.sha256(data).hexdigest()
+
+    # ----------------------------------------------------------------- routines
+
+    def training_routine(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        loader: BatchLoader | None = None,
+    ) -> list[float]:
+        """Train on ``loader`` (default ``training_data_loader``); return the per-step losses.
+
+        Runs ``epochs`` passes, or exactly ``num_updates`` optimiser steps (cycling through
+        passes), or a single step with ``dry_run``. Each pass reshuffles with ``generator``.
+
+        Raises
+        ------
+        TrainingError
+            No loader, an empty loader, a non-scalar loss, or a loss that is NaN/inf (the
+            message gives the step; lowering ``lr`` usually helps).
+        """
+        loader = loader if loader is not None else self.training_data_loader
+        if loader is None:
+            raise TrainingError("no training data loader: set training_data_loader or pass loader")
+        if loader.sample_count == 0:
+            raise TrainingError("the training data loader holds no sample")
+        args = self._training_args
+        model, optimizer = self.model(), self.optimizer()
+        budget = args["num_updates"]
+        if args["dry_run"]:
+            budget = 1
+        epochs = args["epochs"] if budget is None else math.inf
+        losses: list[float] = []
+        model.train()
+        epoch = 0
+        while epoch < epochs:
+            epoch += 1
+            for data, target in loader.batches(generator):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.training_step(data, target)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TrainingError(
+                        f"{type(self).__name__}.training_step must return a scalar tensor loss"
+                    )
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss is {value} at step {len(losses) + 1} (epoch {epoch}); training "
+                        "diverged, try a lower lr"
+                    )
+                loss.backward()
+                optimizer.step()
+                losses.append(value)
+                if len(losses) % args["log_interval"] == 0:
+                    _LOG.info("epoch %d step %d loss %.6f", epoch, len(losses), value)
+                if budget is not None and len(losses) >= budget:
+                    return losses
+        return losses
+
+    def testing_routine(self, loader: BatchLoader | None = None) -> dict[str, float]:
+        """Evaluate on ``loader`` (default ``testing_data_loader``) in eval mode.
+
+        Returns the sample-weighted mean over batches of each metric :meth:`testing_step`
+        returns (so ``accuracy`` is the fraction correct over all samples).
+
+        Raises
+        ------
+        TrainingError
+            No loader, or a ``testing_step`` that does not return a dict of numbers.
+        """
+        loader = loader if loader is not None else self.testing_data_loader
+        if loader is None:
+            raise TrainingError("no testing data loader: set testing_data_loader or pass loader")
+        model = self.model()
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        try:
+            with torch.no_grad():
+                for data, target in loader:
+                    metrics = self.testing_step(data, target)
+                    if not isinstance(metrics, Mapping) or not metrics:
+                        raise TrainingError(
+                            f"{type(self).__name__}.testing_step must return a dict of metrics"
+                        )
+                    n = int(data.shape[0])
+                    for name, value in metrics.items():
+                        sums[str(name)] = sums.get(str(name), 0.0) + float(value) * n
+                    count += n
+        finally:
+            model.train(was_training)
+        if count == 0:
+            raise TrainingError("the testing data loader holds no sample")
+        return {name: total / count for name, total in sorted(sums.items())}

@@ -1,0 +1,296 @@
+"""What a node executes for a round, and what the researcher runs to seed and evaluate a model.
+
+Every function here is a pure function of its inputs: the same plan source, arguments, params
+file, dataset and seed give the same output bytes, whether called in-process, in a worker
+process, or from several threads at once. That is what lets an auditor replay a run and a
+restored job carry on bit for bit. How:
+
+- torch's global RNG (used by model initialisation and dropout) is shared by all threads, so
+  seeding and training happen under one module-level lock (:data:`_LOCK`);
+- shuffling and the train/test split draw from their own seeded ``torch.Generator``;
+- inside the lock torch runs with one intra-op thread and deterministic algorithms on, and
+  the previous settings are restored afterwards.
+
+A node reads only the dataset record's own ``path``; plan code is whatever the node approved.
+Errors raised by plan code (any exception) are re-raised as :class:`TrainingError` so a node
+can report them without knowing the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsm.errors import FedsmError
+from fedsm.training.args import TrainingArgs
+from fedsm.training.datasets import load_dataset
+from fedsm.training.loader import PlanImportError, load_plan_class
+from fedsm.training.loaders import DataManager
+from fedsm.training.params import load_params, save_params
+from fedsm.training.plan import PlanError, TorchTrainingPlan, TrainingError
+
+__all__ = [
+    "PlanImportError",
+    "RoundResult",
+    "deterministic",
+    "evaluate",
+    "evaluate_plan",
+    "initial_params",
+    "load_plan_class",
+    "make_plan",
+    "train_plan",
+    "train_round",
+]
+
+_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Outcome of one local training round.
+
+    Attributes
+    ----------
+    params_sha256
+        sha256 of the params file written to ``out_path``.
+    sample_size
+        Number of training samples used (after the test split): the FedAvg weight.
+    metrics
+        ``train_loss`` (mean of all step losses of the round), ``train_loss_last``; with
+        ``test_ratio`` > 0, ``val_<metric>`` after training when ``test_on_local_updates``
+        and ``global_val_<metric>`` before training when ``test_on_global_updates``.
+    losses
+        Per-step training losses.
+    """
+
+    params_sha256: str
+    sample_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    losses: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (msgpack/JSON-ready); ``losses`` as a list."""
+        out = asdict(self)
+        out["losses"] = list(self.losses)
+        return out
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise TrainingError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return seed
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Hold the module lock, seed torch, force reproducible settings; restore them on exit."""
+    _check_seed(seed)
+    with _LOCK:
+        threads = torch.get_num_threads()
+        det = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        rng_state = torch.get_rng_state()
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(rng_state)
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _plan_errors() -> Iterator[None]:
+    """Turn any non-fedsm exception (from plan code) into a TrainingError."""
+    try:
+        yield
+    except FedsmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - plan code may raise anything
+        raise TrainingError(f"the training plan raised {type(exc).__name__}: {exc}") from exc
+
+
+def make_plan(
+    plan_cls: type[TorchTrainingPlan],
+    model_args: Mapping[str, Any] | None,
+    training_args: Mapping[str, Any] | None,
+) -> TorchTrainingPlan:
+    """Instantiate and ``post_init`` a plan (call inside :func:`deterministic` for seeding)."""
+    if not (isinstance(plan_cls, type) and issubclass(plan_cls, TorchTrainingPlan)):
+        raise PlanError(f"{plan_cls!r} is not a TorchTrainingPlan subclass")
+    with _plan_errors():
+        plan = plan_cls()
+        plan.post_init(dict(model_args or {}), TrainingArgs(training_args))
+    return plan
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values) if values else float("nan")
+
+
+def train_plan(
+    plan_cls: type[TorchTrainingPlan],
+    *,
+    model_args: Mapping[str, Any] | None,
+    training_args: Mapping[str, Any] | None,
+    params_path: Path | None,
+    dataset: Mapping[str, Any],
+    seed: int,
+    out_path: Path,
+) -> RoundResult:
+    """Train ``plan_cls`` for one round and write its parameters; see :func:`train_round`.
+
+    ``params_path`` None starts from the plan's own seeded initialisation (LocalJob).
+    """
+    args = TrainingArgs(training_args)
+    with deterministic(seed), _plan_errors():
+        plan = make_plan(plan_cls, model_args, args)
+        if params_path is not None:
+            plan.set_params(load_params(params_path, like=plan.model().state_dict()))
+        plan.dataset = load_dataset(dataset)
+        manager = plan.training_data()
+        if not isinstance(manager, DataManager):
+            raise PlanError(
+                f"{plan_cls.__name__}.training_data must return a DataManager, "
+                f"got {type(manager).__name__}"
+            )
+        split_seed = args["random_seed"] if args["random_seed"] is not None else seed
+        train, test = manager.split(
+            args["test_ratio"], seed=split_seed, batch_size=args["batch_size"]
+        )
+        plan.training_data_loader, plan.testing_data_loader = train, test
+        metrics: dict[str, float] = {}
+        if test is not None and args["test_on_global_updates"]:
+            for name, value in plan.testing_routine(test).items():
+                metrics[f"global_val_{name}"] = value
+        generator = torch.Generator().manual_seed(seed)
+        losses = plan.training_routine(generator=generator)
+        if test is not None and args["test_on_local_updates"]:
+            for name, value in plan.testing_routine(test).items():
+                metrics[f"val_{name}"] = value
+        metrics["train_loss"] = _mean(losses)
+        metrics["train_loss_last"] = losses[-1] if losses else float("nan")
+        sha = save_params(out_path, plan.get_params())
+    return RoundResult(
+        params_sha256=sha,
+        sample_size=train.sample_count,
+        metrics=dict(sorted(metrics.items())),
+        losses=tuple(losses),
+    )
+
+
+def train_round(
+    *,
+    plan_source: str,
+    plan_class: str,
+    model_args: dict[str, Any],
+    training_args: dict[str, Any],
+    params_path: Path,
+    dataset: Mapping[str, Any],
+    seed: int,
+    out_path: Path,
+) -> RoundResult:
+    """Run one node-side training round: import the plan, load params, train, save params.
+
+    Parameters
+    ----------
+    plan_source, plan_class
+        The approved plan source and the class to instantiate from it.
+    model_args, training_args
+        As sent by the researcher (training args are validated here).
+    params_path
+        Global parameters of the round (safetensors, checked against the model).
+    dataset
+        The node registry record (``data_type``, ``path``, ``target``, ``sample_count``...).
+    seed
+        Seed of this (job, round, node): initialisation, shuffling, split (unless the
+        training args fix ``random_seed``).
+    out_path
+        Where the updated parameters are written (atomically).
+
+    Raises
+    ------
+    PlanImportError, TrainingArgsError, ParamsFileError, DatasetError, PlanError, TrainingError
+        All :class:`~fedsm.errors.FedsmError`; plan exceptions arrive as ``TrainingError``.
+    """
+    plan_cls = load_plan_class(plan_source, plan_class)
+    return train_plan(
+        plan_cls,
+        model_args=model_args,
+        training_args=training_args,
+        params_path=Path(params_path),
+        dataset=dataset,
+        seed=seed,
+        out_path=Path(out_path),
+    )
+
+
+def initial_params(
+    *,
+    plan_source: str,
+    plan_class: str,
+    model_args: dict[str, Any],
+    training_args: dict[str, Any],
+    seed: int,
+    out_path: Path,
+) -> str:
+    """Write the researcher's seeded initial model to ``out_path``; return its sha256."""
+    plan_cls = load_plan_class(plan_source, plan_class)
+    with deterministic(seed):
+        plan = make_plan(plan_cls, model_args, training_args)
+        return save_params(Path(out_path), plan.get_params())
+
+
+def evaluate_plan(
+    plan_cls: type[TorchTrainingPlan],
+    *,
+    model_args: Mapping[str, Any] | None,
+    training_args: Mapping[str, Any] | None,
+    params_path: Path,
+    dataset: Mapping[str, Any],
+) -> dict[str, float]:
+    """Evaluate params on a whole dataset with the plan's ``testing_step``; see :func:`evaluate`."""
+    with deterministic(0), _plan_errors():
+        plan = make_plan(plan_cls, model_args, training_args)
+        plan.set_params(load_params(params_path, like=plan.model().state_dict()))
+        plan.dataset = load_dataset(dataset)
+        manager = plan.training_data()
+        if not isinstance(manager, DataManager):
+            raise PlanError(f"{plan_cls.__name__}.training_data must return a DataManager")
+        loader, _ = manager.split(0.0, batch_size=plan.training_args()["batch_size"])
+        metrics = plan.testing_routine(loader)
+    metrics["sample_count"] = float(loader.sample_count)
+    return metrics
+
+
+def evaluate(
+    *,
+    plan_source: str,
+    plan_class: str,
+    model_args: dict[str, Any],
+    training_args: dict[str, Any],
+    params_path: Path,
+    dataset: Mapping[str, Any],
+) -> dict[str, float]:
+    """Evaluate the params at ``params_path`` on the whole ``dataset``.
+
+    Returns the sample-weighted means of the plan's ``testing_step`` metrics (by default
+    ``loss`` and, for integer targets, ``accuracy``) plus ``sample_count``.
+    """
+    plan_cls = load_plan_class(plan_source, plan_class)
+    return evaluate_plan(
+        plan_cls,
+        model_args=model_args,
+        training_args=training_args,
+        params_path=Path(params_path),
+        dataset=dataset,
+    )
