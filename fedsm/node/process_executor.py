@@ -222,6 +222,12 @@ class ProcessTrainingExecutor(TrainingExecutor):
         return _outcome_from(reply)
 
     def close(self, *, wait: bool = True) -> None:
+        """Stop the worker. With ``wait``, queued trainings finish first; without, a running
+        training is killed with its worker (its request gets no reply)."""
+        if not wait:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.kill()
         super().close(wait=wait)
         with self._worker_lock:
             worker, self._worker = self._worker, None
