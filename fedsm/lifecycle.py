@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from transitions import Machine
@@ -168,9 +168,13 @@ class AppendMap(Mapping[K, V]):
     def plus(self, key: K, value: V) -> AppendMap[K, V]:
         """A map with ``key`` set to ``value`` (O(1) when ``key`` is new and this map is the
         newest of its line)."""
-        store, n = self._store, self._n
         if key in self:
             return AppendMap([*((k, v) for k, v in self.items() if k != key), (key, value)])
+        return self.plus_new(key, value)
+
+    def plus_new(self, key: K, value: V) -> AppendMap[K, V]:
+        """:meth:`plus` for a ``key`` the caller knows is not in this map."""
+        store, n = self._store, self._n
         if n == 0:  # never grow a shared empty map (the default of every JobState)
             store = {}
         elif len(store) != n:  # someone extended this map already: branch off a copy
@@ -182,6 +186,10 @@ class AppendMap(Mapping[K, V]):
 
 
 _EMPTY: AppendMap[Any, Any] = AppendMap()
+
+
+def _empty() -> AppendMap[Any, Any]:
+    return _EMPTY
 
 
 class _RoundsView(Mapping[int, Mapping[str, Any]]):
@@ -229,13 +237,13 @@ class JobState:
     params_sha256: str | None = None
     round: int = 0
     round_nodes: tuple[str, ...] = ()
-    request_ids: Mapping[str, str] = _EMPTY
-    round_replies: AppendMap[str, ReplyReceived] = _EMPTY
-    round_failures: AppendMap[str, NodeFailed] = _EMPTY
-    past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = _EMPTY
-    past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = _EMPTY
-    timed_out: AppendMap[int, tuple[str, ...]] = _EMPTY
-    aggregates: AppendMap[int, Aggregated] = _EMPTY
+    request_ids: Mapping[str, str] = field(default_factory=_empty)
+    round_replies: AppendMap[str, ReplyReceived] = field(default_factory=_empty)
+    round_failures: AppendMap[str, NodeFailed] = field(default_factory=_empty)
+    past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=_empty)
+    past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = field(default_factory=_empty)
+    timed_out: AppendMap[int, tuple[str, ...]] = field(default_factory=_empty)
+    aggregates: AppendMap[int, Aggregated] = field(default_factory=_empty)
     approvals: ApprovalChecked | None = None
 
     @property
@@ -437,26 +445,36 @@ def _on_round_resent(s: JobState, e: RoundResent) -> dict[str, Any]:
     return {}
 
 
+def _answered(amap: AppendMap[Any, Any], key: Any) -> bool:
+    # AppendMap.__contains__ inlined: replay calls this for every reply.
+    entry = amap._store.get(key)
+    return entry is not None and entry[0] < amap._n
+
+
 def _check_answer(s: JobState, round_: int, node: str, request_id: str) -> None:
-    _check_current(s, round_)
-    _check(node in s.request_ids, f"node {node!r} is not in round {s.round}")
-    _check(node not in s.round_replies, f"node {node!r} already replied in round {s.round}")
-    _check(node not in s.round_failures, f"node {node!r} already failed in round {s.round}")
-    _check(s.round not in s.timed_out, f"round {s.round} timed out; answers are closed")
-    _check(
-        s.request_ids[node] == request_id,
-        f"request id {request_id!r} is not the one sent to {node!r}",
-    )
+    if round_ != s.round:
+        raise _Refused(f"round {round_} is not the current round {s.round}")
+    expected = s.request_ids.get(node)
+    if expected is None:
+        raise _Refused(f"node {node!r} is not in round {s.round}")
+    if _answered(s.round_replies, node):
+        raise _Refused(f"node {node!r} already replied in round {s.round}")
+    if _answered(s.round_failures, node):
+        raise _Refused(f"node {node!r} already failed in round {s.round}")
+    if s.timed_out and _answered(s.timed_out, s.round):
+        raise _Refused(f"round {s.round} timed out; answers are closed")
+    if expected != request_id:
+        raise _Refused(f"request id {request_id!r} is not the one sent to {node!r}")
 
 
 def _on_reply(s: JobState, e: ReplyReceived) -> dict[str, Any]:
     _check_answer(s, e.round, e.node_id, e.request_id)
-    return {"round_replies": s.round_replies.plus(e.node_id, e)}
+    return {"round_replies": s.round_replies.plus_new(e.node_id, e)}
 
 
 def _on_node_failed(s: JobState, e: NodeFailed) -> dict[str, Any]:
     _check_answer(s, e.round, e.node_id, e.request_id)
-    return {"round_failures": s.round_failures.plus(e.node_id, e)}
+    return {"round_failures": s.round_failures.plus_new(e.node_id, e)}
 
 
 def _on_timed_out(s: JobState, e: RoundTimedOut) -> dict[str, Any]:
@@ -514,6 +532,7 @@ _HANDLERS: dict[str, Callable[[JobState, Any], dict[str, Any]]] = {
     "JobFailed": _on_stopped,
     "JobCancelled": _on_stopped,
 }
+_NAME_OF: dict[type, str] = {cls: name for name, cls in EVENT_TYPES.items()}
 if set(_HANDLERS) != set(EVENT_TYPES):  # pragma: no cover - caught at import by any test
     raise AssertionError("every event type needs a lifecycle handler")
 
@@ -521,9 +540,9 @@ if set(_HANDLERS) != set(EVENT_TYPES):  # pragma: no cover - caught at import by
 def apply(state: JobState, event: Event) -> JobState:
     """The state after ``event``; raises :class:`IllegalTransition` (state untouched) if the
     event is not allowed in ``state.status`` or its contents break a guard."""
-    name = type(event).type_name if isinstance(event, Event) else type(event).__name__
-    if EVENT_TYPES.get(name) is not type(event):
-        raise IllegalTransition(state.status, name, "not an event of the catalogue")
+    name = _NAME_OF.get(type(event))
+    if name is None:
+        raise IllegalTransition(state.status, type(event).__name__, "not an event of the catalogue")
     dest = _NEXT.get((state.status, name))
     if dest is None:
         allowed = ", ".join(allowed_events(state.status)) or "none (the job is over)"

@@ -1,0 +1,13 @@
+"""Replay or verify a job's event log: the same as ``fedsm replay`` (see fedsm.replay).
+
+Usage: python tools/replay.py LOG [--at SEQ | --verify] [--json]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fedsm.replay import main
+
+if __name__ == "__main__":
+    sys.exit(main())
