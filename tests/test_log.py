@@ -1,0 +1,299 @@
+"""The event log: framing, torn tails at every byte offset, corruption, the writer lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from strategies_events import job_run
+
+from fedsm import events as ev
+from fedsm.log import (
+    EventLog,
+    LogCorrupted,
+    LogError,
+    LogFormatError,
+    LogLocked,
+    LogNotFound,
+    scan,
+    verify,
+)
+from fedsm.logformat import HEADER_SIZE
+
+EVENTS = job_run(rounds=1, nodes=3)  # 9 events of 150-450 bytes
+
+
+def _write(path: Path, events: list[ev.Event] = EVENTS, **kwargs: object) -> list[int]:
+    """Write ``events``; return the offsets of their records plus the end offset."""
+    with EventLog.open(path, durability="never", **kwargs) as log:  # type: ignore[arg-type]
+        for i, event in enumerate(events):
+            log.append(event, ts=1000.0 + i)
+    return [r.offset for r in scan(path).records] + [path.stat().st_size]
+
+
+def test_append_then_read_back_everything(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    with EventLog.open(path) as log:
+        seqs = [log.append(e, ts=5.0 + i) for i, e in enumerate(EVENTS)]
+        assert seqs == list(range(1, len(EVENTS) + 1))
+        assert log.last_seq == len(EVENTS)
+        assert list(log.events()) == EVENTS
+        assert [r.seq for r in log.records(from_seq=4)] == seqs[3:]
+        assert [r.ts for r in log.records(from_seq=len(EVENTS) - 1)] == [
+            5.0 + len(EVENTS) - 2,
+            5.0 + len(EVENTS) - 1,
+        ]
+    assert [r.event for r in scan(path).records] == EVENTS
+    assert verify(path) == []
+
+
+def test_reopening_continues_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    _write(path, EVENTS[:4], log_id=b"0123456789abcdef")
+    with EventLog.open(path) as log:
+        assert log.last_seq == 4 and log.recovery is None
+        assert log.log_id == b"0123456789abcdef"
+        for event in EVENTS[4:]:
+            log.append(event, ts=2.0)
+    assert [r.event for r in scan(path).records] == EVENTS
+    assert verify(path) == []
+
+
+def test_records_chain_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    _write(path)
+    records = scan(path).records
+    assert len({r.hash for r in records}) == len(records)
+    assert all(len(r.hash) == 32 for r in records)
+
+
+def test_crash_at_every_byte_offset_of_the_last_records(tmp_path: Path) -> None:
+    source = tmp_path / "full.log"
+    offsets = _write(source)
+    data = source.read_bytes()
+    boundaries = offsets  # record starts, then the end of the file
+    first_cut = boundaries[-3]  # every byte of the last two records
+    for cut in range(first_cut, len(data) + 1):
+        path = tmp_path / f"cut-{cut}.log"
+        path.write_bytes(data[:cut])
+        complete = sum(1 for b in boundaries[1:] if b <= cut)
+        kept_end = boundaries[complete]
+        with EventLog.open(path) as log:
+            assert log.last_seq == complete, cut
+            assert list(log.events()) == EVENTS[:complete]
+            if cut == kept_end:
+                assert log.recovery is None
+                continue
+            torn = log.recovery
+            assert torn is not None and torn.offset == kept_end
+            assert torn.last_good_seq == complete
+            assert torn.sidecar == path.with_name(f"{path.name}.torn-{kept_end}")
+            assert torn.sidecar.read_bytes() == data[kept_end:cut]
+        assert path.stat().st_size == kept_end
+        # The recovered log takes new records and verifies clean.
+        with EventLog.open(path) as log:
+            assert log.recovery is None
+            log.append(ev.JobFailed(round=1, reason="crashed"), ts=9.0)
+        assert verify(path) == []
+
+
+def test_torn_tail_is_reported_by_readers_without_touching_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    offsets = _write(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])
+    view = scan(path)
+    assert view.torn is not None and view.torn.offset == offsets[-2]
+    assert view.torn.sidecar is None and len(view.records) == len(EVENTS) - 1
+    findings = verify(path)
+    assert [f.error for f in findings] == [False]
+    assert findings[0].seq == len(EVENTS) and "torn tail" in findings[0].what
+    assert path.read_bytes() == data[:-3]
+
+
+def _middle(path: Path) -> tuple[bytes, list[int]]:
+    offsets = _write(path)
+    return path.read_bytes(), offsets
+
+
+@pytest.mark.parametrize("where", ["length", "checksum", "payload-start", "payload-end"])
+def test_a_flipped_byte_in_the_middle_is_refused_naming_offset_and_seq(
+    tmp_path: Path, where: str
+) -> None:
+    path = tmp_path / "job.log"
+    data, offsets = _middle(path)
+    seq = 4
+    start, end = offsets[seq - 1], offsets[seq]
+    at = {
+        "length": start,
+        "checksum": start + 5,
+        "payload-start": start + 9,
+        "payload-end": end - 1,
+    }
+    damaged = bytearray(data)
+    damaged[at[where]] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert (info.value.offset, info.value.seq) == (start, seq)
+    assert f"seq {seq}" in str(info.value) and str(start) in str(info.value)
+    with pytest.raises(LogCorrupted):
+        scan(path)
+    findings = [f for f in verify(path) if f.error]
+    assert [(f.offset, f.seq) for f in findings] == [(start, seq)]
+    assert path.read_bytes() == bytes(damaged), "refusing must not modify the log"
+
+
+def test_a_removed_record_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    data, offsets = _middle(path)
+    path.write_bytes(data[: offsets[2]] + data[offsets[3] :])  # drop seq 3
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert info.value.seq == 3 and "sequence" in info.value.what
+    findings = verify(path)
+    assert findings and all(f.error for f in findings)
+    assert "expected seq 3, found seq 4" in findings[0].what
+
+
+def test_two_swapped_records_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    data, offsets = _middle(path)
+    a, b, c = offsets[3], offsets[4], offsets[5]  # seq 4 and seq 5
+    path.write_bytes(data[:a] + data[b:c] + data[a:b] + data[c:])
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert (info.value.offset, info.value.seq) == (a, 4)
+    assert {f.seq for f in verify(path)} >= {4, 5}
+
+
+def test_a_recomputed_checksum_does_not_hide_an_edit(tmp_path: Path) -> None:
+    """Rewriting a record with a valid frame still breaks the hash chain of the next one."""
+    import msgpack
+
+    from fedsm.logformat import encode_frame
+
+    path = tmp_path / "job.log"
+    data, offsets = _middle(path)
+    start, end = offsets[5], offsets[6]
+    payload = msgpack.unpackb(data[start + 8 : end], raw=False)
+    payload["data"]["sample_size"] = 10_000  # a reply that claims more samples
+    forged = encode_frame(msgpack.packb(payload, use_bin_type=True))
+    path.write_bytes(data[:start] + forged + data[end:])
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert info.value.seq == 7 and "hash chain" in info.value.what
+
+
+def test_repair_keeps_the_good_prefix_and_moves_the_rest_aside(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    data, offsets = _middle(path)
+    damaged = bytearray(data)
+    damaged[offsets[4] + 20] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with EventLog.open(path, repair=True) as log:
+        assert log.last_seq == 4
+        assert log.recovery is not None and "repaired" in log.recovery.reason
+        assert log.recovery.sidecar is not None
+        assert log.recovery.sidecar.read_bytes() == bytes(damaged[offsets[4] :])
+    assert verify(path) == []
+
+
+def test_header_problems(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    path.write_bytes(b"not a log at all, but long enough to have a header")
+    with pytest.raises(LogFormatError, match="not a fedsm event log"):
+        EventLog.open(path)
+    path.unlink()
+    _write(path)
+    damaged = bytearray(path.read_bytes())
+    damaged[HEADER_SIZE - 8] ^= 1  # inside the log id: the header checksum fails
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert info.value.offset == 0
+    with pytest.raises(LogNotFound):
+        EventLog.open(tmp_path / "missing.log", create=False)
+
+
+def test_two_logs_with_the_same_events_do_not_share_a_chain(tmp_path: Path) -> None:
+    """seq 1's prev is the header's hash (with the random id): records can't be spliced."""
+    one, two = tmp_path / "one.log", tmp_path / "two.log"
+    _write(one)
+    _write(two)
+    head = two.read_bytes()[:HEADER_SIZE]
+    two.write_bytes(head + one.read_bytes()[HEADER_SIZE:])
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(two)
+    assert info.value.seq == 1 and "hash chain" in info.value.what
+
+
+def test_batch_durability_buffers_until_flush_or_batch_size(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    with EventLog.open(path, durability="batch", batch_events=3, batch_interval_ms=60_000) as log:
+        log.append(EVENTS[0], ts=1.0)
+        log.append(EVENTS[1], ts=1.0)
+        assert scan(path).last_seq == 0
+        log.append(EVENTS[2], ts=1.0)
+        assert scan(path).last_seq == 3
+        log.append(EVENTS[3], ts=1.0)
+        log.flush()
+        assert scan(path).last_seq == 4
+        log.append(EVENTS[4], ts=1.0)
+    assert scan(path).last_seq == 5  # close flushes
+
+
+def test_append_refuses_bad_input_and_closed_logs(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "job.log", durability="never")
+    with pytest.raises(TypeError):
+        log.append("JobCreated", ts=1.0)  # type: ignore[arg-type]
+    with pytest.raises(LogError, match="finite"):
+        log.append(EVENTS[0], ts=float("nan"))
+    assert log.last_seq == 0
+    log.close()
+    with pytest.raises(LogError, match="closed"):
+        log.append(EVENTS[0], ts=1.0)
+    with pytest.raises(LogError, match="durability"):
+        EventLog.open(tmp_path / "other.log", durability="sometimes")
+
+
+def test_a_second_writer_in_this_process_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    with EventLog.open(path):
+        with pytest.raises(LogLocked) as info:
+            EventLog.open(path)
+        assert info.value.pid == os.getpid()
+    with EventLog.open(path) as log:  # released on close
+        assert log.last_seq == 0
+
+
+def test_a_second_writer_process_gets_the_lock_error_naming_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    script = textwrap.dedent(
+        """
+        import sys
+        from fedsm.log import EventLog, LogLocked
+        try:
+            EventLog.open(sys.argv[1])
+        except LogLocked as exc:
+            print(f"locked by {exc.pid}: {exc}")
+            sys.exit(3)
+        sys.exit(0)
+        """
+    )
+    with EventLog.open(path) as log:
+        log.append(EVENTS[0], ts=1.0)
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 3, result.stderr
+    assert f"locked by {os.getpid()}" in result.stdout
+    assert f"process {os.getpid()}" in result.stdout
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
