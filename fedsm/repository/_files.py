@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from types import TracebackType
 
@@ -23,6 +24,8 @@ __all__ = [
     "CHUNK_SIZE",
     "HashedTempFile",
     "check_digest",
+    "commit_temp",
+    "copy_and_hash",
     "fsync_dir",
     "is_digest",
     "resolve_destination",
@@ -79,6 +82,40 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(directory: Path) -> Path:
+    return directory / f".part-{secrets.token_hex(8)}.tmp"
+
+
+def copy_and_hash(source: Path, directory: Path) -> tuple[Path, str, int]:
+    """Copy ``source`` to a new temporary file in ``directory``; return it with its digest and size.
+
+    The copy is made by :func:`shutil.copyfile` (in the kernel where the OS offers it, several
+    times faster than writing from Python) and *the copy* is then hashed, so the digest
+    describes exactly the bytes that will be renamed into place even if ``source`` changes
+    meanwhile. The caller commits the file with :func:`commit_temp` or removes it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(directory)
+    try:
+        shutil.copyfile(source, tmp)
+        digest, size = sha256_file(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, digest, size
+
+
+def commit_temp(tmp: Path, destination: Path) -> None:
+    """fsync ``tmp``, atomically rename it to ``destination`` and fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, destination)
+    fsync_dir(destination.parent)
+
+
 def resolve_destination(filename: str | Path, download_dir: Path | None) -> Path:
     """Where a download named ``filename`` goes: relative names land in ``download_dir``.
 
@@ -111,7 +148,7 @@ class HashedTempFile:
         directory.mkdir(parents=True, exist_ok=True)
         # Not tempfile.mkstemp: its 0600 mode would make stored files unreadable to the other
         # users of a shared repository; 0644 filtered by the umask is what a plain copy gives.
-        self.path = directory / f".part-{secrets.token_hex(8)}.tmp"
+        self.path = _temp_name(directory)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()

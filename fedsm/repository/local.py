@@ -15,30 +15,23 @@ bytes, so a file corrupted or tampered with on disk is refused, never handed out
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fedsm.repository._files import (
-    CHUNK_SIZE,
-    HashedTempFile,
     check_digest,
+    commit_temp,
+    copy_and_hash,
     is_digest,
     resolve_destination,
 )
 from fedsm.repository._store import DigestStore
-from fedsm.repository.base import FileNotInRepository, Repository, Uploaded
+from fedsm.repository.base import DigestMismatch, FileNotInRepository, Repository, Uploaded
 from fedsm.repository.errors import InvalidRepositoryUrl
 
 __all__ = ["LocalRepository"]
 
 _log = logging.getLogger(__name__)
-
-
-def _read_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            yield chunk
 
 
 class LocalRepository(Repository):
@@ -69,12 +62,12 @@ class LocalRepository(Repository):
         return f"{self.root.as_uri()}/{check_digest(digest)}"
 
     def upload_file(self, path: str | Path) -> Uploaded:
-        """Copy the file at ``path`` into the repository (one read: hashed while copied).
+        """Copy the file at ``path`` into the repository (copied in the kernel, the copy hashed).
 
         Returns ``{"file": url, "sha256": digest, "size": n}``. Uploading the same content
         twice stores it once. Raises :class:`OSError` if ``path`` cannot be read.
         """
-        stored = self._store.ingest(_read_chunks(Path(path)))
+        stored = self._store.ingest_file(Path(path))
         _log.debug(
             "stored %s (%d bytes, %s) from %s",
             stored.sha256,
@@ -119,17 +112,22 @@ class LocalRepository(Repository):
         source = self._store.path_for(digest)
         dest = resolve_destination(filename, self.download_dir)
         try:
-            chunks = _read_chunks(source)
-            with HashedTempFile(dest.parent) as tmp:
-                for chunk in chunks:
-                    tmp.write(chunk)
-                tmp.verify(digest)
-                tmp.commit(dest)
+            tmp, actual, _ = copy_and_hash(source, dest.parent)
         except FileNotFoundError as exc:
             if exc.filename is not None and Path(exc.filename) == source:
                 raise FileNotInRepository(
                     f"no file {digest} in the local repository at {self.root}"
                 ) from exc
+            raise
+        try:
+            if actual != digest:
+                raise DigestMismatch(
+                    f"the stored file {source} hashes to {actual}, not to {digest}: it was "
+                    "corrupted or tampered with on disk; upload the original again"
+                )
+            commit_temp(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
         return 200, dest
 
