@@ -501,9 +501,13 @@ def test_parse_size_units() -> None:
     assert parse_size("10k") == 10 << 10
 
 
-def test_cli_refuses_a_bad_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_bad_port_or_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["repo", "serve", "--root", str(tmp_path / "r"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"")
+    assert cli_main(["repo", "serve", "--root", str(not_a_dir)]) == 2
+    assert "repository directory" in capsys.readouterr().err
 
 
 def _start_serve(root: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:

@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve DIR over HTTP. Prints 'repository=<url>' first, then runs until "
         "interrupted. Loopback only unless --host says otherwise; use a token off loopback.",
     )
-    serve.add_argument("--root", required=True, type=Path, help="the repository directory")
+    serve.add_argument(
+        "--root", required=True, type=Path, metavar="DIR", help="the repository directory"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
     serve.add_argument(

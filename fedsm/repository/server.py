@@ -91,8 +91,14 @@ class RepositoryServer:
         """Bind and serve in a background thread; return self."""
         if self._httpd is not None:
             raise RuntimeError("the repository server is already started")
-        store = DigestStore(self.root)
-        store.remove_stale_temporaries()
+        try:
+            store = DigestStore(self.root)
+            store.remove_stale_temporaries()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot use {self.root} as the repository directory: {exc.strerror or exc} "
+                "(give --root a writable directory)"
+            ) from exc
         try:
             self._httpd = RepositoryHTTPServer(
                 (self.host, self.port),
