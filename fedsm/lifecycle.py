@@ -495,11 +495,11 @@ def _on_aggregated(s: JobState, e: Aggregated) -> dict[str, Any]:
     replied = tuple(sorted(s.round_replies))
     _check(e.nodes == replied, f"contributors {list(e.nodes)} are not the replied {list(replied)}")
     _check(set(e.weights) == set(e.nodes), "weights must name exactly the contributors")
+    _check(s.round_complete(), f"nodes {list(s.unanswered_nodes())} have not answered yet")
     _check(
         len(replied) >= s.config.min_nodes,
         f"{len(replied)} replies, fewer than min_nodes {s.config.min_nodes}",
     )
-    _check(s.round_complete(), f"nodes {list(s.unanswered_nodes())} have not answered yet")
     return {
         "params_url": e.params_url,
         "params_sha256": e.params_sha256,
