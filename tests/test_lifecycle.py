@@ -249,16 +249,16 @@ class LifecycleAgainstTheLog(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
-        dice = data.draw(st.integers(0, 49))
-        if dice < 5:
+        dice = data.draw(st.integers(0, 199))
+        if dice < 4:
             event = data.draw(any_event)
-        elif dice == 5:
+        elif dice == 4:
             event = ev.JobFailed(self.state.round, "f")
-        elif dice == 6:
+        elif dice == 5:
             event = ev.JobCancelled(self.state.round, "c")
         else:
             candidates = self._candidates(data)
-            if dice < 30:  # mostly move the job on, so that rounds get explored
+            if dice < 130:  # mostly move the job on, so that rounds get explored
                 candidates = [e for e in candidates if _allowed(self.state, e)] or candidates
             event = data.draw(st.sampled_from(candidates))
         before = self.state.to_dict()
