@@ -402,7 +402,9 @@ class MqttBus(Bus):
     def _expiry(self, request: Request) -> int | None:
         if not self._expire_requests:
             return None
-        return max(1, math.ceil(request.deadline - time.time()))
+        seconds = math.ceil(request.deadline - time.time())
+        # MQTT's expiry is a 32-bit count of seconds; a deadline beyond it means "no expiry".
+        return max(1, seconds) if seconds < 2**32 - 1 else None
 
     def _publish(
         self, topic: str, data: bytes, *, expiry_s: int | None = None, retain: bool = False
