@@ -29,7 +29,7 @@ from fedsm.job import LOG_NAME
 from fedsm.localjob import LocalJob
 from fedsm.repository import LocalRepository, Repository
 from fedsm.training import runner
-from fedsm.training.demo_plan import DEMO_MODEL_ARGS, DEMO_TRAINING_ARGS, BreastCancerPlan
+from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.params import file_sha256
 
 __all__ = ["DemoConfig", "DemoResult", "prepare", "run_demo"]
@@ -37,6 +37,9 @@ __all__ = ["DemoConfig", "DemoResult", "prepare", "run_demo"]
 log = logging.getLogger(__name__)
 
 TAGS = ("breast-cancer",)
+#: Per round; the centralised baseline trains for as many epochs in all as the federation.
+DEMO_TRAINING_ARGS = {"lr": 0.5, "epochs": 3, "batch_size": 32}
+DEMO_MODEL_ARGS: dict[str, Any] = {}
 PLAN_CLASS = "BreastCancerPlan"
 
 
@@ -154,10 +157,16 @@ def run_demo(
         from fedsm.demo_mqtt import mqtt_world as world
     else:
         raise ValueError(f"unknown transport {config.transport!r} (memory or mqtt)")
+
+    def report(summary: Any) -> None:
+        say(summary.line(config.rounds))
+
     with world(run_dir, config, files) as (bus, repository):
         if resuming:
             say(f"resuming the unfinished run in {run_dir}")
-            exp = Experiment.resume(run_dir / "researcher", bus=bus, repository=repository)
+            exp = Experiment.resume(
+                run_dir / "researcher", bus=bus, repository=repository, on_round=report
+            )
         else:
             exp = Experiment(
                 tags=TAGS,
@@ -171,12 +180,10 @@ def run_demo(
                 repository=repository,
                 seed=config.seed,
                 reply_deadline_s=config.reply_deadline_s,
+                on_round=report,
             )
         try:
             exp.run()
-            for summary in exp.history():
-                metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(summary["metrics"].items()))
-                say(f"round {summary['round']}: nodes={len(summary['nodes'])} {metrics}")
             params = exp.final_params_path()
             repo_location = _repository_location(repository)
         finally:

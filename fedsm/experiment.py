@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 class RoundSummary(dict):
     """Per-round figures derived from the log: round, nodes, replies, sample-weighted metrics."""
 
+    def line(self, round_limit: int) -> str:
+        """One line for a terminal or a log."""
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(self["metrics"].items()))
+        return (
+            f"round {self['round']}/{round_limit}: {len(self['nodes'])} replies"
+            + (f", failed {self['failed']}" if self["failed"] else "")
+            + (f", no reply {self['missing']}" if self["missing"] else "")
+            + (f" {metrics}" if metrics else "")
+        )
+
 
 class Experiment:
     """Runs ``round_limit`` federated rounds of a training plan over the nodes found by ``tags``.
@@ -75,11 +85,14 @@ class Experiment:
         seed: int = 0,
         require_approval: bool = True,
         progress: bool | None = None,
+        on_round: Callable[[RoundSummary], None] | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._reqs = Requests(bus, default_deadline_s=search_deadline_s, clock=clock)
         self._progress = sys.stderr.isatty() if progress is None else progress
+        self._on_round = on_round
+        self._bar: Any = None
         self.require_approval = require_approval
         self._job: Job | None = None
         if training_data is None:
@@ -122,6 +135,7 @@ class Experiment:
         repository: Repository,
         require_approval: bool = True,
         progress: bool | None = None,
+        on_round: Callable[[RoundSummary], None] | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
     ) -> Experiment:
@@ -129,6 +143,8 @@ class Experiment:
         self = cls.__new__(cls)
         self._reqs = Requests(bus, clock=clock)
         self._progress = sys.stderr.isatty() if progress is None else progress
+        self._on_round = on_round
+        self._bar = None
         self.require_approval = require_approval
         self._job = Job.restore(
             run_dir, reqs=self._reqs, repository=repository, durability=durability, clock=clock
@@ -220,11 +236,10 @@ class Experiment:
     def run(self, rounds: int | None = None) -> str:
         """Run the remaining rounds (or ``rounds`` of them); return the final params digest."""
         todo = self.round_limit - self.job.state.round if rounds is None else rounds
-        bar = None
         if self._progress:
             from tqdm import tqdm
 
-            bar = tqdm(
+            self._bar = tqdm(
                 total=self.round_limit,
                 initial=len(self.job.state.aggregates),
                 desc="rounds",
@@ -235,23 +250,22 @@ class Experiment:
             for _ in range(max(0, todo) + 1):
                 if self.run_once() is None:
                     break
-                if bar is not None:
-                    bar.update(1)
+                if self._bar is not None:
+                    self._bar.update(1)
         finally:
-            if bar is not None:
-                bar.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         return self.job.params_sha256
 
     def _report(self, summary: RoundSummary) -> None:
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(summary["metrics"].items()))
-        line = (
-            f"round {summary['round']}/{self.round_limit}: {len(summary['nodes'])} replies"
-            + (f", failed {summary['failed']}" if summary["failed"] else "")
-            + (f", no reply {summary['missing']}" if summary["missing"] else "")
-            + (f" {metrics}" if metrics else "")
-        )
+        line = summary.line(self.round_limit)
         log.info(line)
-        if not self._progress:
+        if self._on_round is not None:
+            self._on_round(summary)
+        elif self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
             print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
