@@ -6,6 +6,7 @@ Both buses share these two pieces so they behave the same:
   that arrive before the first :meth:`~HandlerSet.add` are kept (bounded) and handed over on
   subscription, so a participant that connects and then subscribes loses nothing. A handler
   that raises is logged; it never breaks delivery to the other handlers or the sender.
+* :func:`check_request` / :func:`check_reply` refuse misaddressed outgoing messages.
 * :class:`NodeLiveness` is the researcher's view of node status ("online"/"offline"), with
   a bounded wait for a set of nodes to come online and status-change callbacks.
 """
@@ -19,10 +20,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from fedsm.errors import DeadlineExceeded
-from fedsm.protocol import Message
-from fedsm.transport.base import Handler
+from fedsm.protocol import BROADCAST, Message, Reply, Request
+from fedsm.transport.base import Handler, TransportError
 
-__all__ = ["HandlerSet", "NodeLiveness", "StatusHandler"]
+__all__ = ["HandlerSet", "NodeLiveness", "StatusHandler", "check_request", "check_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +144,25 @@ class NodeLiveness:
 
     def _online_unlocked(self) -> frozenset[str]:
         return frozenset(n for n, up in self._status.items() if up)
+
+
+def check_request(request: Request, node_id: str) -> None:
+    """Refuse a non-request, or one whose ``node_id`` is not where it is being sent."""
+    if not isinstance(request, Request):
+        raise TypeError(f"expected a protocol Request, got {type(request).__name__}")
+    if request.node_id != node_id:
+        target = "broadcast" if node_id == BROADCAST else f"send to {node_id!r}"
+        raise TransportError(
+            f"{request.command} request {request.request_id} has node_id={request.node_id!r} "
+            f"but was passed to {target}; build it with node_id={node_id!r}"
+        )
+
+
+def check_reply(reply: Reply, node_id: str) -> None:
+    """Refuse a non-reply, or one that claims to come from another node."""
+    if not isinstance(reply, Reply):
+        raise TypeError(f"expected a protocol Reply, got {type(reply).__name__}")
+    if reply.node_id != node_id:
+        raise TransportError(
+            f"node {node_id!r} cannot send a reply whose node_id is {reply.node_id!r}"
+        )

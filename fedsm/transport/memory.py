@@ -33,7 +33,13 @@ from fedsm.protocol import (
     encode,
 )
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
-from fedsm.transport.delivery import HandlerSet, NodeLiveness, StatusHandler
+from fedsm.transport.delivery import (
+    HandlerSet,
+    NodeLiveness,
+    StatusHandler,
+    check_reply,
+    check_request,
+)
 from fedsm.transport.faults import DelayTimer, Faults, FaultStage
 from fedsm.transport.topics import NODE, RESEARCHER, check_participant
 
@@ -224,21 +230,21 @@ class MemoryBus(Bus):
     def send(self, node_id: str, request: Request) -> None:
         """Deliver ``request`` to ``node_id`` (queued if that node is not connected)."""
         self._check_open(RESEARCHER, "send")
-        _check_request(request, node_id)
+        check_request(request, node_id)
         data = encode(request, max_bytes=self._broker.max_message_bytes)
         self._submit([(NODE, node_id)], data)
 
     def broadcast(self, request: Request) -> None:
         """Deliver ``request`` to every node that ever connected (queued for offline ones)."""
         self._check_open(RESEARCHER, "broadcast")
-        _check_request(request, BROADCAST)
+        check_request(request, BROADCAST)
         data = encode(request, max_bytes=self._broker.max_message_bytes)
         self._submit(self._broker._broadcast_targets(), data)
 
     def reply(self, reply: Reply) -> None:
         """Deliver ``reply`` to the researcher it names (queued if not connected)."""
         self._check_open(NODE, "reply")
-        _check_reply(reply, self.participant_id)
+        check_reply(reply, self.participant_id)
         data = encode(reply, max_bytes=self._broker.max_message_bytes)
         self._submit([(RESEARCHER, reply.researcher_id)], data)
 
@@ -314,26 +320,6 @@ class MemoryBus(Bus):
 
 def _bind(deliver: Callable[[_Key, bytes], None], key: _Key, data: bytes) -> Callable[[], None]:
     return lambda: deliver(key, data)
-
-
-def _check_request(request: Request, node_id: str) -> None:
-    if not isinstance(request, Request):
-        raise TypeError(f"expected a protocol Request, got {type(request).__name__}")
-    if request.node_id != node_id:
-        target = "broadcast" if node_id == BROADCAST else f"send to {node_id!r}"
-        raise TransportError(
-            f"{request.command} request {request.request_id} has node_id={request.node_id!r} "
-            f"but was passed to {target}; build it with node_id={node_id!r}"
-        )
-
-
-def _check_reply(reply: Reply, node_id: str) -> None:
-    if not isinstance(reply, Reply):
-        raise TypeError(f"expected a protocol Reply, got {type(reply).__name__}")
-    if reply.node_id != node_id:
-        raise TransportError(
-            f"node {node_id!r} cannot send a reply whose node_id is {reply.node_id!r}"
-        )
 
 
 def _addressed_to(message: Message, role: str, participant_id: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import socket
 import ssl
 import threading
@@ -40,17 +39,20 @@ from fedsm.errors import ConfigurationError
 from fedsm.protocol import (
     BROADCAST,
     MAX_MESSAGE_BYTES,
-    Message,
-    MessageDecodeError,
     MessageTooLarge,
     Reply,
     Request,
-    decode,
     encode,
 )
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
-from fedsm.transport.delivery import HandlerSet, NodeLiveness, StatusHandler
-from fedsm.transport.memory import _check_reply, _check_request
+from fedsm.transport.delivery import (
+    HandlerSet,
+    NodeLiveness,
+    StatusHandler,
+    check_reply,
+    check_request,
+)
+from fedsm.transport.mqtt_inbound import FlapDetector, Inbound
 from fedsm.transport.topics import (
     NODE,
     RESEARCHER,
@@ -65,10 +67,7 @@ __all__ = ["MqttBus", "DuplicateClientId"]
 
 log = logging.getLogger(__name__)
 
-_SESSION_TAKEN_OVER = 142  # MQTT 5 reason code 0x8E
-_FLAP_UPTIME_S = 5.0  # a connection lost sooner than this counts towards the flapping check
 _PACKET_OVERHEAD = 64  # fixed header, topic length, packet id, properties: generous bound
-_STOP = object()
 
 
 class DuplicateClientId(TransportError):
@@ -145,8 +144,7 @@ class MqttBus(Bus):
         self._tcp_nodelay = tcp_nodelay
         self._close_timeout_s = close_timeout_s
         self._expire_requests = expire_requests
-        self._takeover_limit = takeover_limit
-        self._takeover_window_s = takeover_window_s
+        self._flaps = FlapDetector(takeover_limit, takeover_window_s)
         self._where = f"{role} {participant_id!r} at {host}:{port}"
 
         self._handlers = HandlerSet(f"{role} {participant_id}")
@@ -162,10 +160,8 @@ class MqttBus(Bus):
         self._broker_max_packet: int | None = None
         self._inflight: dict[int, str] = {}
         self._early_acks: set[int] = set()
-        self._takeovers: deque[float] = deque()
         self._connected_at: float | None = None
         self._refused: deque[tuple[str, str]] = deque(maxlen=100)
-        self._inbox: queue.Queue[Any] = queue.Queue()
 
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -190,10 +186,11 @@ class MqttBus(Bus):
         client.on_message = self._on_message
         self._client = client
 
-        self._dispatcher = threading.Thread(
-            target=self._dispatch_loop, name=f"fedsm-mqtt-dispatch-{self.client_id}", daemon=True
+        self._inbound = Inbound(
+            participant_id, role, self.topics, self._handlers, self._liveness,
+            max_message_bytes=max_message_bytes, where=self._where,
+            thread_name=f"fedsm-mqtt-dispatch-{self.client_id}",
         )
-        self._dispatcher.start()
         try:
             self._connect(keepalive, session_expiry_s, connect_timeout_s)
         except BaseException:
@@ -205,21 +202,21 @@ class MqttBus(Bus):
     def send(self, node_id: str, request: Request) -> None:
         """Publish ``request`` on ``node_id``'s request topic (the broker queues it if offline)."""
         self._check_usable(RESEARCHER, "send")
-        _check_request(request, node_id)
+        check_request(request, node_id)
         data = encode(request, max_bytes=self.max_message_bytes)
         self._publish(self.topics.request(node_id), data, expiry_s=self._expiry(request))
 
     def broadcast(self, request: Request) -> None:
         """Publish ``request`` on the broadcast topic (queued for nodes with a session)."""
         self._check_usable(RESEARCHER, "broadcast")
-        _check_request(request, BROADCAST)
+        check_request(request, BROADCAST)
         data = encode(request, max_bytes=self.max_message_bytes)
         self._publish(self.topics.broadcast, data, expiry_s=self._expiry(request))
 
     def reply(self, reply: Reply) -> None:
         """Publish ``reply`` on ``<prefix>/reply/<researcher_id>/<this node>``."""
         self._check_usable(NODE, "reply")
-        _check_reply(reply, self.participant_id)
+        check_reply(reply, self.participant_id)
         self._publish(self.topics.reply(reply.researcher_id, self.participant_id),
                       encode(reply, max_bytes=self.max_message_bytes))
 
@@ -365,24 +362,14 @@ class MqttBus(Bus):
             if self._closing:
                 return
         log.warning("%s: disconnected (%s); reconnecting", self._where, rc)
-        # mosquitto 2.0 closes the socket of the old connection without a DISCONNECT packet
-        # when a second client takes its id over, so "lost right after connecting" counts too.
-        taken_over = getattr(rc, "value", None) == _SESSION_TAKEN_OVER or (
-            not flags.is_disconnect_packet_from_server
-            and uptime is not None
-            and uptime < _FLAP_UPTIME_S
-        )
-        if not taken_over:
+        if not self._flaps.record(now, uptime, rc, flags.is_disconnect_packet_from_server):
             return
         with self._cond:
-            self._takeovers.append(now)
-            while self._takeovers and now - self._takeovers[0] > self._takeover_window_s:
-                self._takeovers.popleft()
-            if len(self._takeovers) < self._takeover_limit or self._fatal is not None:
+            if self._fatal is not None:
                 return
             self._fatal = DuplicateClientId(
-                f"{self._where}: the connection was taken away {len(self._takeovers)} times "
-                f"within {self._takeover_window_s:g} s right after connecting: another process "
+                f"{self._where}: the connection was taken away {self._flaps.limit} times "
+                f"within {self._flaps.window_s:g} s right after connecting: another process "
                 f"is probably connected with the same client id {self.client_id!r}. Each "
                 "participant id must run in one process only; stop the other one or use a "
                 "different id. This bus has stopped."
@@ -459,69 +446,7 @@ class MqttBus(Bus):
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # paho's network thread: never block here, hand over to the dispatch thread.
-        self._inbox.put((msg.topic, msg.payload))
-
-    def _dispatch_loop(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is _STOP:
-                return
-            try:
-                self._dispatch(*item)
-            except Exception:
-                log.exception("%s: failed to dispatch a message on %s", self._where, item[0])
-
-    def _dispatch(self, topic: str, payload: bytes) -> None:
-        parts = self.topics.parse(topic)
-        if parts is None:
-            log.warning("%s: dropped a message on unexpected topic %s", self._where, topic)
-            return
-        kind = parts[0]
-        if kind == "status":
-            if self.role == RESEARCHER:
-                self._status(parts[1], payload)
-            return
-        message = self._decode(topic, payload)
-        if message is None:
-            return
-        if self._accepts(kind, parts, message):
-            self._handlers.deliver(message)
-        else:
-            log.warning("%s: dropped a %s (node_id=%s, researcher_id=%s) that does not belong on "
-                        "topic %s", self._where, message.command, message.node_id,
-                        message.researcher_id, topic)
-
-    def _decode(self, topic: str, payload: bytes) -> Message | None:
-        try:
-            return decode(payload, max_bytes=self.max_message_bytes)
-        except MessageDecodeError as exc:
-            log.warning("%s: dropped an undecodable message on %s: %s", self._where, topic, exc)
-            return None
-
-    def _accepts(self, kind: str, parts: tuple[str, ...], message: Message) -> bool:
-        me = self.participant_id
-        if self.role == NODE:
-            if not isinstance(message, Request):
-                return False
-            if kind == "req":
-                return parts[1] == me and message.node_id == me
-            return kind == "broadcast" and message.node_id == BROADCAST
-        # A reply's sender is the topic's node segment, which the broker's ACL vouches for.
-        return (
-            kind == "reply"
-            and isinstance(message, Reply)
-            and parts[1] == me
-            and message.researcher_id == me
-            and message.node_id == parts[2]
-        )
-
-    def _status(self, node_id: str, payload: bytes) -> None:
-        if payload == STATUS_ONLINE:
-            self._liveness.set(node_id, True)
-        elif payload == STATUS_OFFLINE:
-            self._liveness.set(node_id, False)
-        elif payload:
-            log.warning("%s: ignored status %r of node %s", self._where, payload[:40], node_id)
+        self._inbound.put(msg.topic, msg.payload)
 
     # ------------------------------------------------------------------ closing
 
@@ -545,6 +470,4 @@ class MqttBus(Bus):
             self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
-        self._inbox.put(_STOP)
-        if threading.current_thread() is not self._dispatcher:
-            self._dispatcher.join()
+        self._inbound.stop()
