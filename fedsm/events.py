@@ -265,6 +265,57 @@ def _f(kind: str) -> Any:
     return field(metadata={"kind": kind})
 
 
+# Inline validity tests of the scalar kinds, for the generated fast decoders below. Each is
+# exactly the condition under which the kind's checker returns the value unchanged.
+_FAST_TESTS = {
+    "str": f"type({{v}}) is str and len({{v}}) <= {_MAX_STR}",
+    "text": f"type({{v}}) is str and len({{v}}) <= {_MAX_TEXT}",
+    "sha256": "type({v}) is str and _hex({v}) is not None",
+    "int": f"type({{v}}) is int and {_INT_MIN} <= {{v}} <= {_INT_MAX}",
+    "nonneg_int": f"type({{v}}) is int and 0 <= {{v}} <= {_INT_MAX}",
+    "float": "type({v}) is float and {v} - {v} == 0.0",
+}
+
+
+def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event | None]:
+    """Generate ``fast(data) -> event | None`` for one class: scalar fields are tested
+    inline, the others go through their checkers; None means "take the slow path" (which
+    builds the precise error). Replay decodes every record, and one generated function is
+    about twice as fast as a checker call per field."""
+    fields = dataclasses.fields(cls)
+    lines = ["def fast(data):", f"    if len(data) != {len(fields)}:", "        return None"]
+    lines.append("    try:")
+    for i, f in enumerate(fields):
+        lines.append(f"        v{i} = data[{f.name!r}]")
+    lines += ["    except KeyError:", "        return None"]
+    tests = [
+        _FAST_TESTS[f.metadata["kind"]].format(v=f"v{i}")
+        for i, f in enumerate(fields)
+        if f.metadata["kind"] in _FAST_TESTS
+    ]
+    if tests:
+        lines.append("    if not (" + " and ".join(f"({t})" for t in tests) + "):")
+        lines.append("        return None")
+    items = []
+    for i, f in enumerate(fields):
+        if f.metadata["kind"] in _FAST_TESTS:
+            items.append(f"{f.name!r}: v{i}")
+        else:
+            items.append(f"{f.name!r}: _checkers[{f.metadata['kind']!r}]({f.name!r}, v{i})")
+    lines.append("    event = _new(_cls)")
+    lines.append("    _set(event, '__dict__', {" + ", ".join(items) + "})")
+    lines.append("    return event")
+    namespace: dict[str, Any] = {
+        "_hex": _HEX64_RE.fullmatch,
+        "_checkers": _CHECKERS,
+        "_new": object.__new__,
+        "_set": object.__setattr__,
+        "_cls": cls,
+    }
+    exec("\n".join(lines), namespace)  # noqa: S102 - code built above from field kinds only
+    return namespace["fast"]
+
+
 def _spec_of(cls: type[Event]) -> tuple[tuple[str, Callable[[str, Any], Any]], ...]:
     """(field name, checker) pairs of an event class, computed once per class."""
     spec = cls.__dict__.get("_spec")
@@ -272,6 +323,7 @@ def _spec_of(cls: type[Event]) -> tuple[tuple[str, Callable[[str, Any], Any]], .
         spec = tuple((f.name, _CHECKERS[f.metadata["kind"]]) for f in dataclasses.fields(cls))
         cls._spec = spec
         cls._names = frozenset(name for name, _ in spec)
+        cls._fast_decode = staticmethod(_compile_fast_decoder(cls))
     return spec
 
 
@@ -509,6 +561,9 @@ def decode_event(
         data = upcast(dict(data))
         version += 1
     spec = _spec_of(cls)
+    event = cls._fast_decode(data)
+    if event is not None:
+        return event
     if len(data) != len(spec) or not cls._names.issuperset(data):
         unknown = sorted(str(k) for k in data if k not in cls._names)
         if unknown:

@@ -61,6 +61,7 @@ from fedsm.logread import (
     Record,
     ScanStop,
     TornTail,
+    gc_paused,
     is_torn_tail,
     read_header,
     scan,
@@ -405,9 +406,13 @@ class EventLog:
             self._flush_locked(fd, sync=False)
             data = os.pread(fd, self._end, 0)
         stops: list[ScanStop] = []
-        for offset, _end, payload, digest in walk_records(data, self._genesis, stops):
-            if payload["seq"] >= from_seq:
-                yield to_record(self._path, offset, payload, digest)
+        with gc_paused():
+            records = [
+                to_record(self._path, offset, payload, digest)
+                for offset, _end, payload, digest in walk_records(data, self._genesis, stops)
+                if payload["seq"] >= from_seq
+            ]
+        yield from records
         if stops:
             stop = stops[0]
             raise LogCorrupted(self._path, stop.offset, stop.seq, stop.what)

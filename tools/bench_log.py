@@ -1,0 +1,133 @@
+"""Benchmark the event log: append rates per durability, raw fsync rate, and replay.
+
+Events are ``ReplyReceived`` records of about 200 bytes (a full job's mix: one RoundSent and
+one Aggregated per round of N replies). Replay is what restoring a job costs: open the file,
+check every frame and the hash chain, decode every event and fold it through
+``fedsm.lifecycle.apply``.
+
+Usage: python tools/bench_log.py [--events N] [--fsync-events N] [--dir DIR]
+
+Prints a table, then one line of ``key=value`` figures (events or fsyncs per second).
+Timings vary from run to run and machine to machine; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedsm import events as ev
+from fedsm.lifecycle import replay
+from fedsm.log import EventLog, scan
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def job_events(total: int, nodes: int = 100) -> Iterator[ev.Event]:
+    """A legal job of about ``total`` events: rounds of ``nodes`` replies."""
+    names = tuple(f"node-{i:03d}" for i in range(nodes))
+    rounds = max(1, total // (nodes + 2))
+    plan, params = _sha("plan"), _sha("p0")
+    yield ev.JobCreated(
+        "job-bench", "researcher", "BenchPlan", {"epochs": 1}, {}, 7, names,
+        {n: f"ds-{n}" for n in names}, rounds, 1, 60.0, "fedavg", {}, (),
+    )  # fmt: skip
+    yield ev.TrainingPlanUploaded("http://repo/plan", plan, "BenchPlan")
+    yield ev.ParamsUploaded(0, "http://repo/p0", params)
+    yield ev.ApprovalChecked(plan, {n: "approved" for n in names}, {n: True for n in names})
+    for r in range(1, rounds + 1):
+        rids = {n: f"train-{r:04d}-{n}" for n in names}
+        yield ev.RoundSent(r, names, rids, f"http://repo/p{r - 1}", params, 1.7e9 + r)
+        for n in names:
+            yield ev.ReplyReceived(
+                r, n, rids[n], ff"r/{r}/{n}", _sha(f"{r}{n}"), 1000,
+                {"loss": 0.25}, {"train_s": 1.5},
+            )  # fmt: skip
+        params = _sha(f"agg{r}")
+        yield ev.Aggregated(
+            r, f"http://repo/agg{r}", params, names, {n: 1000.0 for n in names}, "fedavg"
+        )
+    yield ev.JobCompleted(rounds, f"http://repo/agg{rounds}", params)
+
+
+def bench_append(directory: Path, events: list[ev.Event], durability: str) -> float:
+    path = directory / f"append-{durability}.log"
+    start = time.perf_counter()
+    with EventLog.open(path, durability=durability) as log:
+        for i, event in enumerate(events):
+            log.append(event, ts=1.7e9 + i)
+    return len(events) / (time.perf_counter() - start)
+
+
+def bench_raw_fsync(directory: Path, count: int) -> float:
+    """Write 200 bytes and fdatasync, ``count`` times: the disk's own limit."""
+    path = directory / "raw-fsync.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sync = getattr(os, "fdatasync", os.fsync)
+    block = b"x" * 200
+    try:
+        start = time.perf_counter()
+        for _ in range(count):
+            os.write(fd, block)
+            sync(fd)
+        return count / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def bench_replay(path: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    view = scan(path)
+    state = replay(r.event for r in view.records)
+    elapsed = time.perf_counter() - start
+    assert state.status == "completed", state.status
+    return len(view.records) / elapsed, len(view.records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000, help="events per run")
+    parser.add_argument("--fsync-events", type=int, default=2_000, help="events for fsync runs")
+    parser.add_argument("--nodes", type=int, default=10, help="nodes per round")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
+    args = parser.parse_args()
+
+    events = list(job_events(args.events, nodes=args.nodes))
+    slow = list(job_events(args.fsync_events, nodes=20))
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="fedsm-bench-") as tmp:
+        directory = Path(tmp)
+        never = bench_append(directory, events, "never")
+        size = (directory / "append-never.log").stat().st_size
+        sizes = [size // len(events)]
+        batch = bench_append(directory, events, "batch")
+        always = bench_append(directory, slow, "always")
+        raw = bench_raw_fsync(directory, len(slow))
+        replay_rate, replayed = bench_replay(directory / "append-never.log")
+
+    rows = [
+        ("append, durability=never", never, f"{len(events)} events"),
+        ("append, durability=batch (64 ev / 10 ms)", batch, f"{len(events)} events"),
+        ("append, durability=always (fdatasync each)", always, f"{len(slow)} events"),
+        ("raw write(200 B) + fdatasync", raw, f"{len(slow)} writes"),
+        ("replay: open+check+decode+apply", replay_rate, f"{replayed} events"),
+    ]
+    print(f"events of about {sizes[0]} bytes on disk (frame + msgpack payload)")
+    print(f"{'measure':<46} {'per second':>12}  {'run':>16}")
+    for name, rate, run in rows:
+        print(f"{name:<46} {rate:>12,.0f}  {run:>16}")
+    print(f"always / raw fsync = {always / raw:.2f}")
+    print(
+        f"append_never_per_s={never:.0f} append_batch_per_s={batch:.0f} "
+        f"append_always_per_s={always:.0f} raw_fsync_per_s={raw:.0f} replay_per_s={replay_rate:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
