@@ -47,7 +47,7 @@ def job_events(total: int, nodes: int = 100) -> Iterator[ev.Event]:
         yield ev.RoundSent(r, names, rids, f"http://repo/p{r - 1}", params, 1.7e9 + r)
         for n in names:
             yield ev.ReplyReceived(
-                r, n, rids[n], ff"r/{r}/{n}", _sha(f"{r}{n}"), 1000,
+                r, n, rids[n], f"http://repo/{r}/{n}", _sha(f"{r}{n}"), 1000,
                 {"loss": 0.25}, {"train_s": 1.5},
             )  # fmt: skip
         params = _sha(f"agg{r}")
