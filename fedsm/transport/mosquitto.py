@@ -181,7 +181,12 @@ class MosquittoProcess:
                 )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
+                    pass
+                # mosquitto opens listeners one by one and exits if a later one fails:
+                # accept only if it is still alive after our probe.
+                if self._proc.poll() is None:
                     return
+                continue
             except OSError:
                 pass
             if time.monotonic() >= deadline:

@@ -297,7 +297,9 @@ class MqttBus(Bus):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError(
-                        f"{self._where}: no CONNACK/SUBACK from the broker within {timeout_s:g} s"
+                        f"{self._where}: no CONNACK/SUBACK from the broker within {timeout_s:g} s "
+                        "(a TLS port needs mqtts:// / tls=TlsOptions(...); or the broker is "
+                        "overloaded)"
                     )
                 self._cond.wait(remaining)
             if self._fatal is not None:
