@@ -60,6 +60,7 @@ class Researcher:
     def __init__(self, broker: MemoryBroker, researcher_id: str = RESEARCHER) -> None:
         self.bus = MemoryBus(broker, researcher_id, role="researcher")
         self.replies: queue.Queue[Reply] = queue.Queue()
+        self._stash: list[Reply] = []
         self.bus.subscribe(self.replies.put)
 
     def ask(self, node_id: str, request: Request, timeout_s: float = 60.0) -> Reply:
@@ -68,14 +69,22 @@ class Researcher:
         return self.wait(request.request_id, timeout_s)
 
     def wait(self, request_id: str, timeout_s: float = 60.0) -> Reply:
+        """The next reply to ``request_id``; replies to other requests are kept for later."""
+        for index, reply in enumerate(self._stash):
+            if reply.request_id == request_id:
+                return self._stash.pop(index)
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no reply to {request_id} within {timeout_s} s")
-            reply = self.replies.get(timeout=left)
+            try:
+                reply = self.replies.get(timeout=left)
+            except queue.Empty:
+                continue
             if reply.request_id == request_id:
                 return reply
+            self._stash.append(reply)
 
     def close(self) -> None:
         self.bus.close()
