@@ -21,7 +21,7 @@ from plans import (
 
 from fedsm.node.executor import InProcessTrainingExecutor
 from fedsm.node.node import Node
-from fedsm.node.settings import init_node_dir
+from fedsm.node.settings import NodeSettings, init_node_dir
 from fedsm.node.simulate import register_csv_dataset
 from fedsm.protocol import (
     ErrorNumber,
@@ -257,10 +257,27 @@ def test_node_answers_while_training_and_ignores_stray_messages(world, tmp_path)
         assert isinstance(world.researcher.ask(NODE, PingRequest(**head(NODE)), 10), PingReply)
         status = world.researcher.ask(NODE, world.status_request(plan), 10)
         assert status.status == "approved"
-        # a reply delivered to a node is dropped, not fatal
+        # garbage and a reply delivered to a node are dropped, not fatal
+        world.broker.deliver_raw("node", NODE, b"\xc1 not msgpack")
         world.node.handle(PingReply(request_id="r-1", researcher_id="x", node_id="y"))
         assert world.researcher.replies.empty()
+        assert isinstance(world.researcher.ask(NODE, PingRequest(**head(NODE)), 10), PingReply)
     finally:
         release.write_text("go")
     reply = world.researcher.wait(request.request_id)
     assert isinstance(reply, TrainReply)
+
+
+def test_with_approval_switched_off_unknown_plans_run_but_rejected_ones_do_not(world):
+    world.node.stop()
+    settings = NodeSettings(node_id=NODE, approval_required=False, allow_unapproved=True)
+    world.node = Node(world.node_dir, bus=MemoryBus(world.broker, NODE, role="node"),
+                      repository=world.repo, settings=settings,
+                      executor=world.executor).start()
+    status = world.researcher.ask(NODE, world.status_request(world.linear))
+    assert (status.status, status.approval_required) == ("unknown", False)
+    assert isinstance(world.researcher.ask(NODE, world.train(world.linear, "LinearPlan")),
+                      TrainReply)
+    world.node.plans.decide("rejected", sha256=sha256(world.linear), by="test")
+    reply = world.researcher.ask(NODE, world.train(world.linear, "LinearPlan"))
+    assert reply.error_number is ErrorNumber.PLAN_REJECTED

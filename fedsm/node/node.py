@@ -320,6 +320,10 @@ class Node:
             if reply is None:
                 self.trainings_run += 1
                 train_reply = run_train_request(self._ctx, request)
+                if self._stopped:  # stopped while training: the registry is closed
+                    log.info("node %s stopped during train %s; reply dropped", self.node_id,
+                             request.request_id)
+                    return
                 self.replies.put(
                     request.request_id, request_fingerprint(request), encode(train_reply)
                 )

@@ -121,6 +121,13 @@ def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> N
     """Refuse a plan that may not run here. Nothing has imported ``source`` yet."""
     digest = hashlib.sha256(source).hexdigest()
     status = ctx.plans.status(digest)
+    if status == "unknown":  # so the operator sees every plan researchers sent
+        ctx.plans.record_pending(
+            source,
+            name=request.training_plan_class,
+            origin=f"train request {request.request_id} of job {request.job_id} "
+            f"from {request.researcher_id}",
+        )
     if status == "rejected":
         raise RequestFailed(
             ErrorNumber.PLAN_REJECTED,
@@ -130,13 +137,6 @@ def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> N
         if status != "approved":
             log.warning("node %s runs unapproved plan %s (approval is off)", ctx.node_id, digest)
         return
-    if status == "unknown":
-        ctx.plans.record_pending(
-            source,
-            name=request.training_plan_class,
-            origin=f"train request {request.request_id} of job {request.job_id} "
-            f"from {request.researcher_id}",
-        )
     raise RequestFailed(
         ErrorNumber.PLAN_NOT_APPROVED,
         f"training plan {digest} is not approved on node {ctx.node_id}; its operator can "
