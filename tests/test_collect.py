@@ -1,0 +1,153 @@
+"""The pure reply filter: any stream of replies, late, duplicated, foreign or wrong, counts each
+node of the round at most once, and only what classify accepts ever reaches the lifecycle."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedsm import lifecycle
+from fedsm.collect import classify, train_request_id
+from fedsm.events import (
+    Aggregated,
+    ApprovalChecked,
+    JobCreated,
+    NodeFailed,
+    ParamsUploaded,
+    ReplyReceived,
+    RoundSent,
+    TrainingPlanUploaded,
+)
+from fedsm.protocol import ErrorReply, PingReply, TrainReply
+
+JOB = "job-1"
+NODES = ("node-a", "node-b", "node-c")
+SHA = "0" * 64
+
+
+def state_in_round(round_number: int = 2):
+    events = [
+        JobCreated(
+            job_id=JOB,
+            researcher_id="res",
+            training_plan_class="P",
+            training_args={},
+            model_args={},
+            seed=0,
+            nodes=NODES,
+            datasets={n: f"d-{n}" for n in NODES},
+            round_limit=5,
+            min_nodes=1,
+            reply_deadline_s=1.0,
+            aggregator="fedavg",
+            aggregator_args={},
+            tags=(),
+        ),
+        TrainingPlanUploaded(url="u", sha256=SHA, class_name="P"),
+        ParamsUploaded(round=0, url="u", sha256=SHA),
+        ApprovalChecked(
+            plan_sha256=SHA,
+            statuses={n: "approved" for n in NODES},
+            approval_required={n: True for n in NODES},
+        ),
+    ]
+    for rnd in range(1, round_number + 1):
+        ids = {n: train_request_id(JOB, rnd, n) for n in NODES}
+        events.append(
+            RoundSent(
+                round=rnd,
+                nodes=NODES,
+                request_ids=ids,
+                params_url="u",
+                params_sha256=SHA,
+                deadline=0.0,
+            )
+        )
+        if rnd == round_number:
+            break
+        for n in NODES:  # earlier rounds: everyone replied, then aggregation
+            events.append(
+                ReplyReceived(
+                    round=rnd,
+                    node_id=n,
+                    request_id=ids[n],
+                    params_url="u",
+                    params_sha256=SHA,
+                    sample_size=1,
+                    metrics={},
+                    timing={},
+                )
+            )
+        events.append(
+            Aggregated(
+                round=rnd,
+                params_url="u",
+                params_sha256=SHA,
+                nodes=NODES,
+                weights={n: 1.0 for n in NODES},
+                aggregator="fedavg",
+            )
+        )
+    return lifecycle.replay(events)
+
+
+reply = st.builds(
+    lambda kind, job, rnd, node, right_id: (kind, job, rnd, node, right_id),
+    st.sampled_from(["train", "error", "ping"]),
+    st.sampled_from([JOB, "job-other"]),
+    st.sampled_from([1, 2, 3]),
+    st.sampled_from(NODES + ("node-z",)),
+    st.booleans(),
+)
+
+
+def build(kind, job, rnd, node, right_id):
+    request_id = train_request_id(job, rnd, node) if right_id else "req-stale"
+    head = dict(request_id=request_id, researcher_id="res", node_id=node)
+    if kind == "train":
+        return TrainReply(
+            **head,
+            job_id=job,
+            round=rnd,
+            dataset_id="d",
+            params_url="u",
+            params_sha256=SHA,
+            sample_size=3,
+        )
+    if kind == "error":
+        return ErrorReply(**head, code=500, message="boom", job_id=job, round=rnd)
+    return PingReply(**head)
+
+
+@given(st.lists(reply, max_size=40))
+def test_each_node_is_counted_at_most_once_and_only_when_it_should(draws) -> None:
+    state = state_in_round(2)
+    counted: dict[str, object] = {}
+    for draw in draws:
+        message = build(*draw)
+        verdict = classify(state, message)
+        kind, job, rnd, node, right_id = draw
+        should = (
+            kind in ("train", "error")
+            and job == JOB
+            and rnd == 2
+            and node in NODES
+            and right_id
+            and node not in counted
+        )
+        assert (verdict.event is not None) == should, verdict.reason
+        if verdict.event is not None:
+            expected_type = ReplyReceived if kind == "train" else NodeFailed
+            assert isinstance(verdict.event, expected_type)
+            state = lifecycle.apply(state, verdict.event)  # never illegal
+            counted[node] = verdict.event
+        else:
+            assert verdict.reason
+    assert set(state.round_replies) | set(state.round_failures) == set(counted)
+    assert sorted(state.pending_nodes()) == sorted(set(NODES) - set(counted))
+
+
+def test_request_ids_are_a_function_of_job_round_and_node() -> None:
+    assert train_request_id(JOB, 1, "a") == train_request_id(JOB, 1, "a")
+    ids = {train_request_id(j, r, n) for j in (JOB, "j2") for r in (1, 2) for n in ("a", "b")}
+    assert len(ids) == 8

@@ -1,0 +1,142 @@
+"""Rounds under real conditions: silent nodes, failing nodes, quorum, faults on the bus."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from job_world import TRAINING_ARGS, SilentNode, make_world
+
+from fedsm import lifecycle
+from fedsm.experiment import Experiment
+from fedsm.job import Job
+from fedsm.job_errors import JobFailedError
+from fedsm.log import scan
+from fedsm.protocol import ErrorNumber
+from fedsm.requests import FederatedDataSet, Requests
+from fedsm.transport import Faults
+
+
+def _events(log_path: Path) -> list:
+    return [record.event for record in scan(log_path).records]
+
+
+def _experiment(world, tmp_path: Path, **kwargs) -> Experiment:
+    return Experiment(
+        tags=["breast-cancer"],
+        training_plan_class="BreastCancerPlan",
+        training_plan_path=world.plan,
+        training_args=TRAINING_ARGS,
+        run_dir=tmp_path / "run",
+        bus=world.researcher(),
+        repository=world.repository,
+        search_deadline_s=2.0,
+        progress=False,
+        on_round=lambda summary: None,
+        **kwargs,
+    )
+
+
+def test_a_silent_node_times_out_and_the_round_carries_on(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 2)
+    try:
+        silent = SilentNode(world, "node-9", world.nodes[0].datasets.list()[0])
+        exp = _experiment(world, tmp_path, round_limit=2, min_nodes=2, reply_deadline_s=0.5)
+        exp.run()
+        events = _events(exp.job.log_path)
+        timeouts = [e for e in events if type(e).__name__ == "RoundTimedOut"]
+        assert [(e.round, e.missing) for e in timeouts] == [(1, ("node-9",)), (2, ("node-9",))]
+        aggregated = [e for e in events if type(e).__name__ == "Aggregated"]
+        assert [e.nodes for e in aggregated] == [("node-1", "node-2")] * 2
+        assert exp.job.state.status == "completed"
+        assert silent.train_requests == 2
+    finally:
+        world.close()
+
+
+def test_too_few_replies_fail_the_job_with_a_clear_message(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 1)
+    try:
+        SilentNode(world, "node-8", world.nodes[0].datasets.list()[0])
+        SilentNode(world, "node-9", world.nodes[0].datasets.list()[0])
+        exp = _experiment(world, tmp_path, round_limit=2, min_nodes=2, reply_deadline_s=0.3)
+        with pytest.raises(JobFailedError) as info:
+            exp.run()
+        assert "only 1 of 3 nodes replied" in str(info.value)
+        assert "min_nodes is 2" in str(info.value)
+        events = _events(exp.job.log_path)
+        assert type(events[-1]).__name__ == "JobFailed" and events[-1].round == 1
+        assert exp.job.state.status == "failed"
+    finally:
+        world.close()
+
+
+def test_a_node_answering_with_an_error_is_dropped_from_the_round(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 3)
+    try:
+        exp = _experiment(world, tmp_path, round_limit=1, min_nodes=2, reply_deadline_s=10)
+        broken = world.nodes[2]
+        Path(broken.datasets.list()[0]["path"]).unlink()  # its data disappeared
+        exp.run()
+        events = _events(exp.job.log_path)
+        failed = [e for e in events if type(e).__name__ == "NodeFailed"]
+        assert [(e.round, e.node_id) for e in failed] == [(1, "node-3")]
+        assert failed[0].code in {int(ErrorNumber.DATASET_INVALID),
+                                  int(ErrorNumber.TRAINING_FAILED),
+                                  int(ErrorNumber.DATASET_NOT_FOUND)}
+        aggregated = [e for e in events if type(e).__name__ == "Aggregated"]
+        assert aggregated[0].nodes == ("node-1", "node-2")
+        assert not [e for e in events if type(e).__name__ == "RoundTimedOut"]
+    finally:
+        world.close()
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), drop=st.sampled_from([0.0, 0.2]),
+       duplicate=st.sampled_from([0.0, 0.5]), reorder=st.sampled_from([0, 2]))
+def test_faulty_bus_never_counts_a_reply_twice_and_replay_equals_live(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, drop: float, duplicate: float,
+    reorder: int,
+) -> None:
+    """Node buses drop, duplicate and reorder their replies; the researcher's is reliable.
+
+    A reorder window holds a node's reply until its next message pushes it out, so replies
+    arrive a round late: exactly the late replies the Job must ignore.
+    """
+    tmp_path = tmp_path_factory.mktemp("faulty")
+    faults = Faults(drop=drop, duplicate=duplicate, reorder_window=reorder, seed=seed)
+    world = make_world(tmp_path, 3, faults=faults)
+    try:
+        reqs = Requests(world.researcher(), default_deadline_s=1.0)
+        data = FederatedDataSet({n.node_id: dict(n.datasets.list()[0]) for n in world.nodes})
+        job = Job(reqs=reqs, training_plan_class="BreastCancerPlan",
+                  training_plan_path=world.plan, training_args=TRAINING_ARGS, data=data,
+                  run_dir=tmp_path / "run", repository=world.repository, round_limit=3,
+                  min_nodes=1, reply_deadline_s=0.4, durability="never")
+        job.check_training_plan_is_approved_by_nodes(deadline_s=0.4)
+        for rnd in (1, 2, 3):
+            job.start_nodes_training_round(rnd)
+            world.broker.flush()  # release anything the reorder window still holds
+            try:
+                job.aggregate()
+            except JobFailedError:
+                break
+        live = job.state
+        job.close()  # durability "never": the log is complete on disk once closed
+        events = _events(job.log_path)
+        assert lifecycle.replay(events) == live
+        counted = collections.Counter(
+            (e.round, e.node_id) for e in events
+            if type(e).__name__ in ("ReplyReceived", "NodeFailed")
+        )
+        assert all(n == 1 for n in counted.values())
+        for rnd in range(1, live.round + 1):  # every round ended: aggregated or failed
+            assert rnd in live.aggregates or live.status == "failed"
+        if drop == 0.0 and reorder == 0:
+            assert live.status == "completed" and not live.timed_out
+    finally:
+        world.close()
