@@ -1,8 +1,8 @@
 """The node: the hospital side, holding data that never leaves and deciding what may touch it.
 
 * :class:`Node` answers a researcher's requests over a bus (:mod:`fedsm.node.node`);
-* registries in sqlite: datasets, training-plan approvals, the reply cache
-  (:mod:`fedsm.node.registry`);
+* registries in sqlite: datasets and training-plan approvals (:mod:`fedsm.node.registry`),
+  the reply cache (:mod:`fedsm.node.database`);
 * settings from ``node.toml`` and ``FEDSM_*`` variables (:mod:`fedsm.node.settings`);
 * executors that run trainings in a worker process or in-process
   (:mod:`fedsm.node.executor`, :mod:`fedsm.node.process_executor`);
@@ -21,10 +21,10 @@ _LAZY = {
     "NodeSettings": "fedsm.node.settings",
     "load_settings": "fedsm.node.settings",
     "init_node_dir": "fedsm.node.settings",
-    "NodeDatabase": "fedsm.node.registry",
+    "NodeDatabase": "fedsm.node.database",
     "DatasetRegistry": "fedsm.node.registry",
     "ApprovalRegistry": "fedsm.node.registry",
-    "ReplyCache": "fedsm.node.registry",
+    "ReplyCache": "fedsm.node.database",
     "PlanRecord": "fedsm.node.registry",
     "TrainingExecutor": "fedsm.node.executor",
     "InProcessTrainingExecutor": "fedsm.node.executor",

@@ -1,10 +1,8 @@
-"""The node's sqlite registries: datasets, training plans (approval) and the reply cache.
+"""The node's registries: the datasets it offers and the training plans it may run.
 
-One database file per node (``node.sqlite`` in the node directory), in WAL mode so that the
-operator's CLI can approve a plan while the node is running and reading it. Each registry
-is a thin class over the shared connection; every statement runs under one lock (a node's
-handlers run on several threads) and writes run in ``BEGIN IMMEDIATE`` transactions, with a
-busy timeout so a concurrent writer in another process makes us wait instead of fail.
+Both live in the node's sqlite file (:mod:`fedsm.node.database`), so the operator's CLI and a
+running node see the same records. A plan is identified by the sha256 of its exact bytes and
+its source is kept, so an operator can read what was approved.
 """
 
 from __future__ import annotations
@@ -12,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fedsm.errors import ConfigurationError
+from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache, utc_now
 from fedsm.node.errors import DatasetNotRegistered, PlanNotRegistered
 
 __all__ = [
@@ -32,106 +28,12 @@ __all__ = [
     "PlanRecord",
     "ApprovalRegistry",
     "ReplyCache",
+    "public_dataset",
     "utc_now",
 ]
 
-DB_FILE = "node.sqlite"
 PLAN_STATUSES = ("approved", "rejected", "pending")
 _DATA_TYPES = ("csv", "tensors")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS datasets (
-    dataset_id   TEXT PRIMARY KEY,
-    name         TEXT NOT NULL,
-    tags         TEXT NOT NULL,
-    data_type    TEXT NOT NULL,
-    path         TEXT NOT NULL,
-    target       TEXT,
-    shape        TEXT NOT NULL,
-    dtypes       TEXT NOT NULL,
-    sample_count INTEGER NOT NULL,
-    description  TEXT NOT NULL,
-    date_added   TEXT NOT NULL,
-    columns      TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS training_plans (
-    sha256      TEXT PRIMARY KEY,
-    status      TEXT NOT NULL CHECK (status IN ('approved', 'rejected', 'pending')),
-    name        TEXT NOT NULL,
-    source      BLOB NOT NULL,
-    first_seen  TEXT NOT NULL,
-    decided_at  TEXT,
-    decided_by  TEXT,
-    notes       TEXT NOT NULL DEFAULT '',
-    origin      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS reply_cache (
-    request_id  TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    reply       BLOB NOT NULL,
-    created_at  TEXT NOT NULL
-);
-"""
-
-
-def utc_now() -> str:
-    """The current time as an ISO-8601 UTC string (what the registries store)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class NodeDatabase:
-    """The node's sqlite file, opened once and shared by the registries of one node.
-
-    ``durable=False`` uses ``synchronous=NORMAL`` (safe against a crash of the process, not
-    of the machine): the choice for simulated nodes, where thousands of fsyncs buy nothing.
-    """
-
-    def __init__(self, path: str | Path, *, durable: bool = True, busy_timeout_s: float = 10.0):
-        self.path = Path(path)
-        self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            str(self.path),
-            timeout=busy_timeout_s,
-            isolation_level=None,  # autocommit; transactions are explicit
-            check_same_thread=False,  # guarded by self._lock
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        with self.write() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reading, under the lock."""
-        with self._lock:
-            self._check_open()
-            yield self._conn
-
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside a ``BEGIN IMMEDIATE`` transaction, committed on success."""
-        with self._lock:
-            self._check_open()
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _check_open(self) -> None:
-        if self._conn is None:
-            raise ConfigurationError(f"the node database {self.path} is closed")
-
-    def close(self) -> None:
-        """Close the connection. Idempotent."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- datasets
@@ -393,37 +295,3 @@ class ApprovalRegistry:
                 )
         assert sha256 is not None
         return self.get(sha256)
-
-
-# --------------------------------------------------------------------------- reply cache
-
-
-class ReplyCache:
-    """Encoded replies of answered train requests, keyed by request id (survives restarts).
-
-    ``fingerprint`` identifies the request's content (without its deadline): a request id
-    reused for a different request is detected instead of answered with a stale reply.
-    """
-
-    def __init__(self, db: NodeDatabase) -> None:
-        self._db = db
-
-    def get(self, request_id: str) -> tuple[str, bytes] | None:
-        """``(fingerprint, encoded reply)`` stored for ``request_id``, or None."""
-        with self._db.read() as conn:
-            row = conn.execute(
-                "SELECT fingerprint, reply FROM reply_cache WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        return None if row is None else (row[0], bytes(row[1]))
-
-    def put(self, request_id: str, fingerprint: str, reply: bytes) -> None:
-        """Store a reply; the first one stored for an id stays."""
-        with self._db.write() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO reply_cache VALUES (?,?,?,?)",
-                (request_id, fingerprint, reply, utc_now()),
-            )
-
-    def __len__(self) -> int:
-        with self._db.read() as conn:
-            return conn.execute("SELECT COUNT(*) FROM reply_cache").fetchone()[0]
