@@ -107,3 +107,25 @@ def test_worker_and_in_process_training_give_the_same_bytes(world, tmp_path):
     assert digests[0] == digests[1]
     assert (tmp_path / "out0.safetensors").read_bytes() == (
         tmp_path / "out1.safetensors").read_bytes()
+
+
+def test_worker_is_recycled_after_its_quota(tmp_path):
+    source = plan_bytes("linear_plan.py")
+    repo = LocalRepository(tmp_path / "repo")
+    params = initial_params(repo, source, "LinearPlan", tmp_path)
+    _, params_path = repo.download_file(params["file"], tmp_path / "p.safetensors")
+    csv = write_csv(tmp_path / "d.csv")
+    pids, digests = [], []
+    with ProcessTrainingExecutor(max_trainings_per_worker=1) as executor:
+        for index in range(2):
+            task = TrainingTask(
+                plan_source=source.decode(), plan_class="LinearPlan",
+                model_args={"in_features": 3}, training_args={"batch_size": 8},
+                params_path=str(params_path),
+                dataset={"data_type": "csv", "path": str(csv), "target": "target"},
+                seed=1, out_path=str(tmp_path / f"out{index}.safetensors"),
+            )
+            digests.append(executor.train(task).params_sha256)
+            pids.append(executor.worker_pid)
+    assert pids[0] != pids[1]
+    assert digests[0] == digests[1]  # a new worker trains the same bytes

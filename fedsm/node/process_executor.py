@@ -142,6 +142,10 @@ class ProcessTrainingExecutor(TrainingExecutor):
     preload
         Import the training runner (and torch) in the worker when it starts, so the first
         round does not pay for it.
+    max_trainings_per_worker
+        Replace the worker after this many trainings (0: never). Every round imports its
+        plan into a fresh module that stays in the worker's memory, so a worker serving a
+        long-lived node is recycled now and then.
     """
 
     def __init__(
@@ -151,8 +155,11 @@ class ProcessTrainingExecutor(TrainingExecutor):
         start_method: str = "spawn",
         start_timeout_s: float = 120.0,
         preload: bool = True,
+        max_trainings_per_worker: int = 200,
     ) -> None:
         super().__init__(lane_threads=1, control_threads=2)
+        self._max_trainings = max_trainings_per_worker
+        self._trainings = 0  # by the current worker
         self._ctx = multiprocessing.get_context(start_method)
         self._time_limit_s = time_limit_s
         self._start_timeout_s = start_timeout_s
@@ -173,6 +180,10 @@ class ProcessTrainingExecutor(TrainingExecutor):
         return None if worker is None else worker.process.pid
 
     def _ensure_worker(self) -> _Worker:
+        if self._worker is not None and 0 < self._max_trainings <= self._trainings:
+            log.info("recycling training worker %s after %d trainings",
+                     self._worker.process.pid, self._trainings)
+            self._worker.stop(5.0)
         if self._worker is None or not self._worker.process.is_alive():
             if self._worker is not None:
                 self._worker.kill()
@@ -180,6 +191,7 @@ class ProcessTrainingExecutor(TrainingExecutor):
             worker = _Worker(self._ctx, preload=self._preload)
             worker.wait_ready(self._start_timeout_s)
             self._worker = worker
+            self._trainings = 0
             log.info("training worker %s ready", worker.process.pid)
         return self._worker
 
@@ -192,6 +204,7 @@ class ProcessTrainingExecutor(TrainingExecutor):
         limit = self._time_limit_s if time_limit_s is None else time_limit_s
         with self._worker_lock:
             worker = self._ensure_worker()
+            self._trainings += 1
             try:
                 worker.conn.send_bytes(_pack({"kind": "train", "task": task.to_dict()}))
             except OSError:
