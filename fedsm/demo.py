@@ -27,7 +27,6 @@ from fedsm.data import breast_cancer_csv, partition_csv, split_holdout
 from fedsm.experiment import Experiment
 from fedsm.job import LOG_NAME
 from fedsm.localjob import LocalJob
-from fedsm.repository import LocalRepository, Repository
 from fedsm.training import runner
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.params import file_sha256
@@ -185,7 +184,6 @@ def run_demo(
         try:
             exp.run()
             params = exp.final_params_path()
-            repo_location = _repository_location(repository)
         finally:
             exp.close()
     if file_sha256(params) != params.name.split(".")[0]:
@@ -195,16 +193,12 @@ def run_demo(
         local_accuracy=local_baseline(run_dir, files, config),
         final_params_sha256=params.name.split(".")[0],
         log=str(log_path),
-        repository=repo_location,
+        # The directory, not the server's URL: it outlives the run's repository server and
+        # `fedsm replay --verify --repo DIR` reads it directly (same content-addressed layout).
+        repository=str(run_dir / "repository"),
     )
     results.write_text(json.dumps(asdict(result), indent=1))
     return result
-
-
-def _repository_location(repository: Repository) -> str:
-    if isinstance(repository, LocalRepository):
-        return str(repository.root)
-    return str(getattr(repository, "url", repository))
 
 
 def _load_or_store_config(run_dir: Path, config: DemoConfig) -> DemoConfig:

@@ -1,0 +1,63 @@
+"""The main job end to end: over the memory bus, and over the real parts (a mosquitto broker
+started here, `fedsm repo serve`, three `fedsm node start` processes) with identical results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from broker_fixture import mosquitto  # noqa: F401
+
+from fedsm.demo import DemoConfig, run_demo
+
+ROUNDS = 4
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory: pytest.TempPathFactory):
+    run_dir = tmp_path_factory.mktemp("memory")
+    lines: list[str] = []
+    result = run_demo(run_dir, DemoConfig(nodes=3, rounds=ROUNDS, seed=7), say=lines.append)
+    return run_dir, result, lines
+
+
+def test_memory_bus_run_matches_the_centralised_baseline(memory_run) -> None:
+    _run_dir, result, lines = memory_run
+    assert result.federated_accuracy >= 0.9
+    assert abs(result.federated_accuracy - result.local_accuracy) <= 0.02
+    assert [line.split(":")[0] for line in lines] == [f"round {r}/{ROUNDS}" for r in
+                                                     range(1, ROUNDS + 1)]
+
+
+def test_a_finished_run_prints_its_results_again_without_training(memory_run) -> None:
+    run_dir, result, _ = memory_run
+    log_size = Path(result.log).stat().st_size
+    out = subprocess.run([sys.executable, "-m", "fedsm", "demo", "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-5:] == result.lines()
+    assert "finished run" in out.stdout
+    assert Path(result.log).stat().st_size == log_size  # nothing appended
+
+
+@pytest.mark.mqtt
+def test_mqtt_run_gives_the_same_final_parameters(memory_run, tmp_path: Path,
+                                                  mosquitto) -> None:  # noqa: F811
+    _, memory_result, _ = memory_run
+    out = subprocess.run(
+        [sys.executable, "-m", "fedsm", "demo", "--run-dir", str(tmp_path), "--nodes", "3",
+         "--rounds", str(ROUNDS), "--seed", "7", "--transport", "mqtt", "--broker",
+         mosquitto.url],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert lines["final_params_sha256"] == memory_result.final_params_sha256
+    assert lines["repository"] == str(tmp_path.resolve() / "repository")
+    stored = {p.name for p in Path(lines["repository"]).rglob("*") if len(p.name) == 64}
+    assert memory_result.final_params_sha256 in stored
+    verify = subprocess.run([sys.executable, "-m", "fedsm", "replay", lines["log"], "--verify"],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout
