@@ -14,7 +14,9 @@ import hashlib
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -242,7 +244,7 @@ class Node:
             )
         )
 
-    def _guarded(self, request: Request, serve) -> None:  # noqa: ANN001
+    def _guarded(self, request: Request, serve: Callable[[Any], None]) -> None:
         """Run ``serve(request)`` off the delivery thread, turning failures into replies."""
         if self._stopped:
             return
