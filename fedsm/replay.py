@@ -4,8 +4,14 @@ The one implementation behind ``fedsm replay`` and ``tools/replay.py``:
 
 - ``fedsm replay LOG``: one line per record: seq, time (UTC), state after, summary.
 - ``--at SEQ``: the job state after record SEQ.  ``--json``: the same as JSON.
-- ``--verify``: framing, checksums, sequence, hash chain, event decoding and the lifecycle
-  rules; exit 0 only if all hold, else 1 with one line per finding (offset, seq, what).
+- ``--round N``: one round: who was asked, who answered when, samples, weights, metrics,
+  timing and the aggregate digest (:mod:`fedsm.roundfacts`).
+- ``--verify``: framing, checksums, sequence, hash chain, event decoding, the lifecycle rules
+  (no reply counted twice, no aggregate without quorum) and the training plan
+  (:func:`fedsm.audit.check_plan`); with ``--repo DIR_OR_URL`` also the artifacts and the
+  recomputation of every aggregate (:class:`fedsm.audit.RepositoryAudit`). Without
+  ``--repo`` those two are listed as "not checked": they neither pass nor fail. Exit 0 only
+  if every check that ran holds, else 1 with one line per finding (seq, expected, found).
 
 A torn tail is reported, not an error. Without ``--verify`` it is also recovered (moved to
 the sidecar file by opening the log as its writer) unless a writer holds the log: then it
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedsm import events as ev
+from fedsm.audit import REPOSITORY_CHECKS, AuditFinding, RepositoryAudit, check_plan
 from fedsm.errors import FedsmError
 from fedsm.lifecycle import IllegalTransition, JobState, apply, initial_state
 from fedsm.log import (
@@ -205,8 +212,8 @@ def check_lifecycle(path: Path) -> list[Finding]:
     return []
 
 
-#: The checks of ``--verify``, in order.
-CHECKS: tuple[Check, ...] = (check_log, check_lifecycle)
+#: The checks of ``--verify`` that need only the log, in order.
+CHECKS: tuple[Check, ...] = (check_log, check_lifecycle, check_plan)
 
 
 def verify_all(path: str | Path, checks: Iterable[Check] = CHECKS) -> list[Finding]:
@@ -225,11 +232,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, help="the job's event log (e.g. RUN_DIR/job.log)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--at", type=int, metavar="SEQ", help="print the job state after SEQ")
+    mode.add_argument("--round", type=int, metavar="N", help="print round N in detail")
     mode.add_argument(
         "--verify",
         action="store_true",
-        help="check framing, checksums, seq, hash chain and lifecycle; exit 1 on any finding",
+        help="audit the log (framing, hash chain, lifecycle, plan; with --repo also the "
+        "artifacts and every aggregate recomputed); exit 1 on any finding",
     )
+    parser.add_argument(
+        "--repo",
+        metavar="URL_OR_DIR",
+        help="with --verify: the run's repository (a directory or http(s) URL); artifacts "
+        "are looked up by digest, whatever URLs the log recorded",
+    )
+    parser.add_argument("--token", help="bearer token of an http(s) --repo")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -238,7 +254,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if args.verify:
-        return _run_verify(args.log, args.json, out)
+        return _run_verify(args.log, args.json, out, getattr(args, "repo", None),
+                           getattr(args, "token", None))
+    if getattr(args, "repo", None):
+        raise ReplayError("--repo is only used with --verify")
     records, torn, note = load(args.log, recover=True)
     if torn is not None:
         print(
@@ -254,6 +273,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         else:
             _print_state(args.at, state, out)
         return 0
+    if getattr(args, "round", None) is not None:
+        return _print_round(records, args.round, args.json, out)
     if args.json:
         rows = [
             {
@@ -276,35 +297,73 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     return 0
 
 
-def _run_verify(path: Path, as_json: bool, out: TextIO) -> int:
-    findings = verify_all(path)
+def _run_verify(
+    path: Path, as_json: bool, out: TextIO, repo: str | None = None, token: str | None = None
+) -> int:
+    not_checked: list[tuple[str, str]] = []
+    if repo is None:
+        findings = verify_all(path)
+        not_checked = list(REPOSITORY_CHECKS)
+    else:
+        from fedsm.repository import open_repository
+
+        with RepositoryAudit(open_repository(repo, token)) as audit:
+            findings = verify_all(path, (*CHECKS, *audit.checks))
     errors = [f for f in findings if f.error]
     if as_json:
         json.dump(
             {
                 "ok": not errors,
-                "findings": [
-                    {"offset": f.offset, "seq": f.seq, "what": f.what, "error": f.error}
-                    for f in findings
-                ],
+                "repository": repo,
+                "findings": [_finding_dict(f) for f in findings],
+                "not_checked": [{"check": n, "what": w} for n, w in not_checked],
             },
             out,
             indent=2,
         )
         out.write("\n")
+        return 1 if errors else 0
+    for f in findings:
+        label = "ERROR" if f.error else "note"
+        out.write(f"{label}: seq {f.seq} (offset {f.offset}): {f.what}\n")
+        if isinstance(f, AuditFinding) and (f.expected is not None or f.found is not None):
+            out.write(f"    expected: {f.expected}\n    found:    {f.found}\n")
+    for name, what in not_checked:
+        out.write(f"not checked: {name}: {what} (give --repo URL_OR_DIR)\n")
+    if errors:
+        out.write(f"{path}: {len(errors)} finding(s); the log does not verify\n")
     else:
-        for f in findings:
-            label = "ERROR" if f.error else "note"
-            out.write(f"{label}: offset {f.offset} seq {f.seq}: {f.what}\n")
-        if errors:
-            out.write(f"{path}: {len(errors)} finding(s); the log does not verify\n")
-        else:
-            try:
-                last = scan(path).last_seq
-            except LogError:  # pragma: no cover - verify found nothing, so scan succeeds
-                last = -1
-            out.write(f"{path}: OK, {last} records, checksums and hash chain intact\n")
+        try:
+            last = scan(path).last_seq
+        except LogError:  # pragma: no cover - verify found nothing, so scan succeeds
+            last = -1
+        scope = "and the repository's artifacts and aggregates" if repo else "(log only)"
+        out.write(
+            f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}\n"
+        )
     return 1 if errors else 0
+
+
+def _finding_dict(f: Finding) -> dict[str, Any]:
+    row: dict[str, Any] = {"offset": f.offset, "seq": f.seq, "what": f.what, "error": f.error}
+    if isinstance(f, AuditFinding):
+        row.update(check=f.check, expected=f.expected, found=f.found)
+    return row
+
+
+def _print_round(records: Sequence[Record], number: int, as_json: bool, out: TextIO) -> int:
+    from fedsm.roundfacts import format_round, round_facts
+
+    rounds = {facts.round: facts for facts in round_facts(records)}
+    if number not in rounds:
+        sent = sorted(rounds) or "none"
+        raise ReplayError(f"round {number} was not sent in this log (rounds sent: {sent})")
+    if as_json:
+        json.dump(rounds[number].to_dict(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_round(rounds[number]))
+    return 0
 
 
 def _print_state(seq: int, state: JobState, out: TextIO) -> None:
