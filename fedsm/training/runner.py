@@ -14,6 +14,10 @@ restored job carry on bit for bit. How:
 A node reads only the dataset record's own ``path``; plan code is whatever the node approved.
 Errors raised by plan code (any exception) are re-raised as :class:`TrainingError` so a node
 can report them without knowing the plan.
+
+:func:`train_round`, :func:`initial_params` and :func:`evaluate` import the plan for the call
+only (:func:`~fedsm.training.loader.loaded_plan_class`): a process simulating 1,000 nodes runs
+1,000 imports a round, and none of them may stay in ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
 from fedsm.training.datasets import load_dataset
-from fedsm.training.loader import PlanImportError, load_plan_class
+from fedsm.training.loader import PlanImportError, load_plan_class, loaded_plan_class
 from fedsm.training.loaders import DataManager
 from fedsm.training.params import load_params, save_params
 from fedsm.training.plan import PlanError, TorchTrainingPlan, TrainingError
@@ -222,16 +226,16 @@ def train_round(
     PlanImportError, TrainingArgsError, ParamsFileError, DatasetError, PlanError, TrainingError
         All :class:`~fedsm.errors.FedsmError`; plan exceptions arrive as ``TrainingError``.
     """
-    plan_cls = load_plan_class(plan_source, plan_class)
-    return train_plan(
-        plan_cls,
-        model_args=model_args,
-        training_args=training_args,
-        params_path=Path(params_path),
-        dataset=dataset,
-        seed=seed,
-        out_path=Path(out_path),
-    )
+    with loaded_plan_class(plan_source, plan_class) as plan_cls:
+        return train_plan(
+            plan_cls,
+            model_args=model_args,
+            training_args=training_args,
+            params_path=Path(params_path),
+            dataset=dataset,
+            seed=seed,
+            out_path=Path(out_path),
+        )
 
 
 def initial_params(
@@ -244,8 +248,7 @@ def initial_params(
     out_path: Path,
 ) -> str:
     """Write the researcher's seeded initial model to ``out_path``; return its sha256."""
-    plan_cls = load_plan_class(plan_source, plan_class)
-    with deterministic(seed):
+    with loaded_plan_class(plan_source, plan_class) as plan_cls, deterministic(seed):
         plan = make_plan(plan_cls, model_args, training_args)
         return save_params(Path(out_path), plan.get_params())
 
@@ -286,11 +289,11 @@ def evaluate(
     Returns the sample-weighted means of the plan's ``testing_step`` metrics (by default
     ``loss`` and, for integer targets, ``accuracy``) plus ``sample_count``.
     """
-    plan_cls = load_plan_class(plan_source, plan_class)
-    return evaluate_plan(
-        plan_cls,
-        model_args=model_args,
-        training_args=training_args,
-        params_path=Path(params_path),
-        dataset=dataset,
-    )
+    with loaded_plan_class(plan_source, plan_class) as plan_cls:
+        return evaluate_plan(
+            plan_cls,
+            model_args=model_args,
+            training_args=training_args,
+            params_path=Path(params_path),
+            dataset=dataset,
+        )
