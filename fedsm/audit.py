@@ -156,14 +156,23 @@ def artifacts_of(event: ev.Event) -> list[tuple[str, str]]:
 class RepositoryAudit:
     """The repository checks of one audit, sharing one scratch directory of fetched files.
 
-    Use as a context manager (the scratch directory is removed on exit)::
+    ``scratch`` (default: a new temporary directory, removed on close) holds the fetched
+    files; ``close_repository`` closes the repository's connections on close too.
+    Use as a context manager::
 
         with RepositoryAudit(open_repository(DIR)) as audit:
             findings = verify_all(log, (*CHECKS, *audit.checks))
     """
 
-    def __init__(self, repository: Repository, scratch: Path | None = None) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        scratch: Path | None = None,
+        *,
+        close_repository: bool = False,
+    ) -> None:
         self.repository = repository
+        self._close_repository = close_repository
         self._own_scratch = scratch is None
         self._scratch = scratch or Path(tempfile.mkdtemp(prefix="fedsm-audit-"))
         self._fetched: dict[str, Path | str] = {}
@@ -174,9 +183,12 @@ class RepositoryAudit:
         return (self.check_artifacts, self.check_aggregates)
 
     def close(self) -> None:
-        """Remove the fetched files."""
+        """Remove the fetched files (and close the repository if asked to)."""
         if self._own_scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
+        close = getattr(self.repository, "close", None)
+        if self._close_repository and close is not None:
+            close()
 
     def __enter__(self) -> RepositoryAudit:
         return self

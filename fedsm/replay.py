@@ -307,7 +307,7 @@ def _run_verify(
     else:
         from fedsm.repository import open_repository
 
-        with RepositoryAudit(open_repository(repo, token)) as audit:
+        with RepositoryAudit(open_repository(repo, token), close_repository=True) as audit:
             findings = verify_all(path, (*CHECKS, *audit.checks))
     errors = [f for f in findings if f.error]
     if as_json:
@@ -325,7 +325,7 @@ def _run_verify(
         return 1 if errors else 0
     for f in findings:
         label = "ERROR" if f.error else "note"
-        out.write(f"{label}: seq {f.seq} (offset {f.offset}): {f.what}\n")
+        out.write(f"{label}: offset {f.offset} seq {f.seq}: {f.what}\n")
         if isinstance(f, AuditFinding) and (f.expected is not None or f.found is not None):
             out.write(f"    expected: {f.expected}\n    found:    {f.found}\n")
     for name, what in not_checked:
