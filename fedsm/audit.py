@@ -24,12 +24,13 @@ what was found); a damaged log yields a note instead, since ``check_log`` report
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedsm import events as ev
 from fedsm.errors import FedsmError
@@ -45,6 +46,7 @@ __all__ = [
     "REPOSITORY_CHECKS",
     "AuditFinding",
     "RepositoryAudit",
+    "Unavailable",
     "artifacts_of",
     "check_plan",
 ]
@@ -54,6 +56,16 @@ REPOSITORY_CHECKS: tuple[tuple[str, str], ...] = (
     ("artifacts", "every artifact the log names is in the repository and hashes to its digest"),
     ("recompute", "every Aggregated recomputed from the replies' files matches bit for bit"),
 )
+
+
+_HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+class Unavailable(NamedTuple):
+    """Why a file can't be had from the repository (``why``) and what is there (``found``)."""
+
+    why: str
+    found: str
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,7 @@ class RepositoryAudit:
         self._close_repository = close_repository
         self._own_scratch = scratch is None
         self._scratch = scratch or Path(tempfile.mkdtemp(prefix="fedsm-audit-"))
-        self._fetched: dict[str, Path | str] = {}
+        self._fetched: dict[str, Path | Unavailable] = {}
 
     @property
     def checks(self) -> tuple[Any, ...]:
@@ -196,22 +208,25 @@ class RepositoryAudit:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def fetch(self, digest: str) -> Path | str:
+    def fetch(self, digest: str) -> Path | Unavailable:
         """The local copy of the file with ``digest`` (checked), or why it can't be had."""
         cached = self._fetched.get(digest)
         if cached is not None:
             return cached
         dest = self._scratch / digest
-        result: Path | str
+        result: Path | Unavailable
         try:
             self.repository.download_file(self.repository.url_for(digest), dest)
             result = dest
         except DigestMismatch as exc:
-            result = f"a file whose bytes hash to another digest ({exc})"
+            # The backends name the digest the stored bytes have; show it when they do.
+            others = [h for h in _HEX64.findall(str(exc)) if h != digest]
+            found = f"a file with sha256 {others[0]}" if others else f"other bytes ({exc})"
+            result = Unavailable("the stored bytes hash to another digest", found)
         except FileNotInRepository:
-            result = f"no such file in {self.repository!r}"
+            result = Unavailable(f"not in the repository {self.repository!r}", "no such file")
         except RepositoryError as exc:
-            result = f"unreadable: {exc}"
+            result = Unavailable(f"unreadable from {self.repository!r}", str(exc))
         self._fetched[digest] = result
         return result
 
@@ -222,11 +237,11 @@ class RepositoryAudit:
         for r in records:
             for what, digest in artifacts_of(r.event):
                 got = self.fetch(digest)
-                if isinstance(got, str):
+                if isinstance(got, Unavailable):
                     findings.append(
                         AuditFinding(
-                            r.offset, r.seq, f"artifacts: {what}: {got}",
-                            True, "artifacts", f"a file with sha256 {digest}", got,
+                            r.offset, r.seq, f"artifacts: {what}: {got.why}",
+                            True, "artifacts", f"a file with sha256 {digest}", got.found,
                         )
                     )
         return findings
@@ -274,10 +289,10 @@ class RepositoryAudit:
                     repr(weight), repr(e.weights.get(node)),
                 )
             got = self.fetch(reply_event.params_sha256)
-            if isinstance(got, str):
+            if isinstance(got, Unavailable):
                 yield finding(
-                    f"can't recompute: the parameters of {node} (seq {reply.seq}) are {got}",
-                    f"a file with sha256 {reply_event.params_sha256}", got,
+                    f"can't recompute: the parameters of {node} (seq {reply.seq}): {got.why}",
+                    f"a file with sha256 {reply_event.params_sha256}", got.found,
                 )
                 return
             items.append((node, got, weight))

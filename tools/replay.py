@@ -1,6 +1,7 @@
-"""Replay or verify a job's event log: the same as ``fedsm replay`` (see fedsm.replay).
+"""Replay, inspect or audit a job's event log: the same as ``fedsm replay`` (see fedsm.replay).
 
-Usage: python tools/replay.py LOG [--at SEQ | --verify] [--json]
+Usage: python tools/replay.py LOG [--at SEQ | --round N | --verify [--repo URL_OR_DIR]
+       [--token T]] [--json]
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""``fedsm replay LOG``: a job's timeline, its state at a seq (``--at``), JSON (``--json``)
-and verification of the log (``--verify``). The work is done by :mod:`fedsm.replay`."""
+"""``fedsm replay LOG``: a job's timeline, its state at a seq (``--at``), one round in detail
+(``--round``), JSON (``--json``) and the audit of the log and, with ``--repo``, of the run's
+files (``--verify``). The work is done by :mod:`fedsm.replay`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fedsm import replay
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay",
-        help="print a job log's timeline, state at a seq, or verify it",
+        help="print a job log's timeline, state at a seq or a round; audit it (--verify)",
         description=replay.__doc__.split("\n\n")[0] if replay.__doc__ else None,
     )
     replay.add_arguments(p)
