@@ -136,6 +136,10 @@ class Requests:
         except queue.Empty:
             return None
 
+    def queued(self) -> int:
+        """How many messages wait in the inbox now."""
+        return self._inbox.qsize()
+
     def _collect(
         self, request_id: str, expected: Iterable[str] | None, deadline_s: float
     ) -> dict[str, Reply]:

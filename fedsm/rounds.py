@@ -122,14 +122,25 @@ class RoundDriver:
 
     # ------------------------------------------------------------------ collect
 
-    def collect(self) -> None:
-        """Take replies until every node of the round answered or the deadline passed."""
+    def collect(self, timeout_s: float | None = None) -> None:
+        """Take replies until every node of the round answered or the deadline passed.
+
+        ``timeout_s`` shortens the wait to that many seconds from now (tests step a round
+        with it); by default the round's reply deadline applies.
+        """
         job = self.job
+        if timeout_s is not None:
+            self._collect_until = min(self._collect_until, time.monotonic() + timeout_s)
+        backlog: int | None = None  # messages already queued when the deadline passed
         while job.state.pending_nodes():
             remaining = self._collect_until - time.monotonic()
             if remaining <= 0:
-                break
-            message = job.requests.next_message(remaining)
+                # Replies that arrived by the deadline still count, even if handling the
+                # ones before them (download, fsync) took us past it; newer ones do not.
+                backlog = job.requests.queued() if backlog is None else backlog - 1
+                if backlog <= 0:
+                    break
+            message = job.requests.next_message(max(0.0, remaining))
             if message is None:
                 break
             verdict = classify(job.state, message)
