@@ -47,6 +47,7 @@ __all__ = [
     "TrainingPlanUploaded",
     "decode_event",
     "encode_event",
+    "fast_decoders",
 ]
 
 #: Values of ``ApprovalChecked.statuses``.
@@ -276,6 +277,35 @@ _FAST_TESTS = {
     "float": "type({v}) is float and {v} - {v} == 0.0",
 }
 
+# The same for the collection kinds that every round's events carry, as statements: each
+# returns None (the slow path) unless its checker would return the value (a list as a tuple).
+_FAST_LOOPS = {
+    "str_tuple": (
+        f"    if type({{v}}) is not list or len({{v}}) > {_MAX_ITEMS}:",
+        "        return None",
+        "    for _item in {v}:",
+        f"        if type(_item) is not str or len(_item) > {_MAX_STR}:",
+        "            return None",
+        "    {v} = tuple({v})",
+    ),
+    "str_map": (
+        f"    if type({{v}}) is not dict or len({{v}}) > {_MAX_ITEMS}:",
+        "        return None",
+        "    for _key, _item in {v}.items():",
+        "        if not (type(_key) is str and type(_item) is str",
+        f"                and len(_key) <= {_MAX_STR} and len(_item) <= {_MAX_STR}):",
+        "            return None",
+    ),
+    "float_map": (
+        f"    if type({{v}}) is not dict or len({{v}}) > {_MAX_ITEMS}:",
+        "        return None",
+        "    for _key, _item in {v}.items():",
+        "        if not (type(_key) is str and type(_item) is float and _item - _item == 0.0",
+        f"                and len(_key) <= {_MAX_STR}):",
+        "            return None",
+    ),
+}
+
 
 def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event | None]:
     """Generate ``fast(data) -> event | None`` for one class: scalar fields are tested
@@ -298,16 +328,20 @@ def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event 
         lines.append("        return None")
     items = []
     for i, f in enumerate(fields):
-        if f.metadata["kind"] in _FAST_TESTS:
+        kind = f.metadata["kind"]
+        if kind in _FAST_TESTS:
+            items.append(f"{f.name!r}: v{i}")
+        elif kind in _FAST_LOOPS:
+            lines += [line.format(v=f"v{i}") for line in _FAST_LOOPS[kind]]
             items.append(f"{f.name!r}: v{i}")
         else:
-            items.append(f"{f.name!r}: _checkers[{f.metadata['kind']!r}]({f.name!r}, v{i})")
+            items.append(f"{f.name!r}: _check_{kind}({f.name!r}, v{i})")
     lines.append("    event = _new(_cls)")
     lines.append("    _set(event, '__dict__', {" + ", ".join(items) + "})")
     lines.append("    return event")
     namespace: dict[str, Any] = {
         "_hex": _HEX64_RE.fullmatch,
-        "_checkers": _CHECKERS,
+        **{f"_check_{kind}": check for kind, check in _CHECKERS.items()},
         "_new": object.__new__,
         "_set": object.__setattr__,
         "_cls": cls,
@@ -514,6 +548,23 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
 }
 for _cls in EVENT_TYPES.values():
     _spec_of(_cls)
+
+_FAST_DECODERS: Mapping[str, tuple[int, Callable[[dict[str, Any]], Event | None]]] = {
+    name: (cls.version, cls._fast_decode) for name, cls in EVENT_TYPES.items()
+}
+
+
+def fast_decoders() -> Mapping[str, tuple[int, Callable[[dict[str, Any]], Event | None]]]:
+    """Wire name -> ``(current schema version, decoder)`` for readers of many records.
+
+    ``decoder(data)`` checks ``data`` exactly as :func:`decode_event` does for that type at
+    its current version and returns the event, raises :class:`EventDecodeError`, or returns
+    None when the slow path must decide (it then builds the precise error). A log reader
+    looks the type up once per record and skips :func:`decode_event`'s argument checks, which
+    cost as much as the decoding itself; records of older versions go through
+    :func:`decode_event` and its upcasters.
+    """
+    return _FAST_DECODERS
 
 
 # --------------------------------------------------------------------------- codec

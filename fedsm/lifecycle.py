@@ -317,16 +317,6 @@ def initial_state() -> JobState:
     return JobState()
 
 
-def _evolve(state: JobState, changes: dict[str, Any]) -> JobState:
-    # dataclasses.replace re-runs __init__ field by field; a dict copy is ~10x cheaper and
-    # replay does this once per event.
-    new = object.__new__(JobState)
-    values = state.__dict__.copy()
-    values.update(changes)
-    object.__setattr__(new, "__dict__", values)
-    return new
-
-
 # --------------------------------------------------------------------------- the machine
 
 
@@ -462,7 +452,7 @@ def _check_answer(s: JobState, round_: int, node: str, request_id: str) -> None:
         raise _Refused(f"node {node!r} already replied in round {s.round}")
     if _answered(s.round_failures, node):
         raise _Refused(f"node {node!r} already failed in round {s.round}")
-    if s.timed_out and _answered(s.timed_out, s.round):
+    if _answered(s.timed_out, s.round):
         raise _Refused(f"round {s.round} timed out; answers are closed")
     if expected != request_id:
         raise _Refused(f"request id {request_id!r} is not the one sent to {node!r}")
@@ -533,27 +523,47 @@ _HANDLERS: dict[str, Callable[[JobState, Any], dict[str, Any]]] = {
     "JobFailed": _on_stopped,
     "JobCancelled": _on_stopped,
 }
-_NAME_OF: dict[type, str] = {cls: name for name, cls in EVENT_TYPES.items()}
 if set(_HANDLERS) != set(EVENT_TYPES):  # pragma: no cover - caught at import by any test
     raise AssertionError("every event type needs a lifecycle handler")
+
+#: Event class -> (type name, {source state: destination}, handler): the one lookup apply()
+#: makes per event, built from the table derived from the Machine.
+_STEPS: dict[type, tuple[str, dict[str, str], Callable[[JobState, Any], dict[str, Any]]]] = {
+    cls: (
+        name,
+        {source: dest for (source, trigger), dest in _NEXT.items() if trigger == name},
+        _HANDLERS[name],
+    )
+    for name, cls in EVENT_TYPES.items()
+}
+_new_state = object.__new__
+_set_dict = object.__setattr__
 
 
 def apply(state: JobState, event: Event) -> JobState:
     """The state after ``event``; raises :class:`IllegalTransition` (state untouched) if the
     event is not allowed in ``state.status`` or its contents break a guard."""
-    name = _NAME_OF.get(type(event))
-    if name is None:
+    step = _STEPS.get(type(event))
+    if step is None:
         raise IllegalTransition(state.status, type(event).__name__, "not an event of the catalogue")
-    dest = _NEXT.get((state.status, name))
+    name, destinations, handler = step
+    values = state.__dict__
+    dest = destinations.get(values["status"])
     if dest is None:
         allowed = ", ".join(allowed_events(state.status)) or "none (the job is over)"
         raise IllegalTransition(state.status, name, f"allowed events: {allowed}")
     try:
-        changes = _HANDLERS[name](state, event)
+        changes = handler(state, event)
     except _Refused as exc:
         raise IllegalTransition(state.status, name, str(exc)) from None
-    changes["status"] = dest
-    return _evolve(state, changes)
+    # dataclasses.replace re-runs __init__ field by field; a dict copy is ~10x cheaper and
+    # replay does this once per event.
+    values = values.copy()
+    values.update(changes)
+    values["status"] = dest
+    new = _new_state(JobState)
+    _set_dict(new, "__dict__", values)
+    return new
 
 
 def replay(events: Iterable[Event], state: JobState | None = None) -> JobState:

@@ -40,13 +40,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgpack
-
-from fedsm.events import Event, encode_event
+from fedsm.events import Event
 from fedsm.logformat import (
     HEADER_SIZE,
     MAGIC,
-    encode_frame,
+    FrameEncoder,
     genesis_hash,
     make_header,
 )
@@ -105,13 +103,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 _sync = getattr(os, "fdatasync", os.fsync)
+_blake2b = hashlib.blake2b
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    # The views are released on return, so a bytearray buffer can be cleared right after.
+    with memoryview(data) as view:
+        done, size = 0, len(view)
+        while done < size:
+            done += os.write(fd, view[done:])
 
 
 def _take_lock(path: Path) -> int:
@@ -189,12 +189,13 @@ class EventLog:
         self._batch_events = batch_events
         self._batch_interval_s = batch_interval_ms / 1000.0
         self.recovery = recovery
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        # Frames written to the OS on flush (batch, never); a bytearray grows in place.
+        self._pending = bytearray()
+        self._pending_count = 0
         self._pending_since = 0.0
         self._broken: str | None = None
         self._lock = threading.Lock()
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self._encoder = FrameEncoder()
 
     # ----------------------------------------------------------------- opening
 
@@ -326,41 +327,33 @@ class EventLog:
         Under ``always`` the record is on disk when this returns. If writing fails the log
         refuses further appends (reopen it: the partial record is then a torn tail).
         """
-        encoded = encode_event(event)
         if type(ts) is not float:
             ts = float(ts)
         if ts - ts != 0.0:
             raise LogError(f"ts must be a finite number, got {ts!r}")
         with self._lock:
-            fd = self._check_writable()
+            fd = self._fd
+            if fd is None or self._broken is not None:
+                fd = self._check_writable()  # raises the precise error
             seq = self._last_seq + 1
-            payload = self._packer.pack(
-                {
-                    "seq": seq,
-                    "type": encoded["type"],
-                    "v": encoded["v"],
-                    "ts": ts,
-                    "prev": self._last_hash,
-                    "data": encoded["data"],
-                }
-            )
-            frame = encode_frame(payload)
+            frame = self._encoder.frame(seq, event, ts, self._last_hash)
             try:
                 if self._durability == "always":
                     _write_all(fd, frame)
                     _sync(fd)
                 else:
-                    if not self._pending:
+                    pending = self._pending
+                    if not pending:
                         self._pending_since = time.monotonic()
-                    self._pending.append(frame)
-                    self._pending_bytes += len(frame)
+                    pending += frame
+                    self._pending_count += 1
                     if self._durability == "batch":
                         if (
-                            len(self._pending) >= self._batch_events
+                            self._pending_count >= self._batch_events
                             or time.monotonic() - self._pending_since >= self._batch_interval_s
                         ):
                             self._flush_locked(fd, sync=True)
-                    elif self._pending_bytes >= _NEVER_BUFFER_BYTES:
+                    elif len(pending) >= _NEVER_BUFFER_BYTES:
                         self._flush_locked(fd, sync=False)
             except OSError as exc:
                 self._broken = f"a write failed ({exc})"
@@ -368,7 +361,7 @@ class EventLog:
                     f"{self._path}: writing seq {seq} failed: {exc}; reopen the log"
                 ) from exc
             self._last_seq = seq
-            self._last_hash = hashlib.blake2b(frame, digest_size=32).digest()
+            self._last_hash = _blake2b(frame, digest_size=32).digest()
             self._end += len(frame)
             return seq
 
@@ -384,9 +377,9 @@ class EventLog:
 
     def _flush_locked(self, fd: int, *, sync: bool) -> None:
         if self._pending:
-            _write_all(fd, b"".join(self._pending))
-            self._pending.clear()
-            self._pending_bytes = 0
+            _write_all(fd, self._pending)
+            del self._pending[:]
+            self._pending_count = 0
             if sync:
                 _sync(fd)
 

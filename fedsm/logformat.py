@@ -13,11 +13,15 @@ from typing import Any
 
 import msgpack
 
+from fedsm.events import Event, encode_event
+
 __all__ = [
     "FORMAT_VERSION",
+    "FRAME",
     "HEADER_SIZE",
     "MAGIC",
     "MAX_RECORD_BYTES",
+    "FrameEncoder",
     "FrameError",
     "check_header",
     "encode_frame",
@@ -32,7 +36,8 @@ _HEADER = struct.Struct("<8sHH16s")
 HEADER_SIZE = _HEADER.size + 4
 #: Upper bound of one record's payload; events carry digests, never tensors.
 MAX_RECORD_BYTES = 16 << 20
-_FRAME = struct.Struct("<II")
+#: ``length | checksum`` at the start of every record.
+FRAME = struct.Struct("<II")
 _KEYS = ("seq", "type", "v", "ts", "prev", "data")
 #: How every payload starts: a 6-entry fixmap whose first key is "seq". Used to find the next
 #: frame after damage without trying every byte offset.
@@ -91,6 +96,60 @@ def encode_frame(payload: bytes) -> bytes:
     return b"".join((length, struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))), payload))
 
 
+_U32 = struct.Struct("<I")
+_F64_BE = struct.Struct(">d")
+_PAYLOAD_SEQ = b"\x86\xa3seq"  # fixmap of 6, "seq"
+_PAYLOAD_TS = b"\xa2ts\xcb"  # "ts", float 64
+_PAYLOAD_PREV = b"\xa4prev\xc4\x20"  # "prev", bin 8 of 32 bytes
+_PAYLOAD_DATA = b"\xa4data"
+
+
+class FrameEncoder:
+    """Builds record frames for one writer.
+
+    The payload comes out byte for byte as ``msgpack.packb({seq, type, v, ts, prev, data},
+    use_bin_type=True)`` would pack it, without building the map: the constant keys and each
+    event class's ``type``/``v`` are packed once, so an append packs only the seq, the
+    timestamp and the event's fields. Not thread-safe (the writer holds its lock).
+    """
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._heads: dict[type, bytes] = {}
+
+    def frame(self, seq: int, event: Event, ts: float, prev: bytes) -> bytes:
+        """``length | checksum | payload`` of the record. ``ts`` must be a float and
+        ``prev`` 32 bytes (the caller checks); raises TypeError if ``event`` is no event."""
+        head = self._heads.get(type(event))
+        if head is None:
+            head = self._head_of(event)
+        if len(prev) != 32:
+            raise ValueError("prev must be a 32-byte hash")
+        pack = self._pack
+        payload = b"".join(
+            (
+                _PAYLOAD_SEQ,
+                pack(seq),
+                head,
+                _PAYLOAD_TS,
+                _F64_BE.pack(ts),
+                _PAYLOAD_PREV,
+                prev,
+                _PAYLOAD_DATA,
+                pack(event.__dict__),  # the fields, in order: encode_event's "data"
+            )
+        )
+        length = _U32.pack(len(payload))
+        return b"".join((length, _U32.pack(zlib.crc32(payload, zlib.crc32(length))), payload))
+
+    def _head_of(self, event: Event) -> bytes:
+        encoded = encode_event(event)  # TypeError for anything that is not an event
+        pack = self._pack
+        head = pack("type") + pack(encoded["type"]) + pack("v") + pack(encoded["v"])
+        self._heads[type(event)] = head
+        return head
+
+
 def read_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int, bytes]:
     """Parse the frame at ``offset``: ``(payload map, end offset, chain hash)``.
 
@@ -100,7 +159,7 @@ def read_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int, byte
     size = len(view)
     if size - offset < 8:
         raise FrameError(f"{size - offset} bytes left, fewer than a record header", True)
-    length, crc = _FRAME.unpack_from(view, offset)
+    length, crc = FRAME.unpack_from(view, offset)
     end = offset + 8 + length
     if length > MAX_RECORD_BYTES or end > size:
         raise FrameError(f"record length {length} runs past the end of the file", True)

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from msgpack import unpackb as unpackb_
+
 from fedsm.errors import FedsmError
-from fedsm.events import Event, EventDecodeError, decode_event
+from fedsm.events import Event, EventDecodeError, decode_event, fast_decoders
 from fedsm.logformat import (
+    FRAME,
     HEADER_SIZE,
+    MAX_RECORD_BYTES,
     FrameError,
     check_header,
     find_next_frame,
@@ -205,13 +211,96 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _collect(path: Path, data: bytes, from_seq: int, stops: list[ScanStop]) -> list[Record]:
-    genesis = genesis_hash(data[:HEADER_SIZE])
-    return [
-        to_record(path, offset, payload, digest)
-        for offset, _end, payload, digest in walk_records(data, genesis, stops)
-        if payload["seq"] >= from_seq
-    ]
+def collect_records(
+    path: Path, data: bytes, genesis: bytes, from_seq: int, stop_out: list[ScanStop]
+) -> list[Record]:
+    """Every good record of ``data`` from ``from_seq`` on, decoded; on the first problem append
+    a :class:`ScanStop` to ``stop_out`` and stop. Raises :class:`LogCorrupted` for a record
+    whose frame and chain are sound but whose event does not decode.
+
+    The same checks as :func:`walk_records` + :func:`to_record`, inlined: replay reads every
+    record of a log through here, and the generic path spends more time in calls, slices and
+    tuples than in checksums and msgpack. Any record the inline checks doubt goes through
+    :func:`~fedsm.logformat.read_frame`, which names the problem exactly.
+    """
+    view = memoryview(data)
+    size = len(data)
+    offset, seq, prev = HEADER_SIZE, 1, genesis
+    records: list[Record] = []
+    add = records.append
+    unpack_frame, crc32, blake2b, unpackb = FRAME.unpack_from, zlib.crc32, hashlib.blake2b, unpackb_
+    decoders = fast_decoders()
+    new, set_dict = object.__new__, object.__setattr__
+    while offset < size:
+        try:  # the fast path; anything it doubts goes to read_frame below
+            length, crc = unpack_frame(view, offset)
+            end = offset + 8 + length
+            frame = view[offset:end]
+            payload = None
+            if (
+                length <= MAX_RECORD_BYTES
+                and end <= size
+                and crc32(frame[8:], crc32(frame[:4])) == crc
+            ):
+                payload = unpackb(frame[8:])
+                found, type_name, version = payload["seq"], payload["type"], payload["v"]
+                ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+                if not (
+                    len(payload) == 6
+                    and type(found) is int
+                    and type(type_name) is str
+                    and type(version) is int
+                    and type(ts) is float
+                    and type(record_prev) is bytes
+                    and type(event_data) is dict
+                ):
+                    payload = None
+        except Exception:  # short frame, not msgpack, not a map, a missing key
+            payload = None
+        if payload is None:
+            try:
+                payload, end, _digest = read_frame(view, offset)
+            except FrameError as exc:
+                stop_out.append(ScanStop(offset, seq, exc.what, exc.frame_damaged))
+                return records
+            found, type_name, version = payload["seq"], payload["type"], payload["v"]
+            ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+            frame = view[offset:end]
+        if found != seq:
+            what = f"sequence broken: expected seq {seq}, found seq {found}"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return records
+        if record_prev != prev:
+            what = "hash chain broken: prev is not the hash of the record before"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return records
+        prev = blake2b(frame, digest_size=32).digest()
+        if seq >= from_seq:
+            decoder = decoders.get(type_name)
+            event = None
+            if decoder is not None and decoder[0] == version:
+                try:
+                    event = decoder[1](event_data)
+                except EventDecodeError:
+                    event = None
+            if event is None:  # an older schema version, or an error to name precisely
+                try:
+                    event = decode_event(type_name, version, event_data)
+                except EventDecodeError as exc:
+                    what = f"event does not decode: {exc}"
+                    raise LogCorrupted(path, offset, seq, what) from None
+            # Record is frozen: fill its __dict__ directly instead of paying __init__'s
+            # object.__setattr__ per field.
+            record = new(Record)
+            set_dict(
+                record,
+                "__dict__",
+                {"seq": seq, "ts": ts, "event": event, "offset": offset, "hash": prev},
+            )
+            add(record)
+        offset = end
+        seq += 1
+    return records
 
 
 def scan(path: str | os.PathLike[str], *, from_seq: int = 1) -> LogScan:
@@ -229,7 +318,7 @@ def scan(path: str | os.PathLike[str], *, from_seq: int = 1) -> LogScan:
     log_id = read_header(path, data)
     stops: list[ScanStop] = []
     with gc_paused():
-        records = _collect(path, data, from_seq, stops)
+        records = collect_records(path, data, genesis_hash(data[:HEADER_SIZE]), from_seq, stops)
     torn = None
     if stops:
         stop = stops[0]

@@ -31,31 +31,33 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def job_events(total: int, nodes: int = 100) -> Iterator[ev.Event]:
-    """A legal job of about ``total`` events: rounds of ``nodes`` replies."""
-    names = tuple(f"node-{i:03d}" for i in range(nodes))
+def job_events(total: int, nodes: int = 10) -> Iterator[ev.Event]:
+    """A legal job of about ``total`` events: rounds of ``nodes`` replies.
+
+    Ids are short (``n03``, ``r12-n03``) and a reply carries one metric, so a ``ReplyReceived``
+    record is about as small as this format allows (the sha256 hex digest, the 32-byte
+    ``prev`` and the field names are most of it).
+    """
+    names = tuple(f"n{i:02d}" for i in range(nodes))
     rounds = max(1, total // (nodes + 2))
     plan, params = _sha("plan"), _sha("p0")
     yield ev.JobCreated(
         "job-bench", "researcher", "BenchPlan", {"epochs": 1}, {}, 7, names,
         {n: f"ds-{n}" for n in names}, rounds, 1, 60.0, "fedavg", {}, (),
     )  # fmt: skip
-    yield ev.TrainingPlanUploaded("http://repo/plan", plan, "BenchPlan")
-    yield ev.ParamsUploaded(0, "http://repo/p0", params)
+    yield ev.TrainingPlanUploaded("http://r/plan", plan, "BenchPlan")
+    yield ev.ParamsUploaded(0, "http://r/p0", params)
     yield ev.ApprovalChecked(plan, {n: "approved" for n in names}, {n: True for n in names})
     for r in range(1, rounds + 1):
-        rids = {n: f"train-{r:04d}-{n}" for n in names}
-        yield ev.RoundSent(r, names, rids, f"http://repo/p{r - 1}", params, 1.7e9 + r)
+        rids = {n: f"r{r}-{n}" for n in names}
+        yield ev.RoundSent(r, names, rids, f"http://r/p{r - 1}", params, 1.7e9 + r)
         for n in names:
             yield ev.ReplyReceived(
-                r, n, rids[n], f"http://repo/{r}/{n}", _sha(f"{r}{n}"), 1000,
-                {"loss": 0.25}, {"train_s": 1.5},
-            )  # fmt: skip
+                r, n, rids[n], f"http://r/{r}/{n}", _sha(f"{r}{n}"), 1000, {"loss": 0.25}, {}
+            )
         params = _sha(f"agg{r}")
-        yield ev.Aggregated(
-            r, f"http://repo/agg{r}", params, names, {n: 1000.0 for n in names}, "fedavg"
-        )
-    yield ev.JobCompleted(rounds, f"http://repo/agg{rounds}", params)
+        yield ev.Aggregated(r, f"http://r/a{r}", params, names, dict.fromkeys(names, 1.0), "fedavg")
+    yield ev.JobCompleted(rounds, f"http://r/a{rounds}", params)
 
 
 def bench_append(directory: Path, events: list[ev.Event], durability: str) -> float:
