@@ -37,7 +37,15 @@ log = logging.getLogger(__name__)
 
 TAGS = ("breast-cancer",)
 #: Per round; the centralised baseline trains for as many epochs in all as the federation.
-DEMO_TRAINING_ARGS = {"lr": 0.5, "epochs": 3, "batch_size": 32}
+DEMO_TRAINING_ARGS = {
+    "lr": 0.5,
+    "epochs": 3,
+    "batch_size": 32,
+    # Each node validates the global model on a fixed 10% of its data before training.
+    "test_ratio": 0.1,
+    "test_on_global_updates": True,
+    "random_seed": 0,
+}
 DEMO_MODEL_ARGS: dict[str, Any] = {}
 PLAN_CLASS = "BreastCancerPlan"
 
