@@ -325,7 +325,7 @@ class Job:
         """
         state = self._state
         deadline_s = state.config.reply_deadline_s if deadline_s is None else deadline_s
-        replies = self._reqs._ask(
+        replies = self._reqs.ask(
             TrainingPlanStatusRequest,
             state.config.nodes,
             deadline_s,

@@ -172,13 +172,17 @@ class Requests:
             replies[message.node_id] = message
         return replies
 
-    def _ask(
+    def ask(
         self,
         request_cls: type[Request],
         nodes: Iterable[str] | None,
         deadline_s: float | None,
         **fields: Any,
     ) -> dict[str, Reply]:
+        """Send one request (to ``nodes``, or broadcast when None) and collect the replies.
+
+        ``fields`` are the request's own fields beyond the common header.
+        """
         deadline_s = self.default_deadline_s if deadline_s is None else deadline_s
         request_id = new_id("req")
         header = dict(
@@ -202,7 +206,7 @@ class Requests:
     ) -> dict[str, float]:
         """Round-trip time in seconds of every node that answered."""
         start = time.monotonic()
-        replies = self._ask(PingRequest, nodes, deadline_s)
+        replies = self.ask(PingRequest, nodes, deadline_s)
         elapsed = time.monotonic() - start
         return {node: elapsed for node, reply in replies.items() if isinstance(reply, PingReply)}
 
@@ -210,7 +214,7 @@ class Requests:
         self, nodes: Iterable[str] | None = None, deadline_s: float | None = None
     ) -> dict[str, list[dict[str, Any]]]:
         """The datasets of every node that answered (paths are never sent by nodes)."""
-        replies = self._ask(ListRequest, nodes, deadline_s)
+        replies = self.ask(ListRequest, nodes, deadline_s)
         return {n: list(r.datasets) for n, r in replies.items() if isinstance(r, ListReply)}
 
     def search(
@@ -223,7 +227,7 @@ class Requests:
 
         Nodes with no match answer with an empty list and are left out of the result.
         """
-        replies = self._ask(SearchRequest, nodes, deadline_s, tags=tuple(tags))
+        replies = self.ask(SearchRequest, nodes, deadline_s, tags=tuple(tags))
         found: dict[str, Any] = {}
         for node_id, reply in replies.items():
             if isinstance(reply, ErrorReply):
