@@ -1,0 +1,40 @@
+"""The researcher's requests over the memory bus, against real nodes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from job_world import SilentNode, make_world
+
+from fedsm.requests import Requests
+
+
+def test_search_returns_when_every_online_node_answered(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 3)
+    try:
+        reqs = Requests(world.researcher(), default_deadline_s=30.0)
+        start = time.monotonic()
+        found = reqs.search(["breast-cancer"])
+        assert time.monotonic() - start < 10.0  # did not sit out the 30 s deadline
+        assert found.node_ids() == ["node-1", "node-2", "node-3"]
+        assert all("path" not in entry for entry in found.data().values())  # never sent
+        assert len(reqs.search(["no-such-tag"])) == 0  # empty answers, not silence
+        assert sorted(reqs.ping_nodes()) == ["node-1", "node-2", "node-3"]
+        listed = reqs.list(["node-2"])
+        assert list(listed) == ["node-2"] and listed["node-2"][0]["dataset_id"]
+    finally:
+        world.close()
+
+
+def test_search_waits_for_a_slow_node_until_the_deadline_only(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 1)
+    try:
+        silent = SilentNode(world, "node-9", world.nodes[0].datasets.list()[0])
+        reqs = Requests(world.researcher(), default_deadline_s=0.5)
+        assert "node-9" in reqs.bus.online_nodes()
+        found = reqs.ping_nodes()  # the silent node never pongs: the deadline ends the wait
+        assert list(found) == ["node-1"]
+        assert reqs.offline_nodes(["node-1", "node-9", "node-404"]) == ["node-404"]
+    finally:
+        world.close()
