@@ -23,8 +23,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fedsm tests tools
 
+# Benchmarks print numbers; none of them fails for being slow.
 bench: $(STAMP)
 	$(BIN)/python tools/bench_log.py
+	$(BIN)/python tools/bench_mqtt.py
+	$(BIN)/python tools/bench_repo.py
+	$(BIN)/python tools/bench_aggregation.py
+	$(BIN)/python tools/bench_scale.py --nodes 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
