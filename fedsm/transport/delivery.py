@@ -23,7 +23,14 @@ from fedsm.errors import DeadlineExceeded
 from fedsm.protocol import BROADCAST, Message, Reply, Request
 from fedsm.transport.base import Handler, TransportError
 
-__all__ = ["HandlerSet", "NodeLiveness", "StatusHandler", "check_request", "check_reply"]
+__all__ = [
+    "HandlerSet",
+    "LivenessQueries",
+    "NodeLiveness",
+    "StatusHandler",
+    "check_request",
+    "check_reply",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +173,27 @@ def check_reply(reply: Reply, node_id: str) -> None:
         raise TransportError(
             f"node {node_id!r} cannot send a reply whose node_id is {reply.node_id!r}"
         )
+
+
+class LivenessQueries:
+    """The researcher's liveness questions, answered the same way by every bus from its
+    ``_liveness`` (a :class:`NodeLiveness` fed by the transport's own status signals)."""
+
+    _liveness: NodeLiveness
+
+    def online_nodes(self) -> frozenset[str]:
+        """Researcher: nodes online now. Always empty for a node."""
+        return self._liveness.online()
+
+    def offline_nodes(self) -> frozenset[str]:
+        """Researcher: nodes seen before whose last known status is offline."""
+        return self._liveness.offline()
+
+    def on_status(self, handler: StatusHandler) -> None:
+        """Researcher: call ``handler(node_id, online)`` when a node comes or goes."""
+        self._liveness.add_callback(handler)
+
+    def wait_online(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Researcher: block until every node in ``node_ids`` is online, or raise
+        :class:`~fedsm.errors.DeadlineExceeded` naming the missing ones after ``timeout_s``."""
+        self._liveness.wait(node_ids, True, timeout_s)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from fedsm.protocol import (
     BROADCAST,
@@ -35,8 +35,8 @@ from fedsm.protocol import (
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
 from fedsm.transport.delivery import (
     HandlerSet,
+    LivenessQueries,
     NodeLiveness,
-    StatusHandler,
     check_reply,
     check_request,
 )
@@ -190,7 +190,7 @@ class MemoryBroker:
         bus._receive(data)
 
 
-class MemoryBus(Bus):
+class MemoryBus(LivenessQueries, Bus):
     """One participant's connection to a :class:`MemoryBroker`.
 
     Parameters
@@ -251,23 +251,6 @@ class MemoryBus(Bus):
     def subscribe(self, handler: Handler) -> None:
         """Call ``handler`` for each delivered message, in the deliverer's thread."""
         self._handlers.add(handler)
-
-    def online_nodes(self) -> frozenset[str]:
-        """Researcher: nodes connected now. Always empty for a node."""
-        return self._liveness.online()
-
-    def offline_nodes(self) -> frozenset[str]:
-        """Researcher: nodes that were connected before but are not now."""
-        return self._liveness.offline()
-
-    def on_status(self, handler: StatusHandler) -> None:
-        """Researcher: call ``handler(node_id, online)`` when a node comes or goes."""
-        self._liveness.add_callback(handler)
-
-    def wait_online(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
-        """Researcher: block until every node in ``node_ids`` is online, or raise
-        :class:`~fedsm.errors.DeadlineExceeded` after ``timeout_s``."""
-        self._liveness.wait(node_ids, True, timeout_s)
 
     def close(self) -> None:
         """Disconnect; a node shows as offline to researchers. Idempotent."""

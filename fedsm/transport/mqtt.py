@@ -47,8 +47,8 @@ from fedsm.protocol import (
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
 from fedsm.transport.delivery import (
     HandlerSet,
+    LivenessQueries,
     NodeLiveness,
-    StatusHandler,
     check_reply,
     check_request,
 )
@@ -74,7 +74,7 @@ class DuplicateClientId(TransportError):
     """Another process connected with the same client id; the two knock each other off."""
 
 
-class MqttBus(Bus):
+class MqttBus(LivenessQueries, Bus):
     """One participant's MQTT connection.
 
     The constructor blocks until the broker accepted the connection and the subscriptions
@@ -187,8 +187,13 @@ class MqttBus(Bus):
         self._client = client
 
         self._inbound = Inbound(
-            participant_id, role, self.topics, self._handlers, self._liveness,
-            max_message_bytes=max_message_bytes, where=self._where,
+            participant_id,
+            role,
+            self.topics,
+            self._handlers,
+            self._liveness,
+            max_message_bytes=max_message_bytes,
+            where=self._where,
             thread_name=f"fedsm-mqtt-dispatch-{self.client_id}",
         )
         try:
@@ -217,29 +222,14 @@ class MqttBus(Bus):
         """Publish ``reply`` on ``<prefix>/reply/<researcher_id>/<this node>``."""
         self._check_usable(NODE, "reply")
         check_reply(reply, self.participant_id)
-        self._publish(self.topics.reply(reply.researcher_id, self.participant_id),
-                      encode(reply, max_bytes=self.max_message_bytes))
+        self._publish(
+            self.topics.reply(reply.researcher_id, self.participant_id),
+            encode(reply, max_bytes=self.max_message_bytes),
+        )
 
     def subscribe(self, handler: Handler) -> None:
         """Call ``handler`` for every delivered message, on this bus's dispatch thread."""
         self._handlers.add(handler)
-
-    def online_nodes(self) -> frozenset[str]:
-        """Researcher: nodes whose retained status is "online". Always empty for a node."""
-        return self._liveness.online()
-
-    def offline_nodes(self) -> frozenset[str]:
-        """Researcher: nodes known from their status topic whose status is "offline"."""
-        return self._liveness.offline()
-
-    def on_status(self, handler: StatusHandler) -> None:
-        """Researcher: call ``handler(node_id, online)`` on the dispatch thread when it changes."""
-        self._liveness.add_callback(handler)
-
-    def wait_online(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
-        """Researcher: block until all ``node_ids`` are online, else raise
-        :class:`~fedsm.errors.DeadlineExceeded` naming the missing ones."""
-        self._liveness.wait(node_ids, True, timeout_s)
 
     def wait_offline(self, node_ids: Iterable[str], timeout_s: float = 10.0) -> None:
         """Researcher: block until all ``node_ids`` are known offline (or raise)."""
@@ -314,8 +304,9 @@ class MqttBus(Bus):
             except (OSError, AttributeError) as exc:  # e.g. a unix socket
                 log.debug("%s: TCP_NODELAY not set: %s", self._where, exc)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
-                    props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         if rc.is_failure:
             hint = ""
             if rc.value in (134, 135):  # bad user name or password / not authorized
@@ -336,12 +327,14 @@ class MqttBus(Bus):
             self._sub_mid = mid
             self._connected_at = time.monotonic()
         if self.role == NODE:
-            client.publish(self.topics.status(self.participant_id), STATUS_ONLINE, qos=1,
-                           retain=True)
+            client.publish(
+                self.topics.status(self.participant_id), STATUS_ONLINE, qos=1, retain=True
+            )
         log.info("%s: connected (session present: %s)", self._where, flags.session_present)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any],
-                      props: Any) -> None:
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any
+    ) -> None:
         failed = [str(c) for c in codes if c.is_failure]
         with self._cond:
             if mid != self._sub_mid:
@@ -353,8 +346,9 @@ class MqttBus(Bus):
                 self._ready = True
             self._cond.notify_all()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
-                       props: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         now = time.monotonic()
         with self._cond:
             self._ready = False
@@ -416,16 +410,18 @@ class MqttBus(Bus):
                 f"message to {topic} not sent"
             )
         elif info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"{self._where}: publish to {topic} failed: "
-                                 f"{mqtt.error_string(info.rc)}")
+            raise TransportError(
+                f"{self._where}: publish to {topic} failed: {mqtt.error_string(info.rc)}"
+            )
         with self._cond:
             if info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
             else:
                 self._inflight[info.mid] = topic
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
-                    props: Any) -> None:
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
+    ) -> None:
         with self._cond:
             topic = self._inflight.pop(mid, None)
             if topic is None:
@@ -465,8 +461,11 @@ class MqttBus(Bus):
             while self._inflight and self._ready:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.warning("%s: closing with %d unacknowledged publishes", self._where,
-                                len(self._inflight))
+                    log.warning(
+                        "%s: closing with %d unacknowledged publishes",
+                        self._where,
+                        len(self._inflight),
+                    )
                     break
                 self._cond.wait(remaining)
             self._closing = True
