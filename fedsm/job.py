@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsm import lifecycle
+from fedsm import approval, lifecycle
 from fedsm.aggregation import FedAvg
 from fedsm.datacheck import check_data_quality
 from fedsm.events import (
-    ApprovalChecked,
     Event,
     JobCreated,
     JobFailed,
@@ -39,7 +38,6 @@ from fedsm.job_errors import (
 )
 from fedsm.log import EventLog
 from fedsm.plansource import plan_source
-from fedsm.protocol import TrainingPlanStatusReply, TrainingPlanStatusRequest
 from fedsm.repository.base import Repository
 from fedsm.requests import FederatedDataSet, Requests, new_id
 from fedsm.rounds import RoundDriver
@@ -323,48 +321,13 @@ class Job:
 
         Statuses: approved, rejected, pending, unknown, or ``no-reply``.
         """
-        state = self._state
-        deadline_s = state.config.reply_deadline_s if deadline_s is None else deadline_s
-        replies = self._reqs.ask(
-            TrainingPlanStatusRequest,
-            state.config.nodes,
-            deadline_s,
-            job_id=state.job_id,
-            training_plan_url=state.plan_url,
-            training_plan_sha256=state.plan_sha256,
-        )
-        statuses: dict[str, str] = {}
-        required: dict[str, bool] = {}
-        for node in state.config.nodes:
-            reply = replies.get(node)
-            if isinstance(reply, TrainingPlanStatusReply):
-                statuses[node] = reply.status
-                required[node] = reply.approval_required
-            else:
-                statuses[node] = "no-reply"
-                required[node] = True
-        self._record(
-            ApprovalChecked(
-                plan_sha256=state.plan_sha256, statuses=statuses, approval_required=required
-            )
-        )
-        return statuses
+        event = approval.ask_nodes(self._reqs, self._state, deadline_s)
+        self._record(event)
+        return dict(event.statuses)
 
     def require_approval(self) -> None:
         """Raise :class:`TrainingPlanNotApproved` unless every node may run this plan."""
-        approvals = self._state.approvals
-        if approvals is None:
-            raise JobError("check_training_plan_is_approved_by_nodes() has not been run")
-        refused = {
-            n: s
-            for n, s in approvals.statuses.items()
-            if s != "approved" and approvals.approval_required.get(n, True)
-        }
-        if refused:
-            raise TrainingPlanNotApproved(
-                f"training plan {approvals.plan_sha256} is not approved on {refused}; on each "
-                f"node run: fedsm node plan approve --dir NODE_DIR --sha256 {approvals.plan_sha256}"
-            )
+        approval.require(self._state.approvals)
 
     def upload_aggregator_args(
         self,

@@ -13,7 +13,7 @@ from job_world import TRAINING_ARGS, SilentNode, make_world
 from fedsm import lifecycle
 from fedsm.experiment import Experiment
 from fedsm.job import Job
-from fedsm.job_errors import JobFailedError
+from fedsm.job_errors import JobFailedError, TrainingPlanNotApproved
 from fedsm.log import scan
 from fedsm.protocol import ErrorNumber
 from fedsm.requests import FederatedDataSet, Requests
@@ -138,5 +138,26 @@ def test_faulty_bus_never_counts_a_reply_twice_and_replay_equals_live(
             assert rnd in live.aggregates or live.status == "failed"
         if drop == 0.0 and reorder == 0:
             assert live.status == "completed" and not live.timed_out
+    finally:
+        world.close()
+
+
+def test_an_unapproved_plan_fails_early_with_the_command_that_fixes_it(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 2)
+    try:
+        changed = tmp_path / "changed_plan.py"
+        changed.write_text(world.plan.read_text() + "\n# one more line\n")
+        exp = Experiment(tags=["breast-cancer"], training_plan_class="BreastCancerPlan",
+                         training_plan_path=changed, training_args=TRAINING_ARGS,
+                         run_dir=tmp_path / "run", bus=world.researcher(),
+                         repository=world.repository, progress=False)
+        with pytest.raises(TrainingPlanNotApproved) as info:
+            exp.run()
+        sha = exp.job.state.plan_sha256
+        assert f"fedsm node plan approve --dir NODE_DIR --sha256 {sha}" in str(info.value)
+        assert exp.job.state.approvals.statuses == {"node-1": "unknown", "node-2": "unknown"}
+        assert exp.job.state.round == 0  # no round was sent
+        for node in world.nodes:  # the operators now see it waiting for their decision
+            assert node.plans.status(sha) == "pending"
     finally:
         world.close()
