@@ -307,11 +307,18 @@ _FAST_LOOPS = {
 }
 
 
-def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event | None]:
-    """Generate ``fast(data) -> event | None`` for one class: scalar fields are tested
-    inline, the others go through their checkers; None means "take the slow path" (which
-    builds the precise error). Replay decodes every record, and one generated function is
-    about twice as fast as a checker call per field."""
+def _compile_fast_decoder(
+    cls: type[Event], *, adopt: bool
+) -> Callable[[dict[str, Any]], Event | None]:
+    """Generate ``fast(data) -> event | None`` for one class: every field is tested inline
+    or by its checker; None means "take the slow path" (which builds the precise error).
+    Replay decodes every record, and one generated function is about twice as fast as a
+    checker call per field.
+
+    With ``adopt``, ``data`` itself becomes the event's ``__dict__`` when its keys are in
+    field order (as the log writes them): one map less per record read. Only for a map
+    nobody else holds, such as one msgpack just built.
+    """
     fields = dataclasses.fields(cls)
     lines = ["def fast(data):", f"    if len(data) != {len(fields)}:", "        return None"]
     lines.append("    try:")
@@ -326,18 +333,23 @@ def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event 
     if tests:
         lines.append("    if not (" + " and ".join(f"({t})" for t in tests) + "):")
         lines.append("        return None")
-    items = []
+    changed = []  # fields whose checked value may be another object than the one in data
     for i, f in enumerate(fields):
         kind = f.metadata["kind"]
-        if kind in _FAST_TESTS:
-            items.append(f"{f.name!r}: v{i}")
-        elif kind in _FAST_LOOPS:
+        if kind in _FAST_LOOPS:
             lines += [line.format(v=f"v{i}") for line in _FAST_LOOPS[kind]]
-            items.append(f"{f.name!r}: v{i}")
-        else:
-            items.append(f"{f.name!r}: _check_{kind}({f.name!r}, v{i})")
+        elif kind not in _FAST_TESTS:
+            lines.append(f"    v{i} = _check_{kind}({f.name!r}, v{i})")
+        if kind not in _FAST_TESTS:
+            changed.append(i)
     lines.append("    event = _new(_cls)")
-    lines.append("    _set(event, '__dict__', {" + ", ".join(items) + "})")
+    items = ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields))
+    if adopt:
+        lines.append("    if _keys(data) == _names:")
+        lines += [f"        data[{fields[i].name!r}] = v{i}" for i in changed]
+        lines.append("        _set(event, '__dict__', data)")
+        lines.append("        return event")
+    lines.append("    _set(event, '__dict__', {" + items + "})")
     lines.append("    return event")
     namespace: dict[str, Any] = {
         "_hex": _HEX64_RE.fullmatch,
@@ -345,6 +357,8 @@ def _compile_fast_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event 
         "_new": object.__new__,
         "_set": object.__setattr__,
         "_cls": cls,
+        "_keys": tuple,
+        "_names": tuple(f.name for f in fields),
     }
     exec("\n".join(lines), namespace)  # noqa: S102 - code built above from field kinds only
     return namespace["fast"]
@@ -357,7 +371,8 @@ def _spec_of(cls: type[Event]) -> tuple[tuple[str, Callable[[str, Any], Any]], .
         spec = tuple((f.name, _CHECKERS[f.metadata["kind"]]) for f in dataclasses.fields(cls))
         cls._spec = spec
         cls._names = frozenset(name for name, _ in spec)
-        cls._fast_decode = staticmethod(_compile_fast_decoder(cls))
+        cls._fast_decode = staticmethod(_compile_fast_decoder(cls, adopt=False))
+        cls._fast_decode_owned = staticmethod(_compile_fast_decoder(cls, adopt=True))
     return spec
 
 
@@ -550,7 +565,7 @@ for _cls in EVENT_TYPES.values():
     _spec_of(_cls)
 
 _FAST_DECODERS: Mapping[str, tuple[int, Callable[[dict[str, Any]], Event | None]]] = {
-    name: (cls.version, cls._fast_decode) for name, cls in EVENT_TYPES.items()
+    name: (cls.version, cls._fast_decode_owned) for name, cls in EVENT_TYPES.items()
 }
 
 
@@ -559,7 +574,9 @@ def fast_decoders() -> Mapping[str, tuple[int, Callable[[dict[str, Any]], Event 
 
     ``decoder(data)`` checks ``data`` exactly as :func:`decode_event` does for that type at
     its current version and returns the event, raises :class:`EventDecodeError`, or returns
-    None when the slow path must decide (it then builds the precise error). A log reader
+    None when the slow path must decide (it then builds the precise error). The decoder may
+    keep ``data`` as the event's storage: pass only a map nobody else holds or changes (one
+    msgpack just unpacked). A log reader
     looks the type up once per record and skips :func:`decode_event`'s argument checks, which
     cost as much as the decoding itself; records of older versions go through
     :func:`decode_event` and its upcasters.

@@ -181,10 +181,19 @@ class AppendMap(Mapping[K, V]):
         elif len(store) != n:  # someone extended this map already: branch off a copy
             store = dict(itertools.islice(store.items(), n))
         store[key] = (n, value)
-        new = AppendMap.__new__(AppendMap)
+        new = _new_append_map(AppendMap)
         new._store, new._n = store, n + 1
         return new
 
+
+_new_append_map = object.__new__
+
+
+def _keys_of(amap: AppendMap[K, V]) -> Any:
+    """Something that answers ``key in amap`` fast: the shared dict itself when ``amap`` is
+    the newest map of its line (the case in every fold), else a set of its keys."""
+    store = amap._store
+    return store if len(store) == amap._n else set(amap)
 
 _EMPTY: AppendMap[Any, Any] = AppendMap()
 
@@ -263,7 +272,7 @@ class JobState:
 
     def unanswered_nodes(self) -> tuple[str, ...]:
         """Nodes of the current round that have neither replied nor failed."""
-        replied, failed = self.round_replies, self.round_failures
+        replied, failed = _keys_of(self.round_replies), _keys_of(self.round_failures)
         return tuple(n for n in self.round_nodes if n not in replied and n not in failed)
 
     def pending_nodes(self) -> tuple[str, ...]:
@@ -443,16 +452,21 @@ def _answered(amap: AppendMap[Any, Any], key: Any) -> bool:
 
 
 def _check_answer(s: JobState, round_: int, node: str, request_id: str) -> None:
+    # AppendMap.__contains__ inlined (see _answered): replay calls this for every reply.
     if round_ != s.round:
         raise _Refused(f"round {round_} is not the current round {s.round}")
     expected = s.request_ids.get(node)
     if expected is None:
         raise _Refused(f"node {node!r} is not in round {s.round}")
-    if _answered(s.round_replies, node):
+    replies, failures, timed_out = s.round_replies, s.round_failures, s.timed_out
+    entry = replies._store.get(node)
+    if entry is not None and entry[0] < replies._n:
         raise _Refused(f"node {node!r} already replied in round {s.round}")
-    if _answered(s.round_failures, node):
+    entry = failures._store.get(node)
+    if entry is not None and entry[0] < failures._n:
         raise _Refused(f"node {node!r} already failed in round {s.round}")
-    if _answered(s.timed_out, s.round):
+    entry = timed_out._store.get(round_)
+    if entry is not None and entry[0] < timed_out._n:
         raise _Refused(f"round {s.round} timed out; answers are closed")
     if expected != request_id:
         raise _Refused(f"request id {request_id!r} is not the one sent to {node!r}")

@@ -153,3 +153,26 @@ def test_older_schema_versions_are_upcast_in_a_loop() -> None:
     # The closed registry does not know the test's class: no class is resolved by name.
     with pytest.raises(ev.EventDecodeError):
         ev.decode_event("_Renamed", 1, v1)
+
+
+@pytest.mark.parametrize("cls", list(ev.EVENT_TYPES.values()), ids=lambda c: c.__name__)
+@given(data=st.data())
+def test_the_log_readers_fast_decoders_agree_with_decode_event(
+    cls: type[ev.Event], data: st.DataObject
+) -> None:
+    event = data.draw(events_of(cls))
+    packed = msgpack.packb(ev.encode_event(event)["data"], use_bin_type=True)
+    version, fast = ev.fast_decoders()[cls.type_name]
+    assert version == cls.version
+    decoded = fast(msgpack.unpackb(packed, raw=False))
+    assert decoded == event and type(decoded) is cls
+    assert decoded == ev.decode_event(cls.type_name, version, msgpack.unpackb(packed, raw=False))
+
+
+def test_decode_event_does_not_keep_the_callers_map() -> None:
+    """Only the log reader's own fresh maps may become an event's storage: a caller changing
+    the map it decoded must not change the (immutable) event."""
+    data = ev.encode_event(ev.JobFailed(round=3, reason="disk full"))["data"]
+    event = ev.decode_event("JobFailed", 1, data)
+    data["reason"] = "changed"
+    assert event.reason == "disk full"

@@ -297,3 +297,23 @@ def test_a_second_writer_process_gets_the_lock_error_naming_the_holder(tmp_path:
         [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_frames_are_exactly_msgpack_of_the_documented_record_map(tmp_path: Path) -> None:
+    """The writer packs the record map piecewise for speed; the bytes must stay what packing
+    the documented map {seq, type, v, ts, prev, data} gives, and the reader must agree."""
+    import msgpack
+
+    from fedsm.events import encode_event
+    from fedsm.logformat import FrameEncoder, encode_frame
+
+    encoder = FrameEncoder()
+    prev = bytes(range(32))
+    for seq, (event, ts) in enumerate(zip(EVENTS, (0.0, -1.5, 1.7e9, 2.0**60), strict=False)):
+        encoded = encode_event(event)
+        record = {"seq": 10**seq, "type": encoded["type"], "v": encoded["v"], "ts": ts,
+                  "prev": prev, "data": encoded["data"]}  # fmt: skip
+        expected = encode_frame(msgpack.packb(record, use_bin_type=True))
+        assert encoder.frame(10**seq, event, ts, prev) == expected, type(event).__name__
+    with pytest.raises(TypeError):
+        encoder.frame(1, "JobCreated", 1.0, prev)  # type: ignore[arg-type]
