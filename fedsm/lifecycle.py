@@ -195,6 +195,7 @@ def _keys_of(amap: AppendMap[K, V]) -> Any:
     store = amap._store
     return store if len(store) == amap._n else set(amap)
 
+
 _EMPTY: AppendMap[Any, Any] = AppendMap()
 
 
