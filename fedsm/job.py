@@ -13,6 +13,7 @@ which nodes answer from their reply cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -256,7 +257,7 @@ class Job:
     def training_plan_file(self) -> Path:
         return self._files / "training_plan.py"
 
-    @property
+    @functools.cached_property
     def training_plan(self) -> type:
         """The plan class, imported from the exact source that was uploaded."""
         return runner.load_plan_class(self._plan_source, self.training_plan_name)

@@ -80,6 +80,10 @@ class NodeDatabase:
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        if not durable:
+            # Simulated nodes come by the thousand: cap each connection's page cache at
+            # 256 KiB (the default lets it grow to 2 MB as the reply cache grows).
+            self._conn.execute("PRAGMA cache_size=-256")
         with self.write() as conn:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():

@@ -38,7 +38,7 @@ from torch import nn
 
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
-from fedsm.training.loader import PLAN_SOURCE_ATTRIBUTE, PlanImportError, load_plan_class
+from fedsm.training.loader import PLAN_SOURCE_ATTRIBUTE, PlanImportError, loaded_plan_class
 from fedsm.training.loaders import BatchLoader, DataManager
 from fedsm.training.params import check_like, load_params, save_params
 
@@ -295,7 +295,7 @@ class TorchTrainingPlan:
     def save_code(self, path: str | Path) -> str:
         """Write :meth:`source` to ``path`` (atomically) and return the sha256 of its bytes.
 
-        The source is first imported on its own with :func:`load_plan_class`, so a plan that
+        The source is first imported on its own with :func:`loaded_plan_class`, so a plan that
         would not import on a node fails here, on the researcher's side.
 
         Raises
@@ -305,7 +305,8 @@ class TorchTrainingPlan:
         """
         source = self.source()
         try:
-            load_plan_class(source, type(self).__name__)
+            with loaded_plan_class(source, type(self).__name__):
+                pass
         except PlanImportError as exc:
             raise PlanError(
                 f"the saved source of {type(self).__name__} does not import on its own: {exc}. "
