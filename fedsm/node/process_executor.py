@@ -53,8 +53,10 @@ def _worker_main(conn: Connection, preload: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
     if preload:  # pay torch's import once, before round 1; a failure resurfaces per task
         try:
-            import fedsm.training.runner  # noqa: F401
-        except Exception:
+            from fedsm.training.runner import warm_up
+
+            warm_up()
+        except Exception:  # noqa: BLE001 - resurfaces, with its message, on the first task
             pass
     conn.send_bytes(_pack({"kind": "ready", "pid": os.getpid()}))
     while True:

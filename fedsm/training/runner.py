@@ -112,6 +112,14 @@ def deterministic(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def warm_up() -> None:
+    """Pay the one-off costs of the first training now (torch's deterministic-algorithms
+    switch imports much of torch on first use): a worker process calls this before it says
+    it is ready, so a node's training time limit measures training, not imports."""
+    with deterministic(0):
+        pass
+
+
 @contextlib.contextmanager
 def _plan_errors() -> Iterator[None]:
     """Turn any non-fedsm exception (from plan code) into a TrainingError."""
