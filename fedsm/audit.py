@@ -114,18 +114,26 @@ def check_plan(path: Path) -> list[Finding]:
             if e.plan_sha256 != plan:
                 findings.append(
                     AuditFinding(
-                        r.offset, r.seq,
+                        r.offset,
+                        r.seq,
                         "plan: the nodes were asked to approve another plan than the one uploaded",
-                        True, "plan", plan, e.plan_sha256,
+                        True,
+                        "plan",
+                        plan,
+                        e.plan_sha256,
                     )
                 )
         elif isinstance(e, ev.ReplyReceived):
             if approval is None:
                 findings.append(
                     AuditFinding(
-                        r.offset, r.seq,
+                        r.offset,
+                        r.seq,
                         f"plan: reply of {e.node_id} in round {e.round} before any approval check",
-                        True, "plan", "an ApprovalChecked before the first round", "none",
+                        True,
+                        "plan",
+                        "an ApprovalChecked before the first round",
+                        "none",
                     )
                 )
                 continue
@@ -136,11 +144,15 @@ def check_plan(path: Path) -> list[Finding]:
             required = checked.approval_required.get(e.node_id, True)
             findings.append(
                 AuditFinding(
-                    r.offset, r.seq,
+                    r.offset,
+                    r.seq,
                     f"plan: {e.node_id} contributed to round {e.round} but reported plan "
                     f"{checked.plan_sha256[:12]} {status!r} at seq {seq}"
                     + ("" if required else " (its approval is off: it runs unapproved plans)"),
-                    required, "plan", "approved", status,
+                    required,
+                    "plan",
+                    "approved",
+                    status,
                 )
             )
     return findings
@@ -240,8 +252,13 @@ class RepositoryAudit:
                 if isinstance(got, Unavailable):
                     findings.append(
                         AuditFinding(
-                            r.offset, r.seq, f"artifacts: {what}: {got.why}",
-                            True, "artifacts", f"a file with sha256 {digest}", got.found,
+                            r.offset,
+                            r.seq,
+                            f"artifacts: {what}: {got.why}",
+                            True,
+                            "artifacts",
+                            f"a file with sha256 {digest}",
+                            got.found,
                         )
                     )
         return findings
@@ -265,14 +282,20 @@ class RepositoryAudit:
     ) -> Iterator[Finding]:
         def finding(what: str, expected: str, found: str) -> AuditFinding:
             return AuditFinding(
-                r.offset, r.seq, f"recompute: round {e.round}: {what}",
-                True, "recompute", expected, found,
+                r.offset,
+                r.seq,
+                f"recompute: round {e.round}: {what}",
+                True,
+                "recompute",
+                expected,
+                found,
             )
 
         if e.aggregator != "fedavg":
             yield finding(
                 f"aggregator {e.aggregator!r} is not one the audit can recompute",
-                "fedavg", e.aggregator,
+                "fedavg",
+                e.aggregator,
             )
             return
         items: list[tuple[str, Path, float]] = []
@@ -286,13 +309,15 @@ class RepositoryAudit:
             if e.weights.get(node) != weight:
                 yield finding(
                     f"weight of {node} is not its sample size (reply at seq {reply.seq})",
-                    repr(weight), repr(e.weights.get(node)),
+                    repr(weight),
+                    repr(e.weights.get(node)),
                 )
             got = self.fetch(reply_event.params_sha256)
             if isinstance(got, Unavailable):
                 yield finding(
                     f"can't recompute: the parameters of {node} (seq {reply.seq}): {got.why}",
-                    f"a file with sha256 {reply_event.params_sha256}", got.found,
+                    f"a file with sha256 {reply_event.params_sha256}",
+                    got.found,
                 )
                 return
             items.append((node, got, weight))
@@ -310,5 +335,6 @@ class RepositoryAudit:
             yield finding(
                 f"the recorded aggregate does not follow from the replies of "
                 f"{list(e.nodes)}: FedAvg of their files gives another file",
-                e.params_sha256, digest,
+                e.params_sha256,
+                digest,
             )

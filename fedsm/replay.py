@@ -254,8 +254,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if args.verify:
-        return _run_verify(args.log, args.json, out, getattr(args, "repo", None),
-                           getattr(args, "token", None))
+        return _run_verify(
+            args.log, args.json, out, getattr(args, "repo", None), getattr(args, "token", None)
+        )
     if getattr(args, "repo", None):
         raise ReplayError("--repo is only used with --verify")
     records, torn, note = load(args.log, recover=True)
@@ -338,9 +339,7 @@ def _run_verify(
         except LogError:  # pragma: no cover - verify found nothing, so scan succeeds
             last = -1
         scope = "and the repository's artifacts and aggregates" if repo else "(log only)"
-        out.write(
-            f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}\n"
-        )
+        out.write(f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}\n")
     return 1 if errors else 0
 
 

@@ -32,8 +32,11 @@ __all__ = ["ReportError", "render_png", "report_data", "write_report"]
 
 #: Metric names plotted in the validation panel start with one of these.
 VALIDATION_PREFIXES = ("val_", "global_val_")
-_TIMING_PARTS = (("training_s", "training", "#4c72b0"), ("transfer_s", "transfer", "#dd8452"),
-                 ("waiting_s", "waiting", "#c8c8c8"))
+_TIMING_PARTS = (
+    ("training_s", "training", "#4c72b0"),
+    ("transfer_s", "transfer", "#dd8452"),
+    ("waiting_s", "waiting", "#c8c8c8"),
+)
 
 
 class ReportError(FedsmError):
@@ -61,11 +64,19 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
         for node in sorted(facts.replies):
             reply = facts.replies[node]
             for metric, value in sorted(reply.metrics.items()):
-                points.append({"round": facts.round, "node": node, "metric": metric,
-                               "value": value})
-            timing.append({"round": facts.round, "node": node, "after_s": reply.after_s,
-                           "training_s": reply.training_s, "transfer_s": reply.transfer_s,
-                           "waiting_s": reply.waiting_s})
+                points.append(
+                    {"round": facts.round, "node": node, "metric": metric, "value": value}
+                )
+            timing.append(
+                {
+                    "round": facts.round,
+                    "node": node,
+                    "after_s": reply.after_s,
+                    "training_s": reply.training_s,
+                    "transfer_s": reply.transfer_s,
+                    "waiting_s": reply.waiting_s,
+                }
+            )
         for metric, value in facts.aggregated_metrics().items():
             aggregated.append({"round": facts.round, "metric": metric, "value": value})
         for failure in facts.failures:
@@ -93,22 +104,45 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
 def _metric_panel(ax: Any, data: dict[str, Any], names: Sequence[str], title: str) -> None:
     nodes = data["nodes"]
     if not names:
-        ax.text(0.5, 0.5, "no such metrics in this run (training_args test_ratio = 0?)",
-                ha="center", va="center", transform=ax.transAxes, color="#666666")
+        ax.text(
+            0.5,
+            0.5,
+            "no such metrics in this run (training_args test_ratio = 0?)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="#666666",
+        )
     for i, name in enumerate(names):
         style = ["-", "--", ":", "-."][i % 4]
         for j, node in enumerate(nodes):
-            pts = [(p["round"], p["value"]) for p in data["points"]
-                   if p["node"] == node and p["metric"] == name]
+            pts = [
+                (p["round"], p["value"])
+                for p in data["points"]
+                if p["node"] == node and p["metric"] == name
+            ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", linestyle="none", color=f"C{j % 10}", alpha=0.7,
-                        label=f"{node} {name}" if len(names) > 1 else node)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    linestyle="none",
+                    color=f"C{j % 10}",
+                    alpha=0.7,
+                    label=f"{node} {name}" if len(names) > 1 else node,
+                )
         agg = [(a["round"], a["value"]) for a in data["aggregated"] if a["metric"] == name]
         if agg:
             xs, ys = zip(*agg, strict=True)
-            ax.plot(xs, ys, color="black", linestyle=style, linewidth=2,
-                    label=f"aggregated {name}" if len(names) > 1 else "aggregated (weighted)")
+            ax.plot(
+                xs,
+                ys,
+                color="black",
+                linestyle=style,
+                linewidth=2,
+                label=f"aggregated {name}" if len(names) > 1 else "aggregated (weighted)",
+            )
     _mark_problems(ax, data)
     ax.set_title(title)
     ax.set_xlabel("round")
@@ -120,12 +154,24 @@ def _mark_problems(ax: Any, data: dict[str, Any]) -> None:
     """A red x per failed node and an orange band per timed-out round, at the panel's top."""
     transform = ax.get_xaxis_transform()  # x in data, y in axes fractions
     for i, failure in enumerate(data["failures"]):
-        ax.plot(failure["round"], 0.95, marker="x", color="red", markersize=9,
-                transform=transform, linestyle="none",
-                label="node failed" if i == 0 else None)
+        ax.plot(
+            failure["round"],
+            0.95,
+            marker="x",
+            color="red",
+            markersize=9,
+            transform=transform,
+            linestyle="none",
+            label="node failed" if i == 0 else None,
+        )
     for i, timeout in enumerate(data["timeouts"]):
-        ax.axvspan(timeout["round"] - 0.4, timeout["round"] + 0.4, color="orange", alpha=0.15,
-                   label="round timed out" if i == 0 else None)
+        ax.axvspan(
+            timeout["round"] - 0.4,
+            timeout["round"] + 0.4,
+            color="orange",
+            alpha=0.15,
+            label="round timed out" if i == 0 else None,
+        )
 
 
 def _timing_panel(ax: Any, data: dict[str, Any]) -> None:
@@ -182,11 +228,20 @@ def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
         failed = ", ".join(f["node"] for f in r["failures"]) or "-"
         missing = ", ".join(r["timed_out"]["missing"]) if r["timed_out"] else "-"
         rows.append(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-                r["round"], len(r["asked"]), len(r["replies"]), failed, missing,
-                " ".join(f"{k}={v:.4g}" for k, v in r["aggregated_metrics"].items()),
-                agg["params_sha256"][:16] if agg else "not aggregated",
-            )) + "</tr>"
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    r["round"],
+                    len(r["asked"]),
+                    len(r["replies"]),
+                    failed,
+                    missing,
+                    " ".join(f"{k}={v:.4g}" for k, v in r["aggregated_metrics"].items()),
+                    agg["params_sha256"][:16] if agg else "not aggregated",
+                )
+            )
+            + "</tr>"
         )
     # "</" can't appear inside a <script> element; JSON allows "<\/" for it.
     blob = json.dumps(data, sort_keys=True).replace("</", "<\\/")
@@ -197,8 +252,8 @@ def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
 table{{border-collapse:collapse}}img{{max-width:100%}}</style></head>
 <body><h1>{title}</h1>
-<p>log <code>{html.escape(str(log))}</code>, status {html.escape(data['status'])},
-final parameters <code>{html.escape(str(data['final_params_sha256']))}</code>.
+<p>log <code>{html.escape(str(log))}</code>, status {html.escape(data["status"])},
+final parameters <code>{html.escape(str(data["final_params_sha256"]))}</code>.
 Check it with <code>fedsm replay LOG --verify --repo DIR</code>.</p>
 <table><tr><th>round</th><th>asked</th><th>replied</th><th>failed</th><th>timed out</th>
 <th>sample-weighted metrics</th><th>aggregate</th></tr>

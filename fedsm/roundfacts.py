@@ -77,7 +77,8 @@ class RoundFacts:
         data = asdict(self)
         for node, reply in self.replies.items():
             data["replies"][node].update(
-                training_s=reply.training_s, transfer_s=reply.transfer_s,
+                training_s=reply.training_s,
+                transfer_s=reply.transfer_s,
                 waiting_s=reply.waiting_s,
             )
         data["aggregated_metrics"] = self.aggregated_metrics()
@@ -102,7 +103,12 @@ def round_facts(records: Iterable[Record]) -> list[RoundFacts]:
         e: Any = r.event
         if isinstance(e, ev.RoundSent):
             rounds[e.round] = RoundFacts(
-                e.round, r.seq, r.ts, list(e.nodes), dict(e.request_ids), e.params_sha256,
+                e.round,
+                r.seq,
+                r.ts,
+                list(e.nodes),
+                dict(e.request_ids),
+                e.params_sha256,
                 e.deadline - r.ts,
             )
             continue
@@ -114,13 +120,24 @@ def round_facts(records: Iterable[Record]) -> list[RoundFacts]:
             facts.resent.append({"seq": r.seq, "after_s": after, "nodes": list(e.nodes)})
         elif isinstance(e, ev.ReplyReceived) and e.node_id not in facts.replies:
             facts.replies[e.node_id] = NodeReply(
-                e.node_id, r.seq, after, e.sample_size, None, dict(e.metrics), dict(e.timing),
+                e.node_id,
+                r.seq,
+                after,
+                e.sample_size,
+                None,
+                dict(e.metrics),
+                dict(e.timing),
                 e.params_sha256,
             )
         elif isinstance(e, ev.NodeFailed):
             facts.failures.append(
-                {"node": e.node_id, "seq": r.seq, "after_s": after, "code": e.code,
-                 "message": e.message}
+                {
+                    "node": e.node_id,
+                    "seq": r.seq,
+                    "after_s": after,
+                    "code": e.code,
+                    "message": e.message,
+                }
             )
         elif isinstance(e, ev.RoundTimedOut):
             facts.timed_out = {"seq": r.seq, "after_s": after, "missing": list(e.missing)}
@@ -129,8 +146,12 @@ def round_facts(records: Iterable[Record]) -> list[RoundFacts]:
                 if node in facts.replies:
                     facts.replies[node].weight = weight
             facts.aggregate = {
-                "seq": r.seq, "after_s": after, "params_sha256": e.params_sha256,
-                "params_url": e.params_url, "nodes": list(e.nodes), "weights": dict(e.weights),
+                "seq": r.seq,
+                "after_s": after,
+                "params_sha256": e.params_sha256,
+                "params_url": e.params_url,
+                "nodes": list(e.nodes),
+                "weights": dict(e.weights),
                 "aggregator": e.aggregator,
             }
     return [rounds[n] for n in sorted(rounds)]

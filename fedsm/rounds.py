@@ -82,7 +82,9 @@ class RoundDriver:
             log.warning(
                 "round %d: nodes %s are offline; their requests wait at the broker until they "
                 "reconnect or the reply deadline (%.0f s) passes",
-                round_number, offline, deadline_s,
+                round_number,
+                offline,
+                deadline_s,
             )
         agg_args = job.upload_aggregator_args(args_thr_msg, args_thr_files)
         deadline = job._clock() + deadline_s

@@ -32,8 +32,11 @@ def ensure_mosquitto() -> str:
     except MosquittoNotFound:
         pass
     errors = []
-    for cmd in (["apt-get", "install", "-y", "mosquitto"], ["apt-get", "update"],
-                ["apt-get", "install", "-y", "mosquitto"]):
+    for cmd in (
+        ["apt-get", "install", "-y", "mosquitto"],
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "mosquitto"],
+    ):
         if shutil.which(cmd[0]) is None:
             errors.append(f"{cmd[0]} not found")
             break
@@ -60,8 +63,9 @@ def start_mosquitto(
     ``config`` replaces the whole config (then ``port`` is required). The caller stops it.
     """
     executable = ensure_mosquitto()
-    return _start(Path(tmp_path), port=port, config_extra=config_extra, config=config,
-                  executable=executable)
+    return _start(
+        Path(tmp_path), port=port, config_extra=config_extra, config=config, executable=executable
+    )
 
 
 @pytest.fixture

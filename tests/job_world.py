@@ -34,8 +34,9 @@ class World:
     extra: list = field(default_factory=list)
 
     def researcher(self, faults: Faults | None = None) -> MemoryBus:
-        bus = MemoryBus(self.broker, "researcher-test", role="researcher",
-                        faults=faults or Faults())
+        bus = MemoryBus(
+            self.broker, "researcher-test", role="researcher", faults=faults or Faults()
+        )
         self.extra.append(bus)
         return bus
 
@@ -71,14 +72,20 @@ class SilentNode:
         world.extra.append(self.bus)
 
     def handle(self, message: Message) -> None:
-        head = dict(request_id=message.request_id, researcher_id=message.researcher_id,
-                    node_id=self.node_id)
+        head = dict(
+            request_id=message.request_id, researcher_id=message.researcher_id, node_id=self.node_id
+        )
         if isinstance(message, SearchRequest):
             self.bus.reply(SearchReply(**head, datasets=(self.like,)))
         elif isinstance(message, TrainingPlanStatusRequest):
-            self.bus.reply(TrainingPlanStatusReply(
-                **head, job_id=message.job_id,
-                training_plan_sha256=message.training_plan_sha256, status="approved",
-                approval_required=True))
+            self.bus.reply(
+                TrainingPlanStatusReply(
+                    **head,
+                    job_id=message.job_id,
+                    training_plan_sha256=message.training_plan_sha256,
+                    status="approved",
+                    approval_required=True,
+                )
+            )
         elif message.command == "train":
             self.train_requests += 1

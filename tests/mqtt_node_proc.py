@@ -24,13 +24,24 @@ def main() -> int:
     parser.add_argument("--lifetime", type=float, default=60.0)
     args = parser.parse_args()
 
-    bus = MqttBus(args.node, "node", host=args.host, port=args.port, connect_timeout_s=10,
-                 topic_prefix=args.prefix)
+    bus = MqttBus(
+        args.node,
+        "node",
+        host=args.host,
+        port=args.port,
+        connect_timeout_s=10,
+        topic_prefix=args.prefix,
+    )
 
     def answer(message: Message) -> None:
         if isinstance(message, PingRequest):
-            bus.reply(PingReply(request_id=message.request_id,
-                                researcher_id=message.researcher_id, node_id=args.node))
+            bus.reply(
+                PingReply(
+                    request_id=message.request_id,
+                    researcher_id=message.researcher_id,
+                    node_id=args.node,
+                )
+            )
 
     bus.subscribe(answer)
     print("READY", flush=True)

@@ -31,8 +31,11 @@ def main() -> None:
         return seq
 
     fedsm_log.EventLog.append = append  # type: ignore[method-assign]
-    run_demo(Path(run_dir), DemoConfig(nodes=int(nodes), rounds=int(rounds), seed=0),
-             say=lambda line: None)
+    run_demo(
+        Path(run_dir),
+        DemoConfig(nodes=int(nodes), rounds=int(rounds), seed=0),
+        say=lambda line: None,
+    )
     raise SystemExit(f"the run finished without a {nth}th {event_type} event")
 
 

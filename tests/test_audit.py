@@ -69,7 +69,8 @@ def _audit(run_dir: Path) -> list[AuditFinding]:
 
 def _record(records: list[Record], kind: type, **match: object) -> Record:
     hits = [
-        r for r in records
+        r
+        for r in records
         if isinstance(r.event, kind) and all(getattr(r.event, k) == v for k, v in match.items())
     ]
     assert len(hits) == 1, (kind, match, hits)
@@ -154,9 +155,7 @@ def test_a_node_params_file_changed_by_one_byte(run_copy: Path) -> None:
     assert findings[0].found == f"a file with sha256 {hashlib.sha256(data).hexdigest()}"
     assert "parameters node-2 sent in round 2" in findings[0].what
     assert "hash to another digest" in findings[0].what
-    code, text = _replay(
-        str(_log(run_copy)), "--verify", "--repo", str(_repo(run_copy)), "--json"
-    )
+    code, text = _replay(str(_log(run_copy)), "--verify", "--repo", str(_repo(run_copy)), "--json")
     report = json.loads(text)
     assert code == 1 and report["ok"] is False and report["not_checked"] == []
     assert [(f["check"], f["seq"], f["expected"], f["found"]) for f in report["findings"]] == [
@@ -302,7 +301,8 @@ def test_a_contribution_from_a_node_that_did_not_approve_the_plan(
     _rewrite(log, reject)
     records = scan(log).records
     replies = [
-        r.seq for r in records
+        r.seq
+        for r in records
         if isinstance(r.event, ev.ReplyReceived) and r.event.node_id == "node-2"
     ]
     findings = check_plan(log)
@@ -321,8 +321,12 @@ def test_approval_of_another_plan_than_the_uploaded_one(run_copy: Path) -> None:
 
     def swap_plan(items: list[tuple[float, ev.Event]]) -> list[tuple[float, ev.Event]]:
         return [
-            (ts, dataclasses.replace(e, plan_sha256=other) if isinstance(e, ev.ApprovalChecked)
-             else e)
+            (
+                ts,
+                dataclasses.replace(e, plan_sha256=other)
+                if isinstance(e, ev.ApprovalChecked)
+                else e,
+            )
             for ts, e in items
         ]
 
@@ -361,7 +365,9 @@ def test_the_command_line_exit_codes(run_copy: Path) -> None:
     def fedsm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "fedsm", "replay", *args],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     assert fedsm(str(_log(run_copy)), "--verify", "--repo", str(_repo(run_copy))).returncode == 0

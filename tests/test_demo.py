@@ -27,15 +27,20 @@ def test_memory_bus_run_matches_the_centralised_baseline(memory_run) -> None:
     _run_dir, result, lines = memory_run
     assert result.federated_accuracy >= 0.9
     assert abs(result.federated_accuracy - result.local_accuracy) <= 0.02
-    assert [line.split(":")[0] for line in lines] == [f"round {r}/{ROUNDS}" for r in
-                                                     range(1, ROUNDS + 1)]
+    assert [line.split(":")[0] for line in lines] == [
+        f"round {r}/{ROUNDS}" for r in range(1, ROUNDS + 1)
+    ]
 
 
 def test_a_finished_run_prints_its_results_again_without_training(memory_run) -> None:
     run_dir, result, _ = memory_run
     log_size = Path(result.log).stat().st_size
-    out = subprocess.run([sys.executable, "-m", "fedsm", "demo", "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "fedsm", "demo", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-5:] == result.lines()
     assert "finished run" in out.stdout
@@ -43,14 +48,30 @@ def test_a_finished_run_prints_its_results_again_without_training(memory_run) ->
 
 
 @pytest.mark.mqtt
-def test_mqtt_run_gives_the_same_final_parameters(memory_run, tmp_path: Path,
-                                                  mosquitto) -> None:  # noqa: F811
+def test_mqtt_run_gives_the_same_final_parameters(memory_run, tmp_path: Path, mosquitto) -> None:  # noqa: F811
     _, memory_result, _ = memory_run
     out = subprocess.run(
-        [sys.executable, "-m", "fedsm", "demo", "--run-dir", str(tmp_path), "--nodes", "3",
-         "--rounds", str(ROUNDS), "--seed", "7", "--transport", "mqtt", "--broker",
-         mosquitto.url],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fedsm",
+            "demo",
+            "--run-dir",
+            str(tmp_path),
+            "--nodes",
+            "3",
+            "--rounds",
+            str(ROUNDS),
+            "--seed",
+            "7",
+            "--transport",
+            "mqtt",
+            "--broker",
+            mosquitto.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
@@ -58,6 +79,10 @@ def test_mqtt_run_gives_the_same_final_parameters(memory_run, tmp_path: Path,
     assert lines["repository"] == str(tmp_path.resolve() / "repository")
     stored = {p.name for p in Path(lines["repository"]).rglob("*") if len(p.name) == 64}
     assert memory_result.final_params_sha256 in stored
-    verify = subprocess.run([sys.executable, "-m", "fedsm", "replay", lines["log"], "--verify"],
-                            capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        [sys.executable, "-m", "fedsm", "replay", lines["log"], "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0, verify.stdout

@@ -35,9 +35,18 @@ def test_kill_and_resume_gives_identical_final_params(
     tmp_path: Path, uninterrupted: str, event: str, nth: int
 ) -> None:
     killed = subprocess.run(
-        [sys.executable, str(HERE / "researcher_kill.py"), str(tmp_path), event, str(nth),
-         str(ROUNDS), str(NODES)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(HERE / "researcher_kill.py"),
+            str(tmp_path),
+            event,
+            str(nth),
+            str(ROUNDS),
+            str(NODES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     log_path = tmp_path / "researcher" / "job.log"
@@ -53,7 +62,9 @@ def test_kill_and_resume_gives_identical_final_params(
 
     verify = subprocess.run(
         [sys.executable, "-m", "fedsm", "replay", str(log_path), "--verify"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     with EventLog.open(log_path) as log:

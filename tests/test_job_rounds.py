@@ -84,9 +84,11 @@ def test_a_node_answering_with_an_error_is_dropped_from_the_round(tmp_path: Path
         events = _events(exp.job.log_path)
         failed = [e for e in events if type(e).__name__ == "NodeFailed"]
         assert [(e.round, e.node_id) for e in failed] == [(1, "node-3")]
-        assert failed[0].code in {int(ErrorNumber.DATASET_INVALID),
-                                  int(ErrorNumber.TRAINING_FAILED),
-                                  int(ErrorNumber.DATASET_NOT_FOUND)}
+        assert failed[0].code in {
+            int(ErrorNumber.DATASET_INVALID),
+            int(ErrorNumber.TRAINING_FAILED),
+            int(ErrorNumber.DATASET_NOT_FOUND),
+        }
         aggregated = [e for e in events if type(e).__name__ == "Aggregated"]
         assert aggregated[0].nodes == ("node-1", "node-2")
         assert not [e for e in events if type(e).__name__ == "RoundTimedOut"]
@@ -94,12 +96,22 @@ def test_a_node_answering_with_an_error_is_dropped_from_the_round(tmp_path: Path
         world.close()
 
 
-@settings(max_examples=6, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), drop=st.sampled_from([0.0, 0.2]),
-       duplicate=st.sampled_from([0.0, 0.5]), reorder=st.sampled_from([0, 2]))
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 10_000),
+    drop=st.sampled_from([0.0, 0.2]),
+    duplicate=st.sampled_from([0.0, 0.5]),
+    reorder=st.sampled_from([0, 2]),
+)
 def test_faulty_bus_never_counts_a_reply_twice_and_replay_equals_live(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, drop: float, duplicate: float,
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    drop: float,
+    duplicate: float,
     reorder: int,
 ) -> None:
     """Node buses drop, duplicate and reorder their replies; the researcher's is reliable.
@@ -113,10 +125,19 @@ def test_faulty_bus_never_counts_a_reply_twice_and_replay_equals_live(
     try:
         reqs = Requests(world.researcher(), default_deadline_s=1.0)
         data = FederatedDataSet({n.node_id: dict(n.datasets.list()[0]) for n in world.nodes})
-        job = Job(reqs=reqs, training_plan_class="BreastCancerPlan",
-                  training_plan_path=world.plan, training_args=TRAINING_ARGS, data=data,
-                  run_dir=tmp_path / "run", repository=world.repository, round_limit=3,
-                  min_nodes=1, reply_deadline_s=0.4, durability="never")
+        job = Job(
+            reqs=reqs,
+            training_plan_class="BreastCancerPlan",
+            training_plan_path=world.plan,
+            training_args=TRAINING_ARGS,
+            data=data,
+            run_dir=tmp_path / "run",
+            repository=world.repository,
+            round_limit=3,
+            min_nodes=1,
+            reply_deadline_s=0.4,
+            durability="never",
+        )
         job.check_training_plan_is_approved_by_nodes(deadline_s=0.4)
         for rnd in (1, 2, 3):
             job.start_nodes_training_round(rnd)
@@ -130,7 +151,8 @@ def test_faulty_bus_never_counts_a_reply_twice_and_replay_equals_live(
         events = _events(job.log_path)
         assert lifecycle.replay(events) == live
         counted = collections.Counter(
-            (e.round, e.node_id) for e in events
+            (e.round, e.node_id)
+            for e in events
             if type(e).__name__ in ("ReplyReceived", "NodeFailed")
         )
         assert all(n == 1 for n in counted.values())
@@ -147,10 +169,16 @@ def test_an_unapproved_plan_fails_early_with_the_command_that_fixes_it(tmp_path:
     try:
         changed = tmp_path / "changed_plan.py"
         changed.write_text(world.plan.read_text() + "\n# one more line\n")
-        exp = Experiment(tags=["breast-cancer"], training_plan_class="BreastCancerPlan",
-                         training_plan_path=changed, training_args=TRAINING_ARGS,
-                         run_dir=tmp_path / "run", bus=world.researcher(),
-                         repository=world.repository, progress=False)
+        exp = Experiment(
+            tags=["breast-cancer"],
+            training_plan_class="BreastCancerPlan",
+            training_plan_path=changed,
+            training_args=TRAINING_ARGS,
+            run_dir=tmp_path / "run",
+            bus=world.researcher(),
+            repository=world.repository,
+            progress=False,
+        )
         with pytest.raises(TrainingPlanNotApproved) as info:
             exp.run()
         sha = exp.job.state.plan_sha256

@@ -25,8 +25,11 @@ from fedsm.transport import MqttBus, TlsOptions, TransportError, parse_broker_ur
 from fedsm.transport.mosquitto import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
-PASSWORDS = {"researcher": "r-" + uuid.uuid4().hex, "node-a": "a-" + uuid.uuid4().hex,
-             "node-b": "b-" + uuid.uuid4().hex}
+PASSWORDS = {
+    "researcher": "r-" + uuid.uuid4().hex,
+    "node-a": "a-" + uuid.uuid4().hex,
+    "node-b": "b-" + uuid.uuid4().hex,
+}
 NOT_AUTHORIZED = 135
 
 
@@ -39,17 +42,67 @@ def make_certs(d: Path) -> None:
     """A throwaway CA and a server certificate for 127.0.0.1/localhost."""
     d.mkdir()
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _run(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-          "-subj", "/CN=fedsm test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign"], d)
-    _run(["openssl", "req", *ec, "-keyout", "server.key", "-out", "server.csr",
-          "-subj", "/CN=localhost"], d)
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fedsm test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        d,
+    )
+    _run(
+        [
+            "openssl",
+            "req",
+            *ec,
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        d,
+    )
     (d / "server.ext").write_text(
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
-    _run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-          "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext"], d)
+        "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    _run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+        d,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +116,17 @@ def secure_broker(tmp_path_factory):
     make_certs(etc / "certs")
     first = True
     for user, password in PASSWORDS.items():
-        _run(["mosquitto_passwd", *(["-c"] if first else []), "-b", str(etc / "passwd"), user,
-              password], root)
+        _run(
+            [
+                "mosquitto_passwd",
+                *(["-c"] if first else []),
+                "-b",
+                str(etc / "passwd"),
+                user,
+                password,
+            ],
+            root,
+        )
         first = False
     shutil.copy(DEPLOY / "acl", etc / "acl")
     port = free_port()
@@ -96,8 +158,9 @@ class Raw:
         self.cond = threading.Condition()
         self.received: list[str] = []
         self.acks: dict[int, int] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user,
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5
+        )
         self.client.username_pw_set(user, PASSWORDS[user])
         TlsOptions(ca_certs=broker.ca).apply(self.client)
         self.client.on_message = self._on_message
@@ -163,26 +226,49 @@ def test_anonymous_and_wrong_password_clients_are_refused(secure_broker):
     with pytest.raises(TransportError, match="Not authorized"):
         MqttBus("node-a", "node", port=port, tls=ca, connect_timeout_s=5)
     with pytest.raises(TransportError, match="Not authorized|Bad user name or password"):
-        MqttBus("node-a", "node", port=port, tls=ca, username="node-a", password="wrong",
-                connect_timeout_s=5)
+        MqttBus(
+            "node-a",
+            "node",
+            port=port,
+            tls=ca,
+            username="node-a",
+            password="wrong",
+            connect_timeout_s=5,
+        )
 
 
 def test_plaintext_and_unverified_tls_are_refused(secure_broker):
     port = secure_broker.port
     with pytest.raises(TransportError):
-        MqttBus("node-a", "node", port=port, username="node-a", password=PASSWORDS["node-a"],
-                connect_timeout_s=2)
+        MqttBus(
+            "node-a",
+            "node",
+            port=port,
+            username="node-a",
+            password=PASSWORDS["node-a"],
+            connect_timeout_s=2,
+        )
     with pytest.raises(TransportError, match="TLS handshake failed"):
-        MqttBus("node-a", "node", port=port, tls=TlsOptions(), username="node-a",
-                password=PASSWORDS["node-a"], connect_timeout_s=5)
+        MqttBus(
+            "node-a",
+            "node",
+            port=port,
+            tls=TlsOptions(),
+            username="node-a",
+            password=PASSWORDS["node-a"],
+            connect_timeout_s=5,
+        )
 
 
 def test_intended_traffic_passes_the_acl(secure_broker):
     researcher = bus(secure_broker, "researcher", "researcher")
     node = bus(secure_broker, "node-a", "node")
     try:
-        node.subscribe(lambda m: node.reply(PingReply(
-            request_id=m.request_id, researcher_id=m.researcher_id, node_id="node-a")))
+        node.subscribe(
+            lambda m: node.reply(
+                PingReply(request_id=m.request_id, researcher_id=m.researcher_id, node_id="node-a")
+            )
+        )
         replies = Collector()
         researcher.subscribe(replies)
         researcher.wait_online(["node-a"], timeout_s=5)  # status write + read allowed
@@ -204,8 +290,11 @@ def test_a_node_cannot_read_another_nodes_requests_or_replies(secure_broker):
     try:
         got_b = Collector()
         node_b.subscribe(got_b)
-        node_b.subscribe(lambda m: node_b.reply(PingReply(
-            request_id=m.request_id, researcher_id="researcher", node_id="node-b")))
+        node_b.subscribe(
+            lambda m: node_b.reply(
+                PingReply(request_id=m.request_id, researcher_id="researcher", node_id="node-b")
+            )
+        )
         replies = Collector()
         researcher.subscribe(replies)
         # The broker grants these subscriptions but filters what node-a may read.
@@ -235,9 +324,11 @@ def test_a_node_cannot_publish_as_the_researcher_or_another_node(secure_broker):
         forged = encode(ping("forged", "node-b"))
         assert rogue.publish("fedsm/req/node-b", forged) == NOT_AUTHORIZED
         assert rogue.publish("fedsm/broadcast", encode(ping("forged", BROADCAST))) == (
-            NOT_AUTHORIZED)
-        spoofed = encode(PingReply(request_id="spoof", researcher_id="researcher",
-                                   node_id="node-b"))
+            NOT_AUTHORIZED
+        )
+        spoofed = encode(
+            PingReply(request_id="spoof", researcher_id="researcher", node_id="node-b")
+        )
         assert rogue.publish("fedsm/reply/researcher/node-b", spoofed) == NOT_AUTHORIZED
         assert rogue.publish("fedsm/status/node-b", b"offline") == NOT_AUTHORIZED
         # What node-a may do is accepted (0 = success, 16 = no matching subscribers).

@@ -45,16 +45,48 @@ def test_init_and_datasets(tmp_path):
     assert again.returncode == 2 and "already holds a node" in again.stderr
 
     csv = write_csv(tmp_path / "data.csv", rows=30)
-    out = ok("node", "dataset", "add", "--dir", node_dir, "--name", "bc", "--tags", "a,b",
-             "--type", "csv", "--path", csv, "--target", "target", "--id", "ds-1")
+    out = ok(
+        "node",
+        "dataset",
+        "add",
+        "--dir",
+        node_dir,
+        "--name",
+        "bc",
+        "--tags",
+        "a,b",
+        "--type",
+        "csv",
+        "--path",
+        csv,
+        "--target",
+        "target",
+        "--id",
+        "ds-1",
+    )
     assert "added dataset ds-1 (30 samples" in out
     listed = json.loads(ok("node", "dataset", "list", "--dir", node_dir, "--json"))
     assert [(d["dataset_id"], d["tags"], d["shape"]) for d in listed] == [
         ("ds-1", ["a", "b"], [30, 3])
     ]
     assert "ds-1" in ok("node", "dataset", "list", "--dir", node_dir)
-    bad = fedsm("node", "dataset", "add", "--dir", node_dir, "--name", "x", "--tags", "a",
-                "--type", "csv", "--path", csv, "--target", "no-such-column")
+    bad = fedsm(
+        "node",
+        "dataset",
+        "add",
+        "--dir",
+        node_dir,
+        "--name",
+        "x",
+        "--tags",
+        "a",
+        "--type",
+        "csv",
+        "--path",
+        csv,
+        "--target",
+        "no-such-column",
+    )
     assert bad.returncode == 2 and "no-such-column" in bad.stderr
 
     ok("node", "dataset", "remove", "--dir", node_dir, "ds-1")
@@ -102,8 +134,9 @@ def test_config_show_with_environment_overrides(tmp_path):
     assert "training_time_limit_s = 12.5" in shown
     assert "approval_required = true" in shown
     assert "s3cret" not in shown and 'broker_password = "***"' in shown
-    bad = fedsm("node", "config", "show", "--dir", node_dir,
-                env={"FEDSM_APPROVAL_REQUIRED": "false"})
+    bad = fedsm(
+        "node", "config", "show", "--dir", node_dir, env={"FEDSM_APPROVAL_REQUIRED": "false"}
+    )
     assert bad.returncode == 2 and "allow_unapproved" in bad.stderr
 
 
@@ -122,9 +155,21 @@ def test_start_serves_over_mqtt_and_leaves_cleanly(tmp_path, broker):
     node_dir = tmp_path / "node"
     ok("node", "init", "--dir", node_dir, "--id", "node-mqtt")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedsm", "node", "start", "--dir", str(node_dir),
-         "--broker", broker.url, "--repo", str(tmp_path / "repo")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fedsm",
+            "node",
+            "start",
+            "--dir",
+            str(node_dir),
+            "--broker",
+            broker.url,
+            "--repo",
+            str(tmp_path / "repo"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -133,9 +178,12 @@ def test_start_serves_over_mqtt_and_leaves_cleanly(tmp_path, broker):
         assert lines.get(timeout=TIMEOUT_S).strip() == "node node-mqtt online"
         replies: queue.Queue = queue.Queue()
         researcher.subscribe(replies.put)
-        request = PingRequest(request_id="ping-" + uuid.uuid4().hex[:8],
-                              researcher_id="researcher-cli", node_id="node-mqtt",
-                              deadline=time.time() + 60)
+        request = PingRequest(
+            request_id="ping-" + uuid.uuid4().hex[:8],
+            researcher_id="researcher-cli",
+            node_id="node-mqtt",
+            deadline=time.time() + 60,
+        )
         researcher.send("node-mqtt", request)
         reply = replies.get(timeout=30)
         assert isinstance(reply, PingReply) and reply.request_id == request.request_id

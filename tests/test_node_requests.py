@@ -84,7 +84,9 @@ class World:
         path.write_bytes(plan)
         up = self.repo.upload_file(path)
         return TrainingPlanStatusRequest(
-            **head(NODE), job_id="job-test", training_plan_url=up["file"],
+            **head(NODE),
+            job_id="job-test",
+            training_plan_url=up["file"],
             training_plan_sha256=up["sha256"],
         )
 
@@ -137,7 +139,9 @@ def test_plan_status_unknown_is_recorded_pending_then_approved(world):
 def test_plan_status_with_wrong_digest_is_an_error(world):
     request = world.status_request(world.linear)
     wrong = TrainingPlanStatusRequest(
-        **head(NODE), job_id="job-test", training_plan_url=request.training_plan_url,
+        **head(NODE),
+        job_id="job-test",
+        training_plan_url=request.training_plan_url,
         training_plan_sha256=sha256(b"something else"),
     )
     reply = world.researcher.ask(NODE, wrong)
@@ -200,8 +204,11 @@ def test_tampered_params_are_refused_before_loading(world, tmp_path):
     reply = world.researcher.ask(NODE, request)
     assert reply.error_number is ErrorNumber.PARAMS_DIGEST_MISMATCH
     # 2. the file in the repository was changed after upload
-    stored = next(p for p in (world.tmp / "repo").rglob("*") if p.is_file()
-                  and file_sha256(p) == world.params["sha256"])
+    stored = next(
+        p
+        for p in (world.tmp / "repo").rglob("*")
+        if p.is_file() and file_sha256(p) == world.params["sha256"]
+    )
     data = bytearray(stored.read_bytes())
     data[-1] ^= 1
     stored.chmod(0o644)
@@ -214,8 +221,9 @@ def test_tampered_params_are_refused_before_loading(world, tmp_path):
 
 def test_unknown_dataset(world):
     world.approve(world.linear)
-    reply = world.researcher.ask(NODE, world.train(world.linear, "LinearPlan",
-                                                   dataset_id="no-such-dataset"))
+    reply = world.researcher.ask(
+        NODE, world.train(world.linear, "LinearPlan", dataset_id="no-such-dataset")
+    )
     assert reply.error_number is ErrorNumber.DATASET_NOT_FOUND
 
 
@@ -271,13 +279,18 @@ def test_node_answers_while_training_and_ignores_stray_messages(world, tmp_path)
 def test_with_approval_switched_off_unknown_plans_run_but_rejected_ones_do_not(world):
     world.node.stop()
     settings = NodeSettings(node_id=NODE, approval_required=False, allow_unapproved=True)
-    world.node = Node(world.node_dir, bus=MemoryBus(world.broker, NODE, role="node"),
-                      repository=world.repo, settings=settings,
-                      executor=world.executor).start()
+    world.node = Node(
+        world.node_dir,
+        bus=MemoryBus(world.broker, NODE, role="node"),
+        repository=world.repo,
+        settings=settings,
+        executor=world.executor,
+    ).start()
     status = world.researcher.ask(NODE, world.status_request(world.linear))
     assert (status.status, status.approval_required) == ("unknown", False)
-    assert isinstance(world.researcher.ask(NODE, world.train(world.linear, "LinearPlan")),
-                      TrainReply)
+    assert isinstance(
+        world.researcher.ask(NODE, world.train(world.linear, "LinearPlan")), TrainReply
+    )
     world.node.plans.decide("rejected", sha256=sha256(world.linear), by="test")
     reply = world.researcher.ask(NODE, world.train(world.linear, "LinearPlan"))
     assert reply.error_number is ErrorNumber.PLAN_REJECTED

@@ -22,8 +22,11 @@ def test_settings_file_and_environment(tmp_path):
     assert settings.approval_required and not settings.allow_unapproved
     assert settings.enforce_approval
 
-    env = {"FEDSM_NODE_ID": "node-env", "FEDSM_TRAINING_TIME_LIMIT_S": "5",
-           "FEDSM_REPOSITORY_TOKEN": "tok"}
+    env = {
+        "FEDSM_NODE_ID": "node-env",
+        "FEDSM_TRAINING_TIME_LIMIT_S": "5",
+        "FEDSM_REPOSITORY_TOKEN": "tok",
+    }
     overridden = load_settings(tmp_path, env=env)
     assert (overridden.node_id, overridden.training_time_limit_s) == ("node-env", 5.0)
     assert overridden.to_dict()["repository_token"] == "***"
@@ -32,8 +35,9 @@ def test_settings_file_and_environment(tmp_path):
     # switching approval off takes both keys
     with pytest.raises(ConfigurationError, match="allow_unapproved"):
         load_settings(tmp_path, env={"FEDSM_APPROVAL_REQUIRED": "false"})
-    off = load_settings(tmp_path, env={"FEDSM_APPROVAL_REQUIRED": "false",
-                                       "FEDSM_ALLOW_UNAPPROVED": "yes"})
+    off = load_settings(
+        tmp_path, env={"FEDSM_APPROVAL_REQUIRED": "false", "FEDSM_ALLOW_UNAPPROVED": "yes"}
+    )
     assert not off.enforce_approval
 
 
@@ -57,19 +61,50 @@ def test_bad_settings_are_refused_with_the_key_named(tmp_path):
 def test_registries(tmp_path):
     db = NodeDatabase(tmp_path / DB_FILE)
     datasets, plans = DatasetRegistry(db), ApprovalRegistry(db)
-    datasets.add(name="a", tags=["x", "y"], data_type="csv", path=tmp_path, shape=[3, 2],
-                 dtypes=["float64"] * 2, sample_count=3, dataset_id="ds-a")
-    datasets.add(name="b", tags=["y"], data_type="tensors", path=tmp_path, shape=[4, 1, 2],
-                 dtypes=["float32"], sample_count=4, dataset_id="ds-b")
+    datasets.add(
+        name="a",
+        tags=["x", "y"],
+        data_type="csv",
+        path=tmp_path,
+        shape=[3, 2],
+        dtypes=["float64"] * 2,
+        sample_count=3,
+        dataset_id="ds-a",
+    )
+    datasets.add(
+        name="b",
+        tags=["y"],
+        data_type="tensors",
+        path=tmp_path,
+        shape=[4, 1, 2],
+        dtypes=["float32"],
+        sample_count=4,
+        dataset_id="ds-b",
+    )
     assert [d["dataset_id"] for d in datasets.search(["y"])] == ["ds-a", "ds-b"]
     assert [d["dataset_id"] for d in datasets.search(["x", "y"])] == ["ds-a"]
     assert datasets.search(["z"]) == []
     with pytest.raises(ConfigurationError, match="already registered"):
-        datasets.add(name="c", tags=["x"], data_type="csv", path=tmp_path, shape=[1, 1],
-                     dtypes=[], sample_count=1, dataset_id="ds-a")
+        datasets.add(
+            name="c",
+            tags=["x"],
+            data_type="csv",
+            path=tmp_path,
+            shape=[1, 1],
+            dtypes=[],
+            sample_count=1,
+            dataset_id="ds-a",
+        )
     with pytest.raises(ConfigurationError, match="data type"):
-        datasets.add(name="c", tags=["x"], data_type="images", path=tmp_path, shape=[1],
-                     dtypes=[], sample_count=1)
+        datasets.add(
+            name="c",
+            tags=["x"],
+            data_type="images",
+            path=tmp_path,
+            shape=[1],
+            dtypes=[],
+            sample_count=1,
+        )
 
     source = b"print('plan')\n"
     assert plans.record_pending(source, name="p", origin="test") == "pending"
@@ -89,8 +124,9 @@ def test_simulated_nodes_train_and_reopen(tmp_path):
     plan = plan_bytes("linear_plan.py")
     plan_file = tmp_path / "plan.py"
     plan_file.write_bytes(plan)
-    nodes = start_memory_nodes(tmp_path / "nodes", broker, repo, csvs, tags=("bc",),
-                               approve=[plan_file])
+    nodes = start_memory_nodes(
+        tmp_path / "nodes", broker, repo, csvs, tags=("bc",), approve=[plan_file]
+    )
     researcher = Researcher(broker)
     try:
         assert [n.node_id for n in nodes] == ["node-1", "node-2", "node-3"]
@@ -104,8 +140,10 @@ def test_simulated_nodes_train_and_reopen(tmp_path):
         assert found == {f"node-{k}": f"dataset-node-{k}" for k in (1, 2, 3)}
 
         params = initial_params(repo, plan, "LinearPlan", tmp_path)
-        requests = [train_request(n.node_id, found[n.node_id], repo, plan, "LinearPlan",
-                                  params, tmp_path) for n in nodes]
+        requests = [
+            train_request(n.node_id, found[n.node_id], repo, plan, "LinearPlan", params, tmp_path)
+            for n in nodes
+        ]
         for request in requests:  # all at once: they share the executor
             researcher.bus.send(request.node_id, request)
         replies = [researcher.wait(r.request_id) for r in requests]
@@ -116,8 +154,9 @@ def test_simulated_nodes_train_and_reopen(tmp_path):
             node.stop()
 
     # a resumed run re-opens the same nodes: datasets and reply caches are still there
-    again = start_memory_nodes(tmp_path / "nodes", broker, repo, csvs, tags=("bc",),
-                               approve=[plan_file])
+    again = start_memory_nodes(
+        tmp_path / "nodes", broker, repo, csvs, tags=("bc",), approve=[plan_file]
+    )
     try:
         assert [len(n.datasets.list()) for n in again] == [1, 1, 1]
         researcher.bus.send("node-2", requests[1])

@@ -30,18 +30,23 @@ def world(tmp_path_factory):
     node_dir = tmp / NODE
     settings = init_node_dir(node_dir, NODE, training_time_limit_s=TIME_LIMIT_S)
     executor = ProcessTrainingExecutor(time_limit_s=60)  # the node passes its own limit
-    node = Node(node_dir, bus=MemoryBus(broker, NODE, role="node"), repository=repo,
-                settings=settings, executor=executor).start()
-    dataset = register_csv_dataset(node, write_csv(tmp / "d.csv"), name="d", tags=["t"],
-                                   target="target")
+    node = Node(
+        node_dir,
+        bus=MemoryBus(broker, NODE, role="node"),
+        repository=repo,
+        settings=settings,
+        executor=executor,
+    ).start()
+    dataset = register_csv_dataset(
+        node, write_csv(tmp / "d.csv"), name="d", tags=["t"], target="target"
+    )
     plans = plan_bytes("failing_plans.py")
     node.plans.decide("approved", source=plans, by="test")
     params = initial_params(repo, plans, "GoodPlan", tmp)
     researcher = Researcher(broker)
 
     def ask(plan_class: str):
-        request = train_request(NODE, dataset["dataset_id"], repo, plans, plan_class, params,
-                                tmp)
+        request = train_request(NODE, dataset["dataset_id"], repo, plans, plan_class, params, tmp)
         return researcher.ask(NODE, request, timeout_s=90)
 
     yield node, executor, ask, researcher
@@ -97,16 +102,20 @@ def test_worker_and_in_process_training_give_the_same_bytes(world, tmp_path):
     with InProcessTrainingExecutor() as in_process:
         for index, runner in enumerate((executor, in_process)):
             task = TrainingTask(
-                plan_source=source.decode(), plan_class="LinearPlan",
-                model_args={"in_features": 3}, training_args={"epochs": 2, "batch_size": 5},
+                plan_source=source.decode(),
+                plan_class="LinearPlan",
+                model_args={"in_features": 3},
+                training_args={"epochs": 2, "batch_size": 5},
                 params_path=str(params_path),
                 dataset={"data_type": "csv", "path": str(csv), "target": "target"},
-                seed=7, out_path=str(tmp_path / f"out{index}.safetensors"),
+                seed=7,
+                out_path=str(tmp_path / f"out{index}.safetensors"),
             )
             digests.append(runner.train(task).params_sha256)
     assert digests[0] == digests[1]
     assert (tmp_path / "out0.safetensors").read_bytes() == (
-        tmp_path / "out1.safetensors").read_bytes()
+        tmp_path / "out1.safetensors"
+    ).read_bytes()
 
 
 def test_worker_is_recycled_after_its_quota(tmp_path):
@@ -119,11 +128,14 @@ def test_worker_is_recycled_after_its_quota(tmp_path):
     with ProcessTrainingExecutor(max_trainings_per_worker=1) as executor:
         for index in range(2):
             task = TrainingTask(
-                plan_source=source.decode(), plan_class="LinearPlan",
-                model_args={"in_features": 3}, training_args={"batch_size": 8},
+                plan_source=source.decode(),
+                plan_class="LinearPlan",
+                model_args={"in_features": 3},
+                training_args={"batch_size": 8},
                 params_path=str(params_path),
                 dataset={"data_type": "csv", "path": str(csv), "target": "target"},
-                seed=1, out_path=str(tmp_path / f"out{index}.safetensors"),
+                seed=1,
+                out_path=str(tmp_path / f"out{index}.safetensors"),
             )
             digests.append(executor.train(task).params_sha256)
             pids.append(executor.worker_pid)

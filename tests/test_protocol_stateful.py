@@ -65,11 +65,19 @@ class ProtocolMachine(RuleBasedStateMachine):
         plan = self.tmp / "plan.py"
         BreastCancerPlan().save_code(plan)
         data = FederatedDataSet({n: {"dataset_id": f"ds-{n}"} for n in NODES})
-        self.job = Job(reqs=Requests(self.researcher), training_plan_class="BreastCancerPlan",
-                       training_plan_path=plan, training_args={"lr": 0.1, "epochs": 1},
-                       data=data, run_dir=self.tmp / "run", repository=self.repo,
-                       round_limit=ROUNDS, min_nodes=2, reply_deadline_s=30,
-                       durability="never")
+        self.job = Job(
+            reqs=Requests(self.researcher),
+            training_plan_class="BreastCancerPlan",
+            training_plan_path=plan,
+            training_args={"lr": 0.1, "epochs": 1},
+            data=data,
+            run_dir=self.tmp / "run",
+            repository=self.repo,
+            round_limit=ROUNDS,
+            min_nodes=2,
+            reply_deadline_s=30,
+            durability="never",
+        )
         self.job._record(lifecycle_approval(self.job))
         self.failed = False
         self.acted_in_round = 0  # collect only once nodes had their say in this round
@@ -93,19 +101,32 @@ class ProtocolMachine(RuleBasedStateMachine):
         path = self.tmp / f"reply-{self.counter}.safetensors"
         save_params(path, params)
         up = self.repo.upload_file(path)
-        return TrainReply(request_id=request.request_id, researcher_id=request.researcher_id,
-                          node_id=node.node_id, job_id=job_id, round=request.round,
-                          dataset_id=request.dataset_id, params_url=up["file"],
-                          params_sha256=up["sha256"], sample_size=10 + self.counter,
-                          metrics={"train_loss": 1.0}, timing={})
+        return TrainReply(
+            request_id=request.request_id,
+            researcher_id=request.researcher_id,
+            node_id=node.node_id,
+            job_id=job_id,
+            round=request.round,
+            dataset_id=request.dataset_id,
+            params_url=up["file"],
+            params_sha256=up["sha256"],
+            sample_size=10 + self.counter,
+            metrics={"train_loss": 1.0},
+            timing={},
+        )
 
     def _open_round(self) -> bool:
         return self.job.state.status in ("round_sent", "collecting")
 
     # ---------------------------------------------------------------- rules
 
-    @precondition(lambda self: not self.failed and self.job.state.status in
-                  ("approval_checked", "aggregated") and self.job.state.round < ROUNDS)
+    @precondition(
+        lambda self: (
+            not self.failed
+            and self.job.state.status in ("approval_checked", "aggregated")
+            and self.job.state.round < ROUNDS
+        )
+    )
     @rule()
     def send_round(self) -> None:
         self.job._driver.send_round(self.job.state.round + 1)
@@ -118,16 +139,28 @@ class ProtocolMachine(RuleBasedStateMachine):
         if request is None:
             return
         if error:
-            scripted.send(ErrorReply(request_id=request.request_id,
-                                     researcher_id=request.researcher_id, node_id=node,
-                                     code=500, message="boom", job_id=request.job_id,
-                                     round=request.round))
+            scripted.send(
+                ErrorReply(
+                    request_id=request.request_id,
+                    researcher_id=request.researcher_id,
+                    node_id=node,
+                    code=500,
+                    message="boom",
+                    job_id=request.job_id,
+                    round=request.round,
+                )
+            )
         else:
             scripted.send(self._params_reply(scripted, request, request.job_id))
 
     @precondition(lambda self: self._open_round())
-    @rule(choices=st.lists(st.sampled_from(["ok", "ok", "ok", "error", "silent"]),
-                           min_size=len(NODES), max_size=len(NODES)))
+    @rule(
+        choices=st.lists(
+            st.sampled_from(["ok", "ok", "ok", "error", "silent"]),
+            min_size=len(NODES),
+            max_size=len(NODES),
+        )
+    )
     def every_node_acts(self, choices: list[str]) -> None:
         """Each node of the round answers, fails or stays silent (biases towards progress)."""
         for node, choice in zip(NODES, choices, strict=True):
@@ -153,12 +186,19 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule(round_=st.integers(0, ROUNDS + 1))
     def stranger_replies(self, round_: int) -> None:
         """A node outside the job answers a request it never got: always possible."""
-        self.stranger.send(ErrorReply(request_id="train-forged", researcher_id="researcher-sm",
-                                      node_id="node-z", code=500, message="?",
-                                      job_id=self.job.state.job_id, round=round_))
+        self.stranger.send(
+            ErrorReply(
+                request_id="train-forged",
+                researcher_id="researcher-sm",
+                node_id="node-z",
+                code=500,
+                message="?",
+                job_id=self.job.state.job_id,
+                round=round_,
+            )
+        )
 
-    @precondition(lambda self: self._open_round()
-                  and self.acted_in_round == self.job.state.round)
+    @precondition(lambda self: self._open_round() and self.acted_in_round == self.job.state.round)
     @rule()
     def collect_and_maybe_time_out(self) -> None:
         self.job._driver.collect(timeout_s=0.01)
@@ -180,8 +220,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     def nothing_counted_twice(self) -> None:
         events = [r.event for r in scan(self.job.log_path).records]
         counted = collections.Counter(
-            (e.round, e.node_id) for e in events
-            if type(e).__name__ in ("ReplyReceived", "NodeFailed"))
+            (e.round, e.node_id)
+            for e in events
+            if type(e).__name__ in ("ReplyReceived", "NodeFailed")
+        )
         assert all(c == 1 for c in counted.values())
         for agg in self.job.state.aggregates.values():
             assert len(agg.nodes) >= 2  # quorum
@@ -191,12 +233,17 @@ def lifecycle_approval(job: Job):
     from fedsm.events import ApprovalChecked
 
     sha = job.state.plan_sha256
-    return ApprovalChecked(plan_sha256=sha, statuses={n: "approved" for n in NODES},
-                           approval_required={n: True for n in NODES})
+    return ApprovalChecked(
+        plan_sha256=sha,
+        statuses={n: "approved" for n in NODES},
+        approval_required={n: True for n in NODES},
+    )
 
 
 ProtocolMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None,
+    max_examples=25,
+    stateful_step_count=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestProtocol = ProtocolMachine.TestCase

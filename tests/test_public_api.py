@@ -30,29 +30,35 @@ def test_public_names_import_from_the_package() -> None:
 
 
 def csv_entry(dataset_id: str, columns: int, dtypes: list[str]) -> dict:
-    return {"dataset_id": dataset_id, "data_type": "csv", "shape": [100, columns],
-            "dtypes": dtypes}
+    return {"dataset_id": dataset_id, "data_type": "csv", "shape": [100, columns], "dtypes": dtypes}
 
 
 def test_matching_csv_datasets_pass() -> None:
-    fds = FederatedDataSet({
-        "a": csv_entry("da", 3, ["float64"] * 3),
-        "b": [csv_entry("db", 3, ["float64"] * 3)],  # the seed's one-element list form
-    })
+    fds = FederatedDataSet(
+        {
+            "a": csv_entry("da", 3, ["float64"] * 3),
+            "b": [csv_entry("db", 3, ["float64"] * 3)],  # the seed's one-element list form
+        }
+    )
     check_data_quality(fds)
     assert fds.node_ids() == ["a", "b"] and fds.dataset_ids() == {"a": "da", "b": "db"}
 
 
 def test_a_different_column_count_names_the_node() -> None:
-    fds = FederatedDataSet({"a": csv_entry("da", 3, ["float64"] * 3),
-                            "b": csv_entry("db", 4, ["float64"] * 4)})
+    fds = FederatedDataSet(
+        {"a": csv_entry("da", 3, ["float64"] * 3), "b": csv_entry("db", 4, ["float64"] * 4)}
+    )
     with pytest.raises(DataQualityCheckError, match="b has \\[4\\] columns, a has \\[3\\]"):
         check_data_quality(fds)
 
 
 def test_a_different_dtype_names_node_and_column() -> None:
-    fds = FederatedDataSet({"a": csv_entry("da", 2, ["float64", "float64"]),
-                            "b": csv_entry("db", 2, ["float64", "object"])})
+    fds = FederatedDataSet(
+        {
+            "a": csv_entry("da", 2, ["float64", "float64"]),
+            "b": csv_entry("db", 2, ["float64", "object"]),
+        }
+    )
     with pytest.raises(DataQualityCheckError, match=r"\(1, 'object', 'float64'\)"):
         check_data_quality(fds)
 

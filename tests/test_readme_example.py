@@ -29,8 +29,7 @@ def test_readme_plan_trains_through_an_experiment(tmp_path: Path) -> None:
     world = make_world(tmp_path / "world", 2)
     try:
         for node in world.nodes:  # the operators approve this exact file
-            node.plans.decide("approved", source=plan_file.read_bytes(), name="readme",
-                              by="test")
+            node.plans.decide("approved", source=plan_file.read_bytes(), name="readme", by="test")
         exp = Experiment(
             tags=["breast-cancer"],
             training_plan_class="LogisticPlan",

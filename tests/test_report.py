@@ -31,9 +31,7 @@ def demo_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _embedded(page: str) -> dict:
-    match = re.search(
-        r'<script type="application/json" id="fedsm-data">(.*?)</script>', page, re.S
-    )
+    match = re.search(r'<script type="application/json" id="fedsm-data">(.*?)</script>', page, re.S)
     assert match is not None
     return json.loads(match.group(1))
 
@@ -96,8 +94,13 @@ def test_failures_timeouts_and_validation_metrics_are_reported(
     for ts, e in items:
         if isinstance(e, ev.ReplyReceived):
             if (e.round, e.node_id) == (2, "node-2"):
-                e = ev.NodeFailed(round=2, node_id="node-2", request_id=e.request_id,
-                                  code=500, message="out of memory")
+                e = ev.NodeFailed(
+                    round=2,
+                    node_id="node-2",
+                    request_id=e.request_id,
+                    code=500,
+                    message="out of memory",
+                )
             elif (e.round, e.node_id) == (3, "node-3"):
                 continue
             else:
@@ -131,13 +134,17 @@ def test_the_command_line(demo_log: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.html"
     done = subprocess.run(
         [sys.executable, "-m", "fedsm", "report", str(demo_log), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"report={out}"
     assert len(_embedded(out.read_text(encoding="utf-8"))["points"]) >= ROUNDS * NODES
     bad = subprocess.run(
         [sys.executable, "-m", "fedsm", "report", str(demo_log), "--out", str(tmp_path / "r.x")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "as .html or .png" in bad.stderr

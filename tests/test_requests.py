@@ -30,7 +30,7 @@ def test_search_returns_when_every_online_node_answered(tmp_path: Path) -> None:
 def test_search_waits_for_a_slow_node_until_the_deadline_only(tmp_path: Path) -> None:
     world = make_world(tmp_path, 1)
     try:
-        silent = SilentNode(world, "node-9", world.nodes[0].datasets.list()[0])
+        SilentNode(world, "node-9", world.nodes[0].datasets.list()[0])
         reqs = Requests(world.researcher(), default_deadline_s=0.5)
         assert "node-9" in reqs.bus.online_nodes()
         found = reqs.ping_nodes()  # the silent node never pongs: the deadline ends the wait

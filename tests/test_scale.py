@@ -145,8 +145,12 @@ def world(tmp_path_factory):
     record = describe_csv(shard, "target")
     init = tmp / "init.safetensors"
     initial_params(
-        plan_source=source, plan_class="BreastCancerPlan", model_args={}, training_args=ARGS,
-        seed=3, out_path=init,
+        plan_source=source,
+        plan_class="BreastCancerPlan",
+        model_args={},
+        training_args=ARGS,
+        seed=3,
+        out_path=init,
     )
     return tmp, source, record, init
 
@@ -179,13 +183,23 @@ def test_repeated_trainings_do_not_grow_sys_modules_or_linecache(world):
     shas = set()
     for k in range(25):
         result = train_round(
-            plan_source=source, plan_class="BreastCancerPlan", model_args={}, training_args=ARGS,
-            params_path=init, dataset=record, seed=9, out_path=tmp / f"out-{k}.safetensors",
+            plan_source=source,
+            plan_class="BreastCancerPlan",
+            model_args={},
+            training_args=ARGS,
+            params_path=init,
+            dataset=record,
+            seed=9,
+            out_path=tmp / f"out-{k}.safetensors",
         )
         shas.add(result.params_sha256)
         evaluate(
-            plan_source=source, plan_class="BreastCancerPlan", model_args={}, training_args=ARGS,
-            params_path=init, dataset=record,
+            plan_source=source,
+            plan_class="BreastCancerPlan",
+            model_args={},
+            training_args=ARGS,
+            params_path=init,
+            dataset=record,
         )
     assert len(shas) == 1  # unloading changes nothing to determinism
     assert set(sys.modules) - modules_before == set()
@@ -218,14 +232,24 @@ def test_a_plan_traceback_shows_the_plan_lines_after_unloading(world):
     )
     p_init = tmp / "p_init.safetensors"
     initial_params(
-        plan_source=source, plan_class="P", model_args={}, training_args=ARGS, seed=0,
+        plan_source=source,
+        plan_class="P",
+        model_args={},
+        training_args=ARGS,
+        seed=0,
         out_path=p_init,
     )
     modules = _plan_modules()
     with pytest.raises(TrainingError) as info:
         train_round(
-            plan_source=source, plan_class="P", model_args={}, training_args=ARGS,
-            params_path=p_init, dataset=record, seed=1, out_path=tmp / "never",
+            plan_source=source,
+            plan_class="P",
+            model_args={},
+            training_args=ARGS,
+            params_path=p_init,
+            dataset=record,
+            seed=1,
+            out_path=tmp / "never",
         )
     assert _plan_modules() == modules  # unloaded although training failed
     text = "".join(traceback.format_exception(info.value))

@@ -30,8 +30,9 @@ def ping(i: int | str, node: str = "n1", researcher: str = R) -> PingRequest:
 
 
 def pong(request: Message, node: str) -> PingReply:
-    return PingReply(request_id=request.request_id, researcher_id=request.researcher_id,
-                     node_id=node)
+    return PingReply(
+        request_id=request.request_id, researcher_id=request.researcher_id, node_id=node
+    )
 
 
 class Inbox:
@@ -90,8 +91,9 @@ def test_handler_never_shares_the_senders_object(broker):
     node = MemoryBus(broker, "n1", "node")
     inbox = Inbox()
     node.subscribe(inbox)
-    sent = SearchRequest(request_id="s1", researcher_id=R, node_id="n1", deadline=1e10,
-                         tags=("a", "b"))
+    sent = SearchRequest(
+        request_id="s1", researcher_id=R, node_id="n1", deadline=1e10, tags=("a", "b")
+    )
     researcher.send("n1", sent)
     (got,) = inbox.messages
     assert got == sent and got is not sent
@@ -210,8 +212,12 @@ def test_oversized_message_is_refused_before_anything_is_delivered(broker):
     with pytest.raises(MessageTooLarge, match="repository"):
         researcher.send("n1", big)
     with pytest.raises(MessageTooLarge):
-        researcher.send("offline-node", SearchRequest(
-            request_id="big", researcher_id=R, node_id="offline-node", deadline=1e10, tags=tags))
+        researcher.send(
+            "offline-node",
+            SearchRequest(
+                request_id="big", researcher_id=R, node_id="offline-node", deadline=1e10, tags=tags
+            ),
+        )
     assert inbox.messages == []
     assert broker.pending("node", "offline-node") == 0
 

@@ -71,9 +71,11 @@ class RawClient:
     def __init__(self, port: int, client_id: str | None = None) -> None:
         self.received: list[tuple[str, bytes]] = []
         self.cond = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"raw-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"raw-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
@@ -103,13 +105,15 @@ class RawClient:
 
 
 def ping(i: int | str, node: str = "n1", deadline_s: float = 60.0) -> PingRequest:
-    return PingRequest(request_id=f"q{i}", researcher_id=R, node_id=node,
-                       deadline=time.time() + deadline_s)
+    return PingRequest(
+        request_id=f"q{i}", researcher_id=R, node_id=node, deadline=time.time() + deadline_s
+    )
 
 
 def pong(message: Message, node: str) -> PingReply:
-    return PingReply(request_id=message.request_id, researcher_id=message.researcher_id,
-                     node_id=node)
+    return PingReply(
+        request_id=message.request_id, researcher_id=message.researcher_id, node_id=node
+    )
 
 
 def answering(bus: MqttBus) -> Collector:
@@ -238,32 +242,50 @@ def test_oversized_message_is_refused_before_sending(mosquitto_session, prefix, 
     watcher = RawClient(port)
     try:
         watcher.subscribe(f"{prefix}/#")
-        big = SearchRequest(request_id="big", researcher_id=R, node_id="n1",
-                            deadline=time.time() + 60, tags=tuple("x" * 4000 for _ in range(70)))
+        big = SearchRequest(
+            request_id="big",
+            researcher_id=R,
+            node_id="n1",
+            deadline=time.time() + 60,
+            tags=tuple("x" * 4000 for _ in range(70)),
+        )
         with pytest.raises(MessageTooLarge, match="repository"):
             researcher.send("n1", big)
         researcher.send("n1", ping("small"))
-        (topic, payload), = watcher.wait(1)
+        ((topic, payload),) = watcher.wait(1)
         assert topic == f"{prefix}/req/n1" and b"qsmall" in payload
         assert researcher.connected
     finally:
         watcher.close()
     # A smaller client limit applies the same way.
-    small = MqttBus("r-small", "researcher", port=port, topic_prefix=prefix,
-                    max_message_bytes=200)
+    small = MqttBus("r-small", "researcher", port=port, topic_prefix=prefix, max_message_bytes=200)
     closing.append(small)
     with pytest.raises(MessageTooLarge):
-        small.send("n1", SearchRequest(request_id="s", researcher_id="r-small", node_id="n1",
-                                       deadline=time.time() + 60, tags=("y" * 300,)))
+        small.send(
+            "n1",
+            SearchRequest(
+                request_id="s",
+                researcher_id="r-small",
+                node_id="n1",
+                deadline=time.time() + 60,
+                tags=("y" * 300,),
+            ),
+        )
 
 
 def test_broker_packet_limit_is_checked_too(tmp_path, prefix):
     broker = start_mosquitto(tmp_path, config_extra="max_packet_size 100000")
-    researcher = MqttBus(R, "researcher", port=broker.port, topic_prefix=prefix,
-                         max_message_bytes=10_000_000)
+    researcher = MqttBus(
+        R, "researcher", port=broker.port, topic_prefix=prefix, max_message_bytes=10_000_000
+    )
     try:
-        big = SearchRequest(request_id="big", researcher_id=R, node_id="n1",
-                            deadline=time.time() + 60, tags=tuple("x" * 4000 for _ in range(30)))
+        big = SearchRequest(
+            request_id="big",
+            researcher_id=R,
+            node_id="n1",
+            deadline=time.time() + 60,
+            tags=tuple("x" * 4000 for _ in range(30)),
+        )
         with pytest.raises(MessageTooLarge, match="maximum packet size of 100000"):
             researcher.send("n1", big)
         assert researcher.connected  # not disconnected by the broker: nothing was sent
@@ -272,8 +294,11 @@ def test_broker_packet_limit_is_checked_too(tmp_path, prefix):
         broker.stop()
 
 
-def test_last_will_reaches_the_researcher_when_a_node_is_killed(mosquitto_session, prefix,  # noqa: F811
-                                                                closing):
+def test_last_will_reaches_the_researcher_when_a_node_is_killed(
+    mosquitto_session,  # noqa: F811
+    prefix,
+    closing,
+):
     port = mosquitto_session.port
     researcher = MqttBus(R, "researcher", port=port, topic_prefix=prefix)
     closing.append(researcher)
@@ -282,9 +307,21 @@ def test_last_will_reaches_the_researcher_when_a_node_is_killed(mosquitto_sessio
     changes: list[tuple[str, bool]] = []
     researcher.on_status(lambda node, online: changes.append((node, online)))
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "mqtt_node_proc.py"), "--port", str(port), "--node", "victim",
-         "--prefix", prefix, "--lifetime", "60"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(HERE / "mqtt_node_proc.py"),
+            "--port",
+            str(port),
+            "--node",
+            "victim",
+            "--prefix",
+            prefix,
+            "--lifetime",
+            "60",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         researcher.wait_online(["victim"], timeout_s=20)
@@ -304,8 +341,11 @@ def test_last_will_reaches_the_researcher_when_a_node_is_killed(mosquitto_sessio
             proc.wait(10)
 
 
-def test_clean_close_announces_offline_and_late_researchers_see_it(mosquitto_session, prefix,  # noqa: F811
-                                                                   closing):
+def test_clean_close_announces_offline_and_late_researchers_see_it(
+    mosquitto_session,  # noqa: F811
+    prefix,
+    closing,
+):
     kw = dict(port=mosquitto_session.port, topic_prefix=prefix)
     researcher = MqttBus(R, "researcher", **kw)
     closing.append(researcher)
@@ -320,8 +360,12 @@ def test_clean_close_announces_offline_and_late_researchers_see_it(mosquitto_ses
 
 
 def test_queued_request_survives_a_broker_restart(mosquitto, prefix, closing):  # noqa: F811
-    kw = dict(port=mosquitto.port, topic_prefix=prefix, reconnect_min_delay_s=0.1,
-              reconnect_max_delay_s=0.5)
+    kw = dict(
+        port=mosquitto.port,
+        topic_prefix=prefix,
+        reconnect_min_delay_s=0.1,
+        reconnect_max_delay_s=0.5,
+    )
     MqttBus("n1", "node", **kw).close()  # the node's session (subscriptions) now exists
     researcher = MqttBus(R, "researcher", **kw)
     closing.append(researcher)
@@ -340,7 +384,9 @@ def test_queued_request_survives_a_broker_restart(mosquitto, prefix, closing):  
     got = seen.wait(2, timeout_s=20)
     assert sorted(m.request_id for m in got) == ["qbefore-restart", "qwhile-down"]
     assert sorted(m.request_id for m in replies.wait(2, timeout_s=20)) == [
-        "qbefore-restart", "qwhile-down"]
+        "qbefore-restart",
+        "qwhile-down",
+    ]
 
 
 def test_expired_request_is_not_delivered(mosquitto_session, prefix, closing):  # noqa: F811
@@ -362,8 +408,12 @@ def test_expired_request_is_not_delivered(mosquitto_session, prefix, closing):  
 
 
 def test_two_processes_with_one_id_are_detected(mosquitto_session, prefix, closing):  # noqa: F811
-    kw = dict(port=mosquitto_session.port, topic_prefix=prefix, reconnect_min_delay_s=0.05,
-              reconnect_max_delay_s=0.2)
+    kw = dict(
+        port=mosquitto_session.port,
+        topic_prefix=prefix,
+        reconnect_min_delay_s=0.05,
+        reconnect_max_delay_s=0.2,
+    )
     first = MqttBus("twin", "node", **kw)
     second = MqttBus("twin", "node", **kw)
     closing += [first, second]
@@ -396,13 +446,29 @@ def test_bad_arguments_are_refused():
 
 def test_parse_broker_url():
     assert parse_broker_url("mqtt://host.example") == {
-        "host": "host.example", "port": 1883, "username": None, "password": None, "tls": None}
+        "host": "host.example",
+        "port": 1883,
+        "username": None,
+        "password": None,
+        "tls": None,
+    }
     got = parse_broker_url("mqtts://node%401:p%3Ass@10.0.0.5:18883?ca_certs=/etc/ca.pem&prefix=x/y")
     assert got == {
-        "host": "10.0.0.5", "port": 18883, "username": "node@1", "password": "p:ss",
-        "tls": TlsOptions(ca_certs="/etc/ca.pem"), "topic_prefix": "x/y"}
+        "host": "10.0.0.5",
+        "port": 18883,
+        "username": "node@1",
+        "password": "p:ss",
+        "tls": TlsOptions(ca_certs="/etc/ca.pem"),
+        "topic_prefix": "x/y",
+    }
     assert parse_broker_url("mqtts://h")["port"] == 8883
-    for bad in ("http://h", "mqtt://", "mqtt://h:99999", "mqtt://h/path", "mqtt://h?ca_certs=x",
-                "mqtt://h?prefix=a/+"):
+    for bad in (
+        "http://h",
+        "mqtt://",
+        "mqtt://h:99999",
+        "mqtt://h/path",
+        "mqtt://h?ca_certs=x",
+        "mqtt://h?prefix=a/+",
+    ):
         with pytest.raises(ConfigurationError):
             parse_broker_url(bad)

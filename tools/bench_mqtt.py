@@ -34,8 +34,11 @@ NODE = "bench-node"
 def run_node(port: int, nodelay: bool) -> int:
     """Child process: answer pings until stdin closes."""
     bus = MqttBus(NODE, "node", port=port, tcp_nodelay=nodelay, topic_prefix="bench")
-    bus.subscribe(lambda m: bus.reply(PingReply(request_id=m.request_id,
-                                                researcher_id=m.researcher_id, node_id=NODE)))
+    bus.subscribe(
+        lambda m: bus.reply(
+            PingReply(request_id=m.request_id, researcher_id=m.researcher_id, node_id=NODE)
+        )
+    )
     print("READY", flush=True)
     sys.stdin.read()
     bus.close()
@@ -59,8 +62,9 @@ class Waiter:
             return self.cond.wait_for(lambda: request_id in self.got, timeout_s)
 
 
-def time_exchanges(bus, send, waiter: Waiter | None, count: int, warmup: int,
-                   time_limit_s: float) -> list[float]:
+def time_exchanges(
+    bus, send, waiter: Waiter | None, count: int, warmup: int, time_limit_s: float
+) -> list[float]:
     """Round trips in ms (warm-up discarded); stops at ``count`` or ``time_limit_s``."""
     samples: list[float] = []
     stop_at = time.monotonic() + time_limit_s
@@ -68,8 +72,9 @@ def time_exchanges(bus, send, waiter: Waiter | None, count: int, warmup: int,
         if time.monotonic() > stop_at:
             break
         request_id = f"b{i}"
-        request = PingRequest(request_id=request_id, researcher_id=RESEARCHER, node_id=NODE,
-                              deadline=time.time() + 60)
+        request = PingRequest(
+            request_id=request_id, researcher_id=RESEARCHER, node_id=NODE, deadline=time.time() + 60
+        )
         started = time.perf_counter()
         send(request)
         if waiter is not None and not waiter.wait(request_id, 5.0):
@@ -89,8 +94,10 @@ def report(label: str, samples: list[float]) -> None:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
-    print(f"{label:<42} n={len(samples):<5} median={statistics.median(samples):8.3f} ms  "
-          f"p90={pct(0.90):8.3f} ms  p99={pct(0.99):8.3f} ms")
+    print(
+        f"{label:<42} n={len(samples):<5} median={statistics.median(samples):8.3f} ms  "
+        f"p90={pct(0.90):8.3f} ms  p99={pct(0.99):8.3f} ms"
+    )
 
 
 def bench_mqtt(workdir: Path, nodelay: bool, count: int, warmup: int, limit: float) -> list[float]:
@@ -104,15 +111,19 @@ def bench_mqtt(workdir: Path, nodelay: bool, count: int, warmup: int, limit: flo
     try:
         node = subprocess.Popen(
             [sys.executable, __file__, "--node", str(port)] + ([] if nodelay else ["--nagle"]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        researcher = MqttBus(RESEARCHER, "researcher", port=port, tcp_nodelay=nodelay,
-                             topic_prefix="bench")
+        researcher = MqttBus(
+            RESEARCHER, "researcher", port=port, tcp_nodelay=nodelay, topic_prefix="bench"
+        )
         waiter = Waiter()
         researcher.subscribe(waiter)
         researcher.wait_online([NODE], timeout_s=20)
-        return time_exchanges(researcher, lambda r: researcher.send(NODE, r), waiter, count,
-                              warmup, limit)
+        return time_exchanges(
+            researcher, lambda r: researcher.send(NODE, r), waiter, count, warmup, limit
+        )
     finally:
         if researcher is not None:
             researcher.close()
@@ -130,25 +141,33 @@ def bench_memory(count: int, warmup: int, limit: float) -> list[float]:
     with MemoryBroker() as broker:
         researcher = MemoryBus(broker, RESEARCHER, "researcher")
         node = MemoryBus(broker, NODE, "node")
-        node.subscribe(lambda m: node.reply(PingReply(request_id=m.request_id,
-                                                      researcher_id=m.researcher_id,
-                                                      node_id=NODE)))
+        node.subscribe(
+            lambda m: node.reply(
+                PingReply(request_id=m.request_id, researcher_id=m.researcher_id, node_id=NODE)
+            )
+        )
         replies: list[str] = []
         researcher.subscribe(lambda m: replies.append(m.request_id))
-        samples = time_exchanges(researcher, lambda r: researcher.send(NODE, r), None, count,
-                                 warmup, limit)
+        samples = time_exchanges(
+            researcher, lambda r: researcher.send(NODE, r), None, count, warmup, limit
+        )
         if len(replies) != len(samples) + warmup:
             raise RuntimeError(f"memory bus lost replies: {len(replies)}")
         return samples
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--slow-count", type=int, default=40,
-                        help="exchanges without NODELAY (each takes ~40-90 ms)")
+    parser.add_argument(
+        "--slow-count",
+        type=int,
+        default=40,
+        help="exchanges without NODELAY (each takes ~40-90 ms)",
+    )
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario")
     parser.add_argument("--node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--nagle", action="store_true", help=argparse.SUPPRESS)

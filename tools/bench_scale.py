@@ -73,8 +73,11 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tracemalloc", action="store_true",
-                        help="trace the Python heap too (slow) and print the top growth sites")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the Python heap too (slow) and print the top growth sites",
+    )
     parser.add_argument("--top", type=int, default=8, help="growth sites shown with --tracemalloc")
     args = parser.parse_args()
     if args.tracemalloc:
@@ -83,8 +86,17 @@ def main() -> None:
 
     def sample(label: str, seconds: float) -> None:
         gc.collect()
-        rows.append((label, seconds, rss_mb(), peak_rss_mb(), heap_mb(), len(sys.modules),
-                     len(gc.get_objects())))
+        rows.append(
+            (
+                label,
+                seconds,
+                rss_mb(),
+                peak_rss_mb(),
+                heap_mb(),
+                len(sys.modules),
+                len(gc.get_objects()),
+            )
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -101,12 +113,21 @@ def main() -> None:
         t2 = time.perf_counter()
         sample("nodes started", t2 - t1)
         bus = MemoryBus(broker, "researcher-bench", role="researcher")
-        exp = Experiment(tags=["breast-cancer"], training_plan_class="BreastCancerPlan",
-                         training_plan_path=plan,
-                         training_args={"lr": 0.5, "epochs": 1, "batch_size": 32},
-                         round_limit=args.rounds, run_dir=root / "run", bus=bus,
-                         repository=repo, progress=False, on_round=lambda s: None,
-                         search_deadline_s=60, reply_deadline_s=600, durability="batch")
+        exp = Experiment(
+            tags=["breast-cancer"],
+            training_plan_class="BreastCancerPlan",
+            training_plan_path=plan,
+            training_args={"lr": 0.5, "epochs": 1, "batch_size": 32},
+            round_limit=args.rounds,
+            run_dir=root / "run",
+            bus=bus,
+            repository=repo,
+            progress=False,
+            on_round=lambda s: None,
+            search_deadline_s=60,
+            reply_deadline_s=600,
+            durability="batch",
+        )
         t3 = time.perf_counter()
         sample("search + check + job", t3 - t2)
         snapshots = [tracemalloc.take_snapshot()] if args.tracemalloc else []
@@ -125,8 +146,10 @@ def main() -> None:
             node.stop()
         broker.close()
 
-    print(f"{'phase':24}{'seconds':>9}{'rss_mb':>9}{'peak_mb':>9}{'heap_mb':>9}"
-          f"{'modules':>9}{'gc_objects':>12}")
+    print(
+        f"{'phase':24}{'seconds':>9}{'rss_mb':>9}{'peak_mb':>9}{'heap_mb':>9}"
+        f"{'modules':>9}{'gc_objects':>12}"
+    )
     for label, sec, rss, peak, heap, mods, objs in rows:
         print(f"{label:24}{sec:9.2f}{rss:9.0f}{peak:9.0f}{heap:9.1f}{mods:9d}{objs:12d}")
     if len(snapshots) > 2:
@@ -137,12 +160,14 @@ def main() -> None:
                 print(f"      {line}")
     first, last = rows[3], rows[-1]
     per_round = (last[2] - first[2]) / max(1, args.rounds - 1)
-    print(f"nodes={args.nodes} rounds={args.rounds} aggregated_from={len(aggregated.nodes)} "
-          f"node_start_ms={(t2 - t1) / args.nodes * 1e3:.2f} "
-          f"round_s={sum(round_times) / len(round_times):.2f} "
-          f"rss_after_round1_mb={first[2]:.0f} rss_after_last_mb={last[2]:.0f} "
-          f"rss_growth_per_round_mb={per_round:.1f} modules_growth={last[5] - first[5]} "
-          f"peak_rss_mb={peak_rss_mb():.0f}")
+    print(
+        f"nodes={args.nodes} rounds={args.rounds} aggregated_from={len(aggregated.nodes)} "
+        f"node_start_ms={(t2 - t1) / args.nodes * 1e3:.2f} "
+        f"round_s={sum(round_times) / len(round_times):.2f} "
+        f"rss_after_round1_mb={first[2]:.0f} rss_after_last_mb={last[2]:.0f} "
+        f"rss_growth_per_round_mb={per_round:.1f} modules_growth={last[5] - first[5]} "
+        f"peak_rss_mb={peak_rss_mb():.0f}"
+    )
 
 
 if __name__ == "__main__":

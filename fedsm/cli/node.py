@@ -161,8 +161,10 @@ def _dataset_add(args: argparse.Namespace) -> int:
         )
     finally:
         db.close()
-    print(f"added dataset {record['dataset_id']} ({record['sample_count']} samples, "
-          f"shape {record['shape']})")
+    print(
+        f"added dataset {record['dataset_id']} ({record['sample_count']} samples, "
+        f"shape {record['shape']})"
+    )
     return 0
 
 
@@ -292,8 +294,7 @@ def _start(args: argparse.Namespace) -> int:
     try:
         executor.start()  # the worker imports torch before we say we are online
         bus = MqttBus(settings.node_id, "node", **bus_args)
-        node = Node(args.dir, bus=bus, repository=repository, settings=settings,
-                    executor=executor)
+        node = Node(args.dir, bus=bus, repository=repository, settings=settings, executor=executor)
         try:
             node.start()
             print(f"node {settings.node_id} online", flush=True)

@@ -121,9 +121,7 @@ class TrainingExecutor(abc.ABC):
 
     def __init__(self, *, lane_threads: int = 1, control_threads: int = 1) -> None:
         self._lane_pool = ThreadPoolExecutor(lane_threads, thread_name_prefix="fedsm-train")
-        self._control_pool = ThreadPoolExecutor(
-            control_threads, thread_name_prefix="fedsm-control"
-        )
+        self._control_pool = ThreadPoolExecutor(control_threads, thread_name_prefix="fedsm-control")
         self._lanes: dict[Hashable, deque[Callable[[], None]]] = {}
         self._lanes_lock = threading.Lock()
         self._closed = False

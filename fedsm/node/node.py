@@ -307,8 +307,9 @@ class Node:
         with self._lock:
             if request.request_id in self._in_flight:
                 self._in_flight[request.request_id] += 1
-                log.info("node %s: train %s is already being served", self.node_id,
-                         request.request_id)
+                log.info(
+                    "node %s: train %s is already being served", self.node_id, request.request_id
+                )
                 return
             self._in_flight[request.request_id] = 1
         self.executor.submit(self, lambda: self._serve_train(request))
@@ -323,8 +324,11 @@ class Node:
                 self.trainings_run += 1
                 train_reply = run_train_request(self._ctx, request)
                 if self._stopped:  # stopped while training: the registry is closed
-                    log.info("node %s stopped during train %s; reply dropped", self.node_id,
-                             request.request_id)
+                    log.info(
+                        "node %s stopped during train %s; reply dropped",
+                        self.node_id,
+                        request.request_id,
+                    )
                     return
                 self.replies.put(
                     request.request_id, request_fingerprint(request), encode(train_reply)

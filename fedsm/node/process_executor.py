@@ -183,8 +183,11 @@ class ProcessTrainingExecutor(TrainingExecutor):
 
     def _ensure_worker(self) -> _Worker:
         if self._worker is not None and 0 < self._max_trainings <= self._trainings:
-            log.info("recycling training worker %s after %d trainings",
-                     self._worker.process.pid, self._trainings)
+            log.info(
+                "recycling training worker %s after %d trainings",
+                self._worker.process.pid,
+                self._trainings,
+            )
             self._worker.stop(5.0)
         if self._worker is None or not self._worker.process.is_alive():
             if self._worker is not None:

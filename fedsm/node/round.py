@@ -73,7 +73,12 @@ class RoundContext:
 
 
 def _download(
-    ctx: RoundContext, url: str, expected_sha256: str, dest: Path, *, what: str,
+    ctx: RoundContext,
+    url: str,
+    expected_sha256: str,
+    dest: Path,
+    *,
+    what: str,
     mismatch: ErrorNumber,
 ) -> None:
     """Download ``url`` to ``dest`` and check it hashes to ``expected_sha256``."""

@@ -101,8 +101,12 @@ def start_memory_nodes(
             dataset_id = f"dataset-{settings.node_id}"
             if not any(d["dataset_id"] == dataset_id for d in node.datasets.list()):
                 register_csv_dataset(
-                    node, csv, name=f"{tags[0] if tags else 'data'}-{node_id}", tags=tags,
-                    target=target, dataset_id=dataset_id,
+                    node,
+                    csv,
+                    name=f"{tags[0] if tags else 'data'}-{node_id}",
+                    tags=tags,
+                    target=target,
+                    dataset_id=dataset_id,
                 )
             for path, source in zip(approve, sources, strict=True):
                 if node.plans.status_of_source(source) != "approved":

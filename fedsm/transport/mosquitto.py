@@ -20,8 +20,14 @@ from pathlib import Path
 
 from fedsm.transport.base import TransportError
 
-__all__ = ["MosquittoNotFound", "MosquittoProcess", "find_mosquitto", "dev_config", "free_port",
-           "start_mosquitto"]
+__all__ = [
+    "MosquittoNotFound",
+    "MosquittoProcess",
+    "find_mosquitto",
+    "dev_config",
+    "free_port",
+    "start_mosquitto",
+]
 
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 INSTALL_HINT = (
@@ -222,7 +228,11 @@ def start_mosquitto(
     if config is not None and port is None:
         raise ValueError("a custom config needs the port it listens on")
     port = port if port is not None else free_port(host)
-    text = config if config is not None else dev_config(port, Path(workdir), host=host,
-                                                        extra=config_extra)
-    return MosquittoProcess(text, Path(workdir), port, host=host, executable=executable,
-                            ready_timeout_s=ready_timeout_s)
+    text = (
+        config
+        if config is not None
+        else dev_config(port, Path(workdir), host=host, extra=config_extra)
+    )
+    return MosquittoProcess(
+        text, Path(workdir), port, host=host, executable=executable, ready_timeout_s=ready_timeout_s
+    )

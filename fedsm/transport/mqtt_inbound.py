@@ -100,9 +100,14 @@ class Inbound:
         if self._accepts(kind, parts, message):
             self._handlers.deliver(message)
         else:
-            log.warning("%s: dropped a %s (node_id=%s, researcher_id=%s) that does not belong on "
-                        "topic %s", self._where, message.command, message.node_id,
-                        message.researcher_id, topic)
+            log.warning(
+                "%s: dropped a %s (node_id=%s, researcher_id=%s) that does not belong on topic %s",
+                self._where,
+                message.command,
+                message.node_id,
+                message.researcher_id,
+                topic,
+            )
 
     def _accepts(self, kind: str, parts: tuple[str, ...], message: Message) -> bool:
         me = self._me

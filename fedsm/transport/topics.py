@@ -94,7 +94,7 @@ class Topics:
         head = self.prefix + "/"
         if not topic.startswith(head):
             return None
-        parts = tuple(topic[len(head):].split("/"))
+        parts = tuple(topic[len(head) :].split("/"))
         shapes = {"req": 2, "broadcast": 1, "reply": 3, "status": 2}
         if not parts or shapes.get(parts[0]) != len(parts):
             return None
@@ -140,9 +140,7 @@ def parse_broker_url(url: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigurationError(f"broker URL {url!r} is invalid: {exc}") from None
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigurationError(
-            f"broker URL {url!r} must start with mqtt:// or mqtts://"
-        )
+        raise ConfigurationError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
     if not parts.hostname:
         raise ConfigurationError(f"broker URL {url!r} has no host")
     if parts.path not in ("", "/"):
