@@ -74,7 +74,7 @@ class Experiment:
         training_args: Mapping[str, Any] | None = None,
         model_args: Mapping[str, Any] | None = None,
         round_limit: int = 1,
-        aggregator: FedAvg | None = None,
+        aggregator: FedAvg | type[FedAvg] | None = None,
         *,
         min_nodes: int | None = None,
         reply_deadline_s: float = 60.0,

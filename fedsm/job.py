@@ -93,7 +93,7 @@ class Job:
         reply_deadline_s: float = 60.0,
         seed: int = 0,
         tags: Iterable[str] = (),
-        aggregator: FedAvg | None = None,
+        aggregator: FedAvg | type[FedAvg] | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -104,6 +104,8 @@ class Job:
         self._reqs = reqs
         self._repo = repository
         self._clock = clock
+        if isinstance(aggregator, type):  # Experiment(aggregator=FedAvg), as in the seed
+            aggregator = aggregator()
         self._aggregator = aggregator or FedAvg()
         self._run_dir = Path(run_dir)
         self._files = Path(keep_files_dir) if keep_files_dir else self._run_dir / "files"
@@ -191,7 +193,7 @@ class Job:
             raise JobError(f"no job log at {log_path}")
         job = cls.__new__(cls)
         job._reqs, job._repo, job._clock = reqs, repository, clock
-        job._aggregator = FedAvg()
+        job._aggregator = FedAvg()  # the only aggregator a log can name for now
         job._run_dir, job._files = run_dir, run_dir / "files"
         job._files.mkdir(parents=True, exist_ok=True)
         job._log = EventLog.open(log_path, durability=durability)
@@ -200,6 +202,12 @@ class Job:
         job._state = lifecycle.replay(job._log.events())
         job._driver = RoundDriver(job)
         state = job._state
+        if state.config is not None and state.config.aggregator != job._aggregator.name:
+            job._log.close()
+            raise JobError(
+                f"{log_path} was aggregated with {state.config.aggregator!r}, which this "
+                "version can not resume"
+            )
         if state.status in ("new", "created"):
             job._log.close()
             raise JobError(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from job_world import make_world
 
+from fedsm.aggregation import FedAvg
 from fedsm.experiment import Experiment
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -42,6 +43,7 @@ def test_readme_plan_trains_through_an_experiment(tmp_path: Path) -> None:
             bus=world.researcher(),
             repository=world.repository,
             seed=42,
+            aggregator=FedAvg,  # the class, as the seed's Experiment takes it
             progress=False,
             on_round=lambda summary: None,
         )
