@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from fedsm.aggregation import AggregationError
 from fedsm.collect import classify, train_request_id
 from fedsm.events import (
     Aggregated,
@@ -27,6 +28,7 @@ from fedsm.job_errors import JobError
 from fedsm.protocol import ErrorNumber, TrainRequest
 from fedsm.repository.base import DigestMismatch, RepositoryError
 from fedsm.seeds import derive_seed
+from fedsm.training.params import ParamsFileError, load_params
 
 if TYPE_CHECKING:
     from fedsm.job import Job
@@ -42,6 +44,7 @@ class RoundDriver:
     def __init__(self, job: Job) -> None:
         self.job = job
         self._collect_until = 0.0  # monotonic deadline of the round being collected
+        self._like: tuple[str, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ send
 
@@ -176,25 +179,42 @@ class RoundDriver:
             job._record(RoundTimedOut(round=job.state.round, missing=tuple(missing)))
 
     def _fetch(self, event: ReplyReceived) -> ReplyReceived | NodeFailed:
-        """Download a node's parameters and check their digest; a failure fails the node."""
-        path = self.job.params_path(event.params_sha256)
+        """Download a node's parameters, check their digest, and check that they are
+        parameters of this job's model (names, shapes, dtypes of the global parameters) with a
+        positive sample size. A reply failing any of these fails the node, so that one bad
+        reply can never block aggregation (nor every resume after it)."""
+        job = self.job
+        path = job.params_path(event.params_sha256)
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.job.repository.download_file(event.params_url, path)
+                job.repository.download_file(event.params_url, path)
+            if event.sample_size <= 0:
+                raise ParamsFileError(f"the node reported {event.sample_size} training samples")
+            load_params(path, like=self._global_params())
             return event
         except DigestMismatch as exc:
-            code, text = ErrorNumber.PARAMS_DIGEST_MISMATCH, str(exc)
+            code, text = ErrorNumber.PARAMS_DIGEST_MISMATCH, f"could not fetch params: {exc}"
         except RepositoryError as exc:
-            code, text = ErrorNumber.REPOSITORY_UNREACHABLE, str(exc)
-        path.unlink(missing_ok=True)
+            code, text = ErrorNumber.REPOSITORY_UNREACHABLE, f"could not fetch params: {exc}"
+        except ParamsFileError as exc:
+            code, text = ErrorNumber.PARAMS_INVALID, f"unusable reply: {exc}"
+        if path.exists() and event.params_sha256 != job.state.params_sha256:
+            path.unlink()
         return NodeFailed(
             round=event.round,
             node_id=event.node_id,
             request_id=event.request_id,
             code=int(code),
-            message=f"researcher could not fetch params: {text}",
+            message=f"researcher: {text}",
         )
+
+    def _global_params(self) -> dict[str, Any]:
+        """The current global parameters, loaded once per round (the shape every reply needs)."""
+        sha = self.job.state.params_sha256
+        if self._like is None or self._like[0] != sha:
+            self._like = (sha, load_params(self.job.params_path(sha)))
+        return self._like[1]
 
     # ------------------------------------------------------------------ aggregate
 
@@ -218,7 +238,11 @@ class RoundDriver:
         weights = {n: float(replies[n].sample_size) for n in nodes}
         items = [(n, job.params_path(replies[n].params_sha256), weights[n]) for n in nodes]
         tmp = job.params_path("aggregate").with_suffix(".tmp")
-        sha = job._aggregator.aggregate_files(items, tmp)
+        try:
+            sha = job._aggregator.aggregate_files(items, tmp)
+        except AggregationError as exc:  # replies were checked one by one; a set can still fail
+            tmp.unlink(missing_ok=True)
+            job._fail(f"round {state.round}: aggregation failed: {exc}")
         path = job._store_params(tmp, sha)
         up = job.repository.upload_file(path)
         job._record(
