@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,7 +206,9 @@ def run_demo(
         # `fedsm replay --verify --repo DIR` reads it directly (same content-addressed layout).
         repository=str(run_dir / "repository"),
     )
-    results.write_text(json.dumps(asdict(result), indent=1))
+    tmp = results.with_suffix(".tmp")  # atomic: a kill here must not leave half a file
+    tmp.write_text(json.dumps(asdict(result), indent=1))
+    os.replace(tmp, results)
     return result
 
 

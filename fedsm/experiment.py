@@ -17,7 +17,7 @@ from typing import Any
 from fedsm.aggregation import FedAvg
 from fedsm.datacheck import check_data_quality
 from fedsm.job import Job
-from fedsm.job_errors import JobError
+from fedsm.job_errors import JobError, JobFailedError
 from fedsm.repository.base import Repository
 from fedsm.requests import FederatedDataSet, Requests
 from fedsm.transport.base import Bus
@@ -155,6 +155,7 @@ class Experiment:
 
     @property
     def job(self) -> Job:
+        """The Job this experiment drives."""
         assert self._job is not None
         return self._job
 
@@ -165,10 +166,12 @@ class Experiment:
 
     @property
     def round_limit(self) -> int:
+        """The number of rounds the job was created for."""
         return self.job.state.config.round_limit
 
     @property
     def finished(self) -> bool:
+        """Whether the job completed, failed or was cancelled."""
         return self.job.state.status in ("completed", "failed", "cancelled")
 
     def final_params_path(self) -> Path:
@@ -234,8 +237,11 @@ class Experiment:
         return summary
 
     def run(self, rounds: int | None = None) -> str:
-        """Run the remaining rounds (or ``rounds`` of them); return the final params digest."""
-        todo = self.round_limit - self.job.state.round if rounds is None else rounds
+        """Run the remaining rounds (or ``rounds`` more of them, counting a round interrupted
+        mid-way as one); return the digest of the current global parameters.
+
+        Raises :class:`~fedsm.job_errors.JobFailedError` if the job fails or had failed.
+        """
         if self._progress:
             from tqdm import tqdm
 
@@ -246,16 +252,23 @@ class Experiment:
                 unit="round",
                 file=sys.stderr,
             )
+        done = 0
         try:
-            for _ in range(max(0, todo) + 1):
+            while rounds is None or done < rounds:  # run_once returns None at the round limit
                 if self.run_once() is None:
                     break
+                done += 1
                 if self._bar is not None:
                     self._bar.update(1)
         finally:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        if self.job.state.status in ("failed", "cancelled"):
+            raise JobFailedError(
+                f"the job {self.job.state.status}: {self.job.stop_reason()} "
+                f"(see: fedsm replay {self.job.log_path})"
+            )
         return self.job.params_sha256
 
     def _report(self, summary: RoundSummary) -> None:
@@ -269,5 +282,6 @@ class Experiment:
             print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Close the job's log."""
         if self._job is not None:
             self._job.close()

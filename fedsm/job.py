@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsm import approval, lifecycle
+from fedsm import approval, breakpoints, jobsetup, lifecycle
 from fedsm.aggregation import FedAvg
 from fedsm.datacheck import check_data_quality
 from fedsm.events import (
     Event,
-    JobCreated,
     JobFailed,
     ParamsUploaded,
     TrainingPlanUploaded,
@@ -40,7 +39,7 @@ from fedsm.job_errors import (
 from fedsm.log import EventLog
 from fedsm.plansource import plan_source
 from fedsm.repository.base import Repository
-from fedsm.requests import FederatedDataSet, Requests, new_id
+from fedsm.requests import FederatedDataSet, Requests
 from fedsm.rounds import RoundDriver
 from fedsm.training import runner
 from fedsm.training.args import TrainingArgs
@@ -113,14 +112,6 @@ class Job:
         log_path = self._run_dir / LOG_NAME
         if log_path.exists() and log_path.stat().st_size > 0:
             raise JobError(f"{log_path} already holds a job: use Job.restore({str(run_dir)!r})")
-        round_nodes = sorted(nodes if nodes is not None else data.node_ids())
-        unknown = sorted(set(round_nodes) - set(data.node_ids()))
-        if unknown:
-            raise JobError(f"nodes {unknown} have no dataset in the FederatedDataSet")
-        if min_nodes is None:
-            min_nodes = len(round_nodes) // 2 + 1  # a majority of the round's nodes
-        if not 1 <= min_nodes <= len(round_nodes):
-            raise JobError(f"min_nodes must be between 1 and {len(round_nodes)}, got {min_nodes}")
         targs = (
             training_args
             if isinstance(training_args, TrainingArgs)
@@ -149,21 +140,19 @@ class Job:
         self._state = lifecycle.initial_state()
         self._driver = RoundDriver(self)
         self._record(
-            JobCreated(
-                job_id=new_id("job"),
+            jobsetup.job_created(
                 researcher_id=reqs.researcher_id,
-                training_plan_class=class_name,
+                data=data,
+                nodes=nodes,
+                plan_class=class_name,
                 training_args=targs.dict(),
                 model_args=dict(model_args or {}),
-                seed=int(seed),
-                nodes=tuple(round_nodes),
-                datasets={n: data.dataset_ids()[n] for n in round_nodes},
-                round_limit=int(round_limit),
-                min_nodes=int(min_nodes),
-                reply_deadline_s=float(reply_deadline_s),
+                seed=seed,
+                round_limit=round_limit,
+                min_nodes=min_nodes,
+                reply_deadline_s=reply_deadline_s,
                 aggregator=self._aggregator.name,
-                aggregator_args={},
-                tags=tuple(tags),
+                tags=tags,
             )
         )
         self._record(
@@ -202,25 +191,11 @@ class Job:
         job._state = lifecycle.replay(job._log.events())
         job._driver = RoundDriver(job)
         state = job._state
-        if state.config is not None and state.config.aggregator != job._aggregator.name:
+        try:
+            jobsetup.check_restorable(state, log_path, reqs.researcher_id, job._aggregator.name)
+        except JobError:
             job._log.close()
-            raise JobError(
-                f"{log_path} was aggregated with {state.config.aggregator!r}, which this "
-                "version can not resume"
-            )
-        if state.status in ("new", "created"):
-            job._log.close()
-            raise JobError(
-                f"{log_path} stops before the training plan upload was recorded: nothing to "
-                "resume; start the job again"
-            )
-        if reqs.researcher_id != state.researcher_id:
-            log.info(
-                "resuming job %s of researcher %s as %s",
-                state.job_id,
-                state.researcher_id,
-                reqs.researcher_id,
-            )
+            raise
         plan_path = job._files / "training_plan.py"
         if not plan_path.exists() or file_sha256(plan_path) != state.plan_sha256:
             job._repo.download_file(state.plan_url, plan_path)
@@ -233,10 +208,12 @@ class Job:
 
     @property
     def id(self) -> str:
+        """The job id (``job-<hex>``), from ``JobCreated``."""
         return self._state.job_id
 
     @property
     def requests(self) -> Requests:
+        """The researcher's requests (its bus)."""
         return self._reqs
 
     @property
@@ -251,18 +228,22 @@ class Job:
 
     @property
     def log_path(self) -> Path:
+        """The job's event log."""
         return self._log.path
 
     @property
     def repository(self) -> Repository:
+        """The file repository the job uploads to and downloads from."""
         return self._repo
 
     @property
     def training_plan_name(self) -> str:
+        """The training plan's class name."""
         return self._state.config.training_plan_class
 
     @property
     def training_plan_file(self) -> Path:
+        """The local copy of the plan source that was uploaded (and approved by sha256)."""
         return self._files / "training_plan.py"
 
     @functools.cached_property
@@ -272,14 +253,17 @@ class Job:
 
     @property
     def training_args(self) -> TrainingArgs:
+        """The training arguments every node receives."""
         return TrainingArgs(dict(self._state.config.training_args))
 
     @property
     def model_args(self) -> dict[str, Any]:
+        """The model arguments every node receives."""
         return dict(self._state.config.model_args)
 
     @property
     def aggregator_args(self) -> dict[str, Any]:
+        """The aggregator's arguments recorded at creation (empty for FedAvg)."""
         return dict(self._state.config.aggregator_args)
 
     @property
@@ -401,13 +385,13 @@ class Job:
         return up["file"]
 
     def save_state(self, breakpoint_path: str | Path | None = None) -> dict[str, Any]:
-        """A breakpoint: the log's path and its last seq. No other file is needed to restore."""
-        return {
-            "log": str(self._log.path.resolve()),
-            "seq": self._log.last_seq,
-            "job_id": self._state.job_id,
-            "researcher_id": self._state.researcher_id,
-        }
+        """A breakpoint: the log's path and its last seq. No other file is needed to restore.
+
+        With ``breakpoint_path`` (a directory, as in the seed) it is also written there as
+        ``breakpoint.json``.
+        """
+        self._log.flush()
+        return breakpoints.save(self._log.path, self._log.last_seq, self._state, breakpoint_path)
 
     def load_state(self, saved_state: Mapping[str, Any]) -> None:
         """Check a breakpoint from :meth:`save_state` against this job's log.
@@ -415,18 +399,19 @@ class Job:
         The log only grows, so a breakpoint at the log's end is the job as it stands; an
         earlier one can be inspected with ``fedsm replay --at SEQ`` but not continued from.
         """
-        if Path(saved_state["log"]).resolve() != self._log.path.resolve():
-            raise JobError(f"breakpoint is for {saved_state['log']}, not {self._log.path}")
-        if saved_state.get("job_id") != self._state.job_id:
-            raise JobError(f"breakpoint is for job {saved_state.get('job_id')}")
-        if int(saved_state["seq"]) != self._log.last_seq:
-            raise JobError(
-                f"the log has moved on from seq {saved_state['seq']} to {self._log.last_seq}; "
-                f"inspect the earlier state with: fedsm replay {self._log.path} --at "
-                f"{saved_state['seq']}"
-            )
+        breakpoints.check(saved_state, self._log.path, self._log.last_seq, self._state)
+
+    def stop_reason(self) -> str | None:
+        """Why the job failed or was cancelled (from its last event), or None."""
+        if self._state.status not in ("failed", "cancelled"):
+            return None
+        last = None
+        for record in self._log.records(from_seq=self._log.last_seq):
+            last = record.event
+        return getattr(last, "reason", None)
 
     def close(self) -> None:
+        """Close the log (and release its writer lock)."""
         self._log.close()
 
     def __enter__(self) -> Job:

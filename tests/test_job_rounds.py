@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,11 @@ from job_world import TRAINING_ARGS, SilentNode, make_world
 from fedsm import lifecycle
 from fedsm.experiment import Experiment
 from fedsm.job import Job
-from fedsm.job_errors import JobFailedError, TrainingPlanNotApproved
+from fedsm.job_errors import JobError, JobFailedError, TrainingPlanNotApproved
 from fedsm.log import scan
 from fedsm.protocol import ErrorNumber
 from fedsm.requests import FederatedDataSet, Requests
-from fedsm.transport import Faults
+from fedsm.transport import Faults, MemoryBus
 
 
 def _events(log_path: Path) -> list:
@@ -187,5 +188,51 @@ def test_an_unapproved_plan_fails_early_with_the_command_that_fixes_it(tmp_path:
         assert exp.job.state.round == 0  # no round was sent
         for node in world.nodes:  # the operators now see it waiting for their decision
             assert node.plans.status(sha) == "pending"
+    finally:
+        world.close()
+
+
+def test_breakpoints_are_log_and_seq_and_experiment_run_counts_rounds(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 2)
+    try:
+        exp = _experiment(world, tmp_path, round_limit=3, min_nodes=2, reply_deadline_s=10)
+        exp.run(rounds=1)
+        assert sorted(exp.job.state.aggregates) == [1]  # exactly one round, not two
+        saved = exp.job.save_state(tmp_path / "bp")
+        assert json.loads((tmp_path / "bp" / "breakpoint.json").read_text()) == saved
+        exp.job.load_state(saved)  # the log's end: fine
+        exp.run(rounds=1)
+        assert sorted(exp.job.state.aggregates) == [1, 2]
+        with pytest.raises(JobError, match=f"fedsm replay .* --at {saved['seq']}"):
+            exp.job.load_state(saved)  # the log moved on since
+        exp.run()
+        assert exp.job.state.status == "completed"
+        assert exp.run() == exp.job.params_sha256  # nothing left to do, no error
+        exp.close()
+    finally:
+        world.close()
+
+
+def test_resuming_under_another_researcher_id_is_refused(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 2)
+    try:
+        exp = _experiment(world, tmp_path, round_limit=2, min_nodes=2, reply_deadline_s=10)
+        exp.run(rounds=1)
+        exp.close()
+        exp.job.requests.bus.close()  # the researcher process "stopped"
+        other = MemoryBus(world.broker, "researcher-other", role="researcher")
+        world.extra.append(other)
+        with pytest.raises(JobError, match="belongs to researcher 'researcher-test'"):
+            Experiment.resume(tmp_path / "run", bus=other, repository=world.repository)
+        again = Experiment.resume(
+            tmp_path / "run",
+            bus=world.researcher(),
+            repository=world.repository,
+            progress=False,
+            on_round=lambda s: None,
+        )
+        again.run()
+        assert again.job.state.status == "completed"
+        again.close()
     finally:
         world.close()
