@@ -76,6 +76,7 @@ def test_plan_that_raises(world):
 
 def test_plan_that_hangs_past_the_limit(world):
     _, executor, _, _ = world
+    executor.start()  # also when this test runs alone
     pid = executor.worker_pid
     _check_failure_then_recovery(world, "HangingPlan", ErrorNumber.TRAINING_TIMED_OUT)
     assert executor.worker_pid != pid
@@ -86,6 +87,7 @@ def test_plan_that_hangs_past_the_limit(world):
 @pytest.mark.parametrize("plan_class", ["ExitingPlan", "SelfKillingPlan"])
 def test_plan_that_kills_its_worker(world, plan_class):
     _, executor, _, _ = world
+    executor.start()
     pid = executor.worker_pid
     _check_failure_then_recovery(world, plan_class, ErrorNumber.WORKER_CRASHED)
     assert executor.worker_pid != pid

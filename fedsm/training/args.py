@@ -28,6 +28,7 @@ Keys (default):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -35,6 +36,8 @@ from typing import Any
 from fedsm.errors import FedsmError
 
 __all__ = ["TEST_METRICS", "TrainingArgs", "TrainingArgsError"]
+
+log = logging.getLogger(__name__)
 
 TEST_METRICS = ("accuracy", "loss")
 """Metric names ``test_metric`` may take."""
@@ -152,6 +155,11 @@ def _validate(args: dict[str, Any]) -> dict[str, Any]:
 
     for key in ("test_on_local_updates", "test_on_global_updates", "dry_run", "use_gpu"):
         out[key] = _check_bool(key, out[key])
+    if out["use_gpu"]:
+        log.warning(
+            "training arg use_gpu=True is ignored: fedsm trains on the CPU so that every node "
+            "and every replay computes the same bytes"
+        )
     if (out["test_on_local_updates"] or out["test_on_global_updates"]) and ratio == 0.0:
         raise TrainingArgsError(
             "test_on_local_updates / test_on_global_updates need 'test_ratio' > 0 "

@@ -106,7 +106,9 @@ class DelayTimer:
             self._heap.clear()
             self._cond.notify()
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(10.0)  # a delivery blocked in a handler must not hang close()
+            if self._thread.is_alive():
+                log.warning("delay timer still delivering after 10 s; not waiting")
 
     def _run(self) -> None:
         while True:

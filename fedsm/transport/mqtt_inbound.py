@@ -65,11 +65,16 @@ class Inbound:
         """Called on paho's network thread: enqueue only."""
         self._queue.put((topic, payload))
 
-    def stop(self) -> None:
-        """Finish what is queued, then end the thread (no join when called from it)."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued, then end the thread (no join when called from it).
+
+        A handler still blocked after ``timeout_s`` is left behind (daemon thread), logged.
+        """
         self._queue.put(_STOP)
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("message dispatch still busy after %.0f s; not waiting", timeout_s)
 
     def _run(self) -> None:
         while True:
