@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fedsm.events import NodeFailed, ReplyReceived
 from fedsm.lifecycle import JobState
-from fedsm.protocol import ErrorReply, Message, TrainReply
+from fedsm.protocol import ErrorNumber, ErrorReply, Message, TrainReply
 
 __all__ = ["Verdict", "classify", "train_request_id"]
 
@@ -63,6 +63,17 @@ def classify(state: JobState, message: Message) -> Verdict:
                 request_id=message.request_id,
                 code=message.code,
                 message=message.message,
+            )
+        )
+    if message.training_plan_sha256 != state.plan_sha256:
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=int(ErrorNumber.PLAN_DIGEST_MISMATCH),
+                message=f"{node} reports it ran plan {message.training_plan_sha256}, not the "
+                f"job's plan {state.plan_sha256}",
             )
         )
     return Verdict(

@@ -442,6 +442,9 @@ class TrainReply(Reply):
     job_id: str = _f("id")
     round: int = _f("nonneg_int")
     dataset_id: str = _f("id")
+    #: The sha256 of the plan source the node actually imported and ran (after checking it
+    #: against the request and its approval registry): the node's own word, for the audit.
+    training_plan_sha256: str = _f("sha256")
     params_url: str = _f("str")
     params_sha256: str = _f("sha256")
     sample_size: int = _f("nonneg_int")

@@ -93,7 +93,7 @@ def state_in_round(round_number: int = 2):
 
 reply = st.builds(
     lambda kind, job, rnd, node, right_id: (kind, job, rnd, node, right_id),
-    st.sampled_from(["train", "error", "ping"]),
+    st.sampled_from(["train", "train-other-plan", "error", "ping"]),
     st.sampled_from([JOB, "job-other"]),
     st.sampled_from([1, 2, 3]),
     st.sampled_from(NODES + ("node-z",)),
@@ -104,12 +104,13 @@ reply = st.builds(
 def build(kind, job, rnd, node, right_id):
     request_id = train_request_id(job, rnd, node) if right_id else "req-stale"
     head = dict(request_id=request_id, researcher_id="res", node_id=node)
-    if kind == "train":
+    if kind.startswith("train"):
         return TrainReply(
             **head,
             job_id=job,
             round=rnd,
             dataset_id="d",
+            training_plan_sha256=SHA if kind == "train" else "f" * 64,
             params_url="u",
             params_sha256=SHA,
             sample_size=3,
@@ -128,7 +129,7 @@ def test_each_node_is_counted_at_most_once_and_only_when_it_should(draws) -> Non
         verdict = classify(state, message)
         kind, job, rnd, node, right_id = draw
         should = (
-            kind in ("train", "error")
+            kind in ("train", "train-other-plan", "error")
             and job == JOB
             and rnd == 2
             and node in NODES
@@ -139,6 +140,8 @@ def test_each_node_is_counted_at_most_once_and_only_when_it_should(draws) -> Non
         if verdict.event is not None:
             expected_type = ReplyReceived if kind == "train" else NodeFailed
             assert isinstance(verdict.event, expected_type)
+            if kind == "train-other-plan":  # a node that ran another plan is not counted in
+                assert verdict.event.code == 201 and "f" * 64 in verdict.event.message
             state = lifecycle.apply(state, verdict.event)  # never illegal
             counted[node] = verdict.event
         else:

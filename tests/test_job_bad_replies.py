@@ -60,6 +60,7 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
                 job_id=request.job_id,
                 round=1,
                 dataset_id=request.dataset_id,
+                training_plan_sha256=request.training_plan_sha256,
                 params_url=up["file"],
                 params_sha256=up["sha256"],
                 sample_size=samples,

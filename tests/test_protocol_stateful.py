@@ -119,6 +119,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             job_id=job_id,
             round=request.round,
             dataset_id=request.dataset_id,
+            training_plan_sha256=request.training_plan_sha256,
             params_url=up["file"],
             params_sha256=up["sha256"],
             sample_size=10 + self.counter,

@@ -213,6 +213,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             job_id=request.job_id,
             round=request.round,
             dataset_id=request.dataset_id,
+            training_plan_sha256=hashlib.sha256(source).hexdigest(),
             params_url=uploaded["file"],
             params_sha256=uploaded["sha256"],
             sample_size=outcome.sample_size,
