@@ -324,20 +324,21 @@ def _compile_fast_decoder(
     nobody else holds, such as one msgpack just built.
     """
     fields = dataclasses.fields(cls)
-    names = [f"v{i}" for i in range(len(fields))]
+    pairs = [(f"v{i}", f) for i, f in enumerate(fields)]  # (local name, field)
+    names = [v for v, _ in pairs]
 
     def checks(indent: str) -> list[str]:
         """Statements that return None unless every ``v<i>`` is valid (normalised in place)."""
         body = []
         tests = [
             _FAST_TESTS[f.metadata["kind"]].format(v=v)
-            for v, f in zip(names, fields)
+            for v, f in pairs
             if f.metadata["kind"] in _FAST_TESTS
         ]
         if tests:
             body.append("if not (" + " and ".join(f"({t})" for t in tests) + "):")
             body.append("    return None")
-        for v, f in zip(names, fields):
+        for v, f in pairs:
             kind = f.metadata["kind"]
             if kind in _FAST_LOOPS:
                 body += [line.format(v=v)[4:] for line in _FAST_LOOPS[kind]]
@@ -348,7 +349,7 @@ def _compile_fast_decoder(
     # Fields whose checked value may be another object than the one in data.
     changed = [
         (v, f.name)
-        for v, f in zip(names, fields)
+        for v, f in pairs
         if f.metadata["kind"] not in _FAST_TESTS and f.metadata["kind"] not in _NO_COPY
     ]
     lines = ["def fast(data):"]
@@ -361,10 +362,10 @@ def _compile_fast_decoder(
         lines += ["        event = _new(_cls)", "        _set(event, '__dict__', data)"]
         lines.append("        return event")
     lines += [f"    if len(data) != {len(fields)}:", "        return None", "    try:"]
-    lines += [f"        {v} = data[{f.name!r}]" for v, f in zip(names, fields)]
+    lines += [f"        {v} = data[{f.name!r}]" for v, f in pairs]
     lines += ["    except KeyError:", "        return None"]
     lines += checks("    ")
-    items = ", ".join(f"{f.name!r}: {v}" for v, f in zip(names, fields))
+    items = ", ".join(f"{f.name!r}: {v}" for v, f in pairs)
     lines += ["    event = _new(_cls)", "    _set(event, '__dict__', {" + items + "})"]
     lines.append("    return event")
     namespace: dict[str, Any] = {

@@ -21,18 +21,12 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_RECORD_BYTES",
-    "F64_BE",
-    "PAYLOAD_DATA",
-    "PAYLOAD_PREV",
-    "PAYLOAD_SEQ",
-    "PAYLOAD_TS",
     "FrameEncoder",
     "FrameError",
     "check_header",
     "encode_frame",
     "find_next_frame",
     "make_header",
-    "payload_head",
     "read_frame",
 ]
 
@@ -103,18 +97,11 @@ def encode_frame(payload: bytes) -> bytes:
 
 
 _U32 = struct.Struct("<I")
-# The constant pieces of every payload the writer packs (see FrameEncoder); the fast reader
-# in fedsm.logread matches them in place.
-#: ``ts`` is packed as a big-endian float 64.
-F64_BE = struct.Struct(">d")
-#: Fixmap of 6, key "seq".
-PAYLOAD_SEQ = b"\x86\xa3seq"
-#: Key "ts", float 64 marker.
-PAYLOAD_TS = b"\xa2ts\xcb"
-#: Key "prev", bin 8 of 32 bytes.
-PAYLOAD_PREV = b"\xa4prev\xc4\x20"
-#: Key "data".
-PAYLOAD_DATA = b"\xa4data"
+_F64_BE = struct.Struct(">d")
+_PAYLOAD_SEQ = b"\x86\xa3seq"  # fixmap of 6, "seq"
+_PAYLOAD_TS = b"\xa2ts\xcb"  # "ts", float 64
+_PAYLOAD_PREV = b"\xa4prev\xc4\x20"  # "prev", bin 8 of 32 bytes
+_PAYLOAD_DATA = b"\xa4data"
 
 
 class FrameEncoder:
@@ -141,14 +128,14 @@ class FrameEncoder:
         pack = self._pack
         payload = b"".join(
             (
-                PAYLOAD_SEQ,
+                _PAYLOAD_SEQ,
                 pack(seq),
                 head,
-                PAYLOAD_TS,
-                F64_BE.pack(ts),
-                PAYLOAD_PREV,
+                _PAYLOAD_TS,
+                _F64_BE.pack(ts),
+                _PAYLOAD_PREV,
                 prev,
-                PAYLOAD_DATA,
+                _PAYLOAD_DATA,
                 pack(event.__dict__),  # the fields, in order: encode_event's "data"
             )
         )
@@ -157,16 +144,10 @@ class FrameEncoder:
 
     def _head_of(self, event: Event) -> bytes:
         encoded = encode_event(event)  # TypeError for anything that is not an event
-        head = payload_head(encoded["type"], encoded["v"])
+        pack = self._pack
+        head = pack("type") + pack(encoded["type"]) + pack("v") + pack(encoded["v"])
         self._heads[type(event)] = head
         return head
-
-
-def payload_head(type_name: str, version: int) -> bytes:
-    """The bytes of a payload's ``type`` and ``v`` entries (between ``seq`` and ``ts``), as
-    msgpack packs them: the writer emits them, the fast reader recognises records by them."""
-    pack = msgpack.Packer(use_bin_type=True).pack
-    return pack("type") + pack(type_name) + pack("v") + pack(version)
 
 
 def read_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int, bytes]:

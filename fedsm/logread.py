@@ -10,7 +10,6 @@ import contextlib
 import gc
 import hashlib
 import os
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,21 +19,15 @@ from typing import Any
 from msgpack import unpackb as unpackb_
 
 from fedsm.errors import FedsmError
-from fedsm.events import EVENT_TYPES, Event, EventDecodeError, decode_event, fast_decoders
+from fedsm.events import Event, EventDecodeError, decode_event, fast_decoders
 from fedsm.logformat import (
-    F64_BE,
     FRAME,
     HEADER_SIZE,
     MAX_RECORD_BYTES,
-    PAYLOAD_DATA,
-    PAYLOAD_PREV,
-    PAYLOAD_SEQ,
-    PAYLOAD_TS,
     FrameError,
     check_header,
     find_next_frame,
     genesis_hash,
-    payload_head,
     read_frame,
 )
 
@@ -208,32 +201,24 @@ def gc_paused() -> Iterator[None]:
     Reading a log creates several containers per record and keeps them all; the collector
     would re-traverse the growing heap again and again for nothing (a third of replay time
     on a 200k-event log). Reference counting still frees garbage meanwhile.
+
+    On the way out the objects made meanwhile are moved straight to the oldest generation
+    (``gc.freeze()`` + ``gc.unfreeze()``, which only splice lists): left young, the first
+    allocation after ``gc.enable()`` would traverse every one of them (another ~1 µs per
+    record) only to find them all alive. Done only when nothing else in the process has
+    frozen objects, whose freeze this must not undo; garbage cycles made meanwhile are
+    still collected, by the next full collection.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
-
-
-#: msgpack's unsigned int markers after ``seq``: marker -> (struct of the value, bytes taken).
-_UINTS = {
-    0xCC: (struct.Struct(">B"), 2),
-    0xCD: (struct.Struct(">H"), 3),
-    0xCE: (struct.Struct(">I"), 5),
-    0xCF: (struct.Struct(">Q"), 9),
-}
-
-
-def _known_heads() -> dict[bytes, tuple[str, Any]]:
-    """Packed ``type``/``v`` entries of every event type at its current version -> (type
-    name, fast decoder)."""
-    return {
-        payload_head(name, version): (name, decoder)
-        for name, (version, decoder) in fast_decoders().items()
-    }
 
 
 def collect_records(
@@ -245,99 +230,70 @@ def collect_records(
 
     The same checks as :func:`walk_records` + :func:`to_record`, inlined: replay reads every
     record of a log through here, and the generic path spends more time in calls, slices and
-    maps than in checksums and msgpack. A payload laid out byte for byte as
-    :class:`~fedsm.logformat.FrameEncoder` writes it (constant keys in order, the expected seq,
-    a known type at its current version, a float64 ts, the expected prev) is matched in place
-    and only its ``data`` map goes through msgpack: msgpack would decode exactly those bytes to
-    the same values. Anything else (an older schema version, another valid msgpack layout, any
-    damage) goes through :func:`~fedsm.logformat.read_frame`, which names the problem exactly.
+    tuples than in checksums and msgpack. Any record the inline checks doubt goes through
+    :func:`~fedsm.logformat.read_frame`, which names the problem exactly.
     """
     view = memoryview(data)
     size = len(data)
     offset, seq, prev = HEADER_SIZE, 1, genesis
     records: list[Record] = []
     add = records.append
-    unpack_frame, crc32, unpackb = FRAME.unpack_from, zlib.crc32, unpackb_
-    starts = data.startswith
-    unpack_ts, uints = F64_BE.unpack_from, _UINTS
-    new_hash = hashlib.blake2b(digest_size=32).copy  # a copy is cheaper than a constructor
-    heads = _known_heads()
-    last_head, last_kind = b"\xff", ("", None)  # most records are of the previous one's type
+    unpack_frame, crc32, blake2b, unpackb = FRAME.unpack_from, zlib.crc32, hashlib.blake2b, unpackb_
+    decoders = fast_decoders()
     new, set_dict = object.__new__, object.__setattr__
     while offset < size:
-        event_data = None
         try:  # the fast path; anything it doubts goes to read_frame below
-            length, crc = unpack_frame(data, offset)
+            length, crc = unpack_frame(view, offset)
             end = offset + 8 + length
-            p = offset + 8
+            frame = view[offset:end]
+            payload = None
             if (
                 length <= MAX_RECORD_BYTES
                 and end <= size
-                and crc32(view[p:end], crc32(view[offset : offset + 4])) == crc
-                and starts(PAYLOAD_SEQ, p)
+                and crc32(frame[8:], crc32(frame[:4])) == crc
             ):
-                found = data[p + 5]
-                if found < 0x80:  # positive fixint
-                    p += 6
-                else:
-                    uint, taken = uints[found]
-                    (found,) = uint.unpack_from(data, p + 6)
-                    p += 5 + taken
-                if starts(last_head, p):
-                    kind = last_kind
-                else:
-                    # "\xa4type", a fixstr of the name, "\xa1v", a fixint version.
-                    head = data[p : p + 9 + (data[p + 5] & 0x1F)]
-                    kind = heads.get(head)
-                    if kind is not None:
-                        last_head, last_kind = head, kind
-                if kind is not None and found == seq:
-                    p += len(last_head)
-                    if (
-                        starts(PAYLOAD_TS, p)
-                        and starts(PAYLOAD_PREV, p + 12)
-                        and starts(prev, p + 19)
-                        and starts(PAYLOAD_DATA, p + 51)
-                    ):
-                        (ts,) = unpack_ts(data, p + 4)
-                        event_data = unpackb(view[p + 56 : end])
-                        if type(event_data) is not dict:
-                            event_data = None
-        except Exception:  # short frame, an unknown marker, a data map that is not msgpack
-            event_data = None
-        if event_data is not None:
-            type_name, decoder = kind
-            version = None
-        else:
+                payload = unpackb(frame[8:])
+                found, type_name, version = payload["seq"], payload["type"], payload["v"]
+                ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+                if not (
+                    len(payload) == 6
+                    and type(found) is int
+                    and type(type_name) is str
+                    and type(version) is int
+                    and type(ts) is float
+                    and type(record_prev) is bytes
+                    and type(event_data) is dict
+                ):
+                    payload = None
+        except Exception:  # short frame, not msgpack, not a map, a missing key
+            payload = None
+        if payload is None:
             try:
                 payload, end, _digest = read_frame(view, offset)
             except FrameError as exc:
                 stop_out.append(ScanStop(offset, seq, exc.what, exc.frame_damaged))
                 return records
             found, type_name, version = payload["seq"], payload["type"], payload["v"]
-            ts, event_data = payload["ts"], payload["data"]
-            if found != seq:
-                what = f"sequence broken: expected seq {seq}, found seq {found}"
-                stop_out.append(ScanStop(offset, seq, what, False))
-                return records
-            if payload["prev"] != prev:
-                what = "hash chain broken: prev is not the hash of the record before"
-                stop_out.append(ScanStop(offset, seq, what, False))
-                return records
-            decoder = None  # decode_event below handles versions and names errors
-        hasher = new_hash()
-        hasher.update(view[offset:end])
-        prev = hasher.digest()
+            ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+            frame = view[offset:end]
+        if found != seq:
+            what = f"sequence broken: expected seq {seq}, found seq {found}"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return records
+        if record_prev != prev:
+            what = "hash chain broken: prev is not the hash of the record before"
+            stop_out.append(ScanStop(offset, seq, what, False))
+            return records
+        prev = blake2b(frame, digest_size=32).digest()
         if seq >= from_seq:
+            decoder = decoders.get(type_name)
             event = None
-            if decoder is not None:
+            if decoder is not None and decoder[0] == version:
                 try:
-                    event = decoder(event_data)
+                    event = decoder[1](event_data)
                 except EventDecodeError:
                     event = None
             if event is None:  # an older schema version, or an error to name precisely
-                if version is None:
-                    type_name, version = kind[0], EVENT_TYPES[kind[0]].version
                 try:
                     event = decode_event(type_name, version, event_data)
                 except EventDecodeError as exc:
