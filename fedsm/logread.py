@@ -238,7 +238,8 @@ def collect_records(
     offset, seq, prev = HEADER_SIZE, 1, genesis
     records: list[Record] = []
     add = records.append
-    unpack_frame, crc32, blake2b, unpackb = FRAME.unpack_from, zlib.crc32, hashlib.blake2b, unpackb_
+    unpack_frame, crc32, unpackb = FRAME.unpack_from, zlib.crc32, unpackb_
+    new_hash = hashlib.blake2b(digest_size=32).copy
     decoders = fast_decoders()
     new, set_dict = object.__new__, object.__setattr__
     while offset < size:
@@ -284,7 +285,9 @@ def collect_records(
             what = "hash chain broken: prev is not the hash of the record before"
             stop_out.append(ScanStop(offset, seq, what, False))
             return records
-        prev = blake2b(frame, digest_size=32).digest()
+        hasher = new_hash()  # a copy of a fresh hasher is cheaper than the constructor
+        hasher.update(frame)
+        prev = hasher.digest()
         if seq >= from_seq:
             decoder = decoders.get(type_name)
             event = None
