@@ -4,10 +4,11 @@
 (framing, hash chain, lifecycle; see :mod:`fedsm.replay`):
 
 - :func:`check_plan` (needs only the log): the training plan uploaded is the one the nodes
-  were asked to approve, and every node whose reply was counted reported it approved. A
-  ``RoundSent`` does not carry the plan digest: the Job sends ``state.plan_sha256`` in every
-  train request and the lifecycle admits exactly one ``TrainingPlanUploaded`` per job, so
-  "the plan of every round" is the one uploaded plan.
+  were asked to approve, every node whose reply was counted reported it approved, and each
+  reply records the digest of the plan the node says it imported and ran (``ReplyReceived``
+  version 2; the researcher fails a node that names another plan). The lifecycle admits
+  exactly one ``TrainingPlanUploaded`` per job and the Job sends that digest in every train
+  request.
 - :meth:`RepositoryAudit.check_artifacts`: every artifact the log names (plan source, initial
   parameters, each node's parameters, each aggregate, the final parameters) is in the
   repository and hashes to the digest in the log.
@@ -137,6 +138,31 @@ def check_plan(path: Path) -> list[Finding]:
                     )
                 )
                 continue
+            if e.training_plan_sha256 is None:
+                findings.append(
+                    AuditFinding(
+                        r.offset,
+                        r.seq,
+                        f"plan: the reply of {e.node_id} in round {e.round} does not say which "
+                        "plan the node ran (a version-1 record)",
+                        False,
+                        "plan",
+                        plan,
+                        "not recorded",
+                    )
+                )
+            elif e.training_plan_sha256 != plan:
+                findings.append(
+                    AuditFinding(
+                        r.offset,
+                        r.seq,
+                        f"plan: {e.node_id} reports it ran another plan in round {e.round}",
+                        True,
+                        "plan",
+                        plan,
+                        e.training_plan_sha256,
+                    )
+                )
             seq, checked = approval
             status = checked.statuses.get(e.node_id, "no-reply")
             if status == "approved":

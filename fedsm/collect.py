@@ -86,5 +86,6 @@ def classify(state: JobState, message: Message) -> Verdict:
             sample_size=message.sample_size,
             metrics=dict(message.metrics),
             timing=dict(message.timing),
+            training_plan_sha256=message.training_plan_sha256,
         )
     )

@@ -101,6 +101,10 @@ def _check_sha256(name: str, value: Any) -> str:
     return value
 
 
+def _check_opt_sha256(name: str, value: Any) -> str | None:
+    return None if value is None else _check_sha256(name, value)
+
+
 def _check_int(name: str, value: Any) -> int:
     if type(value) is int and _INT_MIN <= value <= _INT_MAX:
         return value
@@ -247,6 +251,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "str": _check_str,
     "text": _check_text,
     "sha256": _check_sha256,
+    "opt_sha256": _check_opt_sha256,
     "int": _check_int,
     "nonneg_int": _check_nonneg_int,
     "float": _check_float,
@@ -272,6 +277,7 @@ _FAST_TESTS = {
     "str": f"type({{v}}) is str and len({{v}}) <= {_MAX_STR}",
     "text": f"type({{v}}) is str and len({{v}}) <= {_MAX_TEXT}",
     "sha256": "type({v}) is str and _hex({v}) is not None",
+    "opt_sha256": "{v} is None or (type({v}) is str and _hex({v}) is not None)",
     "int": f"type({{v}}) is int and {_INT_MIN} <= {{v}} <= {_INT_MAX}",
     "nonneg_int": f"type({{v}}) is int and 0 <= {{v}} <= {_INT_MAX}",
     "float": "type({v}) is float and {v} - {v} == 0.0",
@@ -491,7 +497,13 @@ class RoundResent(Event):
 
 @dataclass(frozen=True)
 class ReplyReceived(Event):
-    """A node's reply arrived and its params file was downloaded and its digest checked."""
+    """A node's reply arrived and its params file was downloaded and its digest checked.
+
+    Version 2 adds ``training_plan_sha256``: the digest of the plan the node says it ran
+    (None in version-1 logs, which did not record it).
+    """
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
     node_id: str = _f("str")
@@ -501,6 +513,12 @@ class ReplyReceived(Event):
     sample_size: int = _f("nonneg_int")
     metrics: dict[str, float] = _f("float_map")
     timing: dict[str, float] = _f("float_map")
+    training_plan_sha256: str | None = field(default=None, metadata={"kind": "opt_sha256"})
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 did not record which plan the node ran."""
+        return {**data, "training_plan_sha256": None}
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         sample_size=nonneg,
         metrics=float_maps,
         timing=float_maps,
+        training_plan_sha256=st.none() | sha256s,
     ),
     ev.NodeFailed: st.builds(
         ev.NodeFailed, round=nonneg, node_id=ids, request_id=ids, code=ints, message=texts
@@ -173,6 +174,7 @@ def job_run(
                         sample_size=100,
                         metrics={"loss": 0.5},
                         timing={"train_s": 1.0},
+                        training_plan_sha256=digest("plan"),
                     )
                 )
         params = digest(f"agg{r}")

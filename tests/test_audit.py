@@ -336,6 +336,33 @@ def test_approval_of_another_plan_than_the_uploaded_one(run_copy: Path) -> None:
     assert [(f.seq, f.expected, f.found) for f in findings] == [(checked.seq, uploaded, other)]
 
 
+def test_a_node_reporting_another_plan_and_a_version_1_reply(run_copy: Path) -> None:
+    log = _log(run_copy)
+    records = scan(log).records
+    uploaded = _record(records, ev.TrainingPlanUploaded).event.sha256
+    other = "cd" * 32
+
+    def change(items: list[tuple[float, ev.Event]]) -> list[tuple[float, ev.Event]]:
+        out = []
+        for ts, e in items:
+            if isinstance(e, ev.ReplyReceived) and e.round == 1 and e.node_id == "node-1":
+                e = dataclasses.replace(e, training_plan_sha256=other)
+            elif isinstance(e, ev.ReplyReceived) and e.round == 2 and e.node_id == "node-2":
+                e = dataclasses.replace(e, training_plan_sha256=None)  # as a v1 log has it
+            out.append((ts, e))
+        return out
+
+    _rewrite(log, change)
+    records = scan(log).records
+    ran_other = _record(records, ev.ReplyReceived, round=1, node_id="node-1")
+    unrecorded = _record(records, ev.ReplyReceived, round=2, node_id="node-2")
+    findings = check_plan(log)
+    assert [(f.seq, f.error, f.expected, f.found) for f in findings] == [
+        (ran_other.seq, True, uploaded, other),
+        (unrecorded.seq, False, uploaded, "not recorded"),
+    ]
+
+
 # --------------------------------------------------------------------------- --round
 
 

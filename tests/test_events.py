@@ -176,3 +176,16 @@ def test_decode_event_does_not_keep_the_callers_map() -> None:
     event = ev.decode_event("JobFailed", 1, data)
     data["reason"] = "changed"
     assert event.reason == "disk full"
+
+
+def test_a_version_1_reply_is_upcast_with_no_plan_digest() -> None:
+    v2 = ev.ReplyReceived(1, "n", "r", "u", digest("x"), 3, {"loss": 1.0}, {}, digest("plan"))
+    data = ev.encode_event(v2)["data"]
+    assert data["training_plan_sha256"] == digest("plan")
+    v1_data = {k: v for k, v in data.items() if k != "training_plan_sha256"}
+    old = ev.decode_event("ReplyReceived", 1, v1_data)
+    assert old.training_plan_sha256 is None
+    assert dataclasses.replace(old, training_plan_sha256=digest("plan")) == v2
+    with pytest.raises(ev.EventDecodeError) as info:
+        ev.decode_event("ReplyReceived", 2, v1_data)  # a v2 record must carry the field
+    assert info.value.field == "training_plan_sha256"
