@@ -44,3 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedsm replay LOG | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
