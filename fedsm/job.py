@@ -327,19 +327,22 @@ class Job:
         args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
         args_thr_files: Mapping[str, Mapping[str, Any]] | None,
     ) -> dict[str, dict[str, Any]]:
-        """Per node: the small args as they are, the heavy ones (tensor maps) uploaded.
+        """Per node: the small args as they are, the heavy ones uploaded.
 
-        A heavy arg becomes ``{"url": ..., "sha256": ...}`` in the node's message, so that
-        Scaffold-style per-node state travels through the repository, never the bus.
+        A heavy arg (a file path, or a tensor map saved as safetensors) becomes
+        ``{"url": ..., "sha256": ...}`` in the node's message, so that Scaffold-style
+        per-node state travels through the repository, never the bus.
         """
         out: dict[str, dict[str, Any]] = {
             n: dict((args_thr_msg or {}).get(n, {})) for n in self.nodes
         }
         for node, heavy in (args_thr_files or {}).items():
-            for name, tensors in heavy.items():
-                tmp = self._files / f"aggregator_{name}_{node}.tmp"
-                sha = save_params(tmp, tensors)
-                path = self._store_params(tmp, sha)
+            for name, value in heavy.items():
+                if isinstance(value, (str, Path)):
+                    path = Path(value)
+                else:
+                    tmp = self._files / f"aggregator_{name}_{node}.tmp"
+                    path = self._store_params(tmp, save_params(tmp, value))
                 up = self._repo.upload_file(path)
                 out.setdefault(node, {})[name] = {"url": up["file"], "sha256": up["sha256"]}
         return out

@@ -63,10 +63,14 @@ class RoundDriver:
                 raise JobError(f"round {state.round} is being collected, not {round_number}")
             pending = sorted(state.pending_nodes())
             if pending:
+                # The aggregator's args are a function of the recorded state, so the re-sent
+                # request is the very request the node may already have answered.
+                agg_args = self._aggregator_args(round_number, None, None)
                 for node in pending:
-                    job.requests.send(
-                        node, self._request(node, round_number, {}, time.time() + deadline_s)
+                    request = self._request(
+                        node, round_number, agg_args.get(node, {}), time.time() + deadline_s
                     )
+                    job.requests.send(node, request)
                 job._record(RoundResent(round=round_number, nodes=tuple(pending)))
             self._collect_until = time.monotonic() + deadline_s
             return
@@ -89,7 +93,7 @@ class RoundDriver:
                 offline,
                 deadline_s,
             )
-        agg_args = job.upload_aggregator_args(args_thr_msg, args_thr_files)
+        agg_args = self._aggregator_args(round_number, args_thr_msg, args_thr_files)
         deadline = job._clock() + deadline_s
         request_ids = {}
         for node in nodes:
@@ -107,6 +111,27 @@ class RoundDriver:
                 deadline=deadline,
             )
         )
+
+    def _aggregator_args(
+        self,
+        round_number: int,
+        args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
+        args_thr_files: Mapping[str, Mapping[str, Any]] | None,
+    ) -> dict[str, dict[str, Any]]:
+        """Per node: the aggregator's own args for this round, plus any given explicitly."""
+        job = self.job
+        state = job.state
+        small, files = job._aggregator.create_aggregator_args(
+            round_number=round_number,
+            node_ids=list(state.config.nodes),
+            global_params_path=job.params_path(state.params_sha256),
+            out_dir=job._files / "aggregator",
+        )
+        for node, args in (args_thr_msg or {}).items():
+            small.setdefault(node, {}).update(args)
+        for node, args in (args_thr_files or {}).items():
+            files.setdefault(node, {}).update(args)
+        return job.upload_aggregator_args(small, files)
 
     def _request(
         self, node: str, round_number: int, agg_args: Mapping[str, Any], deadline: float
