@@ -19,13 +19,13 @@ loop (the eventsourcing library's convention) before it is checked.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fedsm.errors import FedsmError
+from fedsm.fields import HEX64_RE, INT_MAX, INT_MIN, make_checkers
+from fedsm.fields import short as _short
 
 __all__ = [
     "APPROVAL_STATUSES",
@@ -53,12 +53,10 @@ __all__ = [
 #: Values of ``ApprovalChecked.statuses``.
 APPROVAL_STATUSES = frozenset({"approved", "rejected", "pending", "unknown", "no-reply"})
 
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_STR = 4096
 _MAX_TEXT = 64 * 1024
 _MAX_ITEMS = 100_000
 _MAX_DEPTH = 8
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 
 class EventDecodeError(FedsmError, ValueError):
@@ -71,142 +69,19 @@ class EventDecodeError(FedsmError, ValueError):
 
 # --------------------------------------------------------------------------- field checks
 # Each event field carries a "kind" in its metadata; one checker per kind. A checker returns
-# the value to store (a list becomes a tuple, an int metric a float) or raises.
+# the value to store (a list becomes a tuple, an int metric a float) or raises. The checkers
+# are fedsm.fields' strict set; only the approval statuses are the catalogue's own.
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_str(name: str, value: Any, limit: int = _MAX_STR) -> str:
-    if type(value) is str and len(value) <= limit:
-        return value
-    if type(value) is not str:
-        if not isinstance(value, str):
-            raise EventDecodeError(f"expected a string, got {type(value).__name__}", name)
-        value = str(value)
-    if len(value) > limit:
-        raise EventDecodeError(f"string longer than {limit} characters", name)
-    return value
-
-
-def _check_text(name: str, value: Any) -> str:
-    return _check_str(name, value, _MAX_TEXT)
-
-
-def _check_sha256(name: str, value: Any) -> str:
-    if type(value) is not str or _HEX64_RE.fullmatch(value) is None:
-        raise EventDecodeError(f"expected 64 lowercase hex digits, got {_short(value)}", name)
-    return value
-
-
-def _check_opt_sha256(name: str, value: Any) -> str | None:
-    return None if value is None else _check_sha256(name, value)
-
-
-def _check_int(name: str, value: Any) -> int:
-    if type(value) is int and _INT_MIN <= value <= _INT_MAX:
-        return value
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EventDecodeError(f"expected an integer, got {type(value).__name__}", name)
-        value = int(value)
-    if not _INT_MIN <= value <= _INT_MAX:
-        raise EventDecodeError("integer out of the 64-bit range", name)
-    return value
-
-
-def _check_nonneg_int(name: str, value: Any) -> int:
-    value = _check_int(name, value)
-    if value < 0:
-        raise EventDecodeError(f"expected an integer >= 0, got {value}", name)
-    return value
-
-
-def _check_float(name: str, value: Any) -> float:
-    if type(value) is float and value - value == 0.0:  # false for inf and nan
-        return value
-    if type(value) is not float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EventDecodeError(f"expected a number, got {type(value).__name__}", name)
-        value = float(value)
-    if not math.isfinite(value):
-        raise EventDecodeError("expected a finite number", name)
-    return value
-
-
-def _check_str_tuple(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise EventDecodeError(f"expected a list of strings, got {type(value).__name__}", name)
-    if len(value) > _MAX_ITEMS:
-        raise EventDecodeError(f"more than {_MAX_ITEMS} items", name)
-    for i, item in enumerate(value):
-        if type(item) is not str:
-            _check_str(f"{name}[{i}]", item)
-        elif len(item) > _MAX_STR:
-            raise EventDecodeError(f"string longer than {_MAX_STR} characters", f"{name}[{i}]")
-    return value if type(value) is tuple else tuple(value)
-
-
-def _typed_map(name: str, value: Any, check_item: Callable[[str, Any], Any]) -> dict[str, Any]:
-    if type(value) is not dict:
-        if not isinstance(value, Mapping):
-            raise EventDecodeError(f"expected a map, got {type(value).__name__}", name)
-        value = dict(value)
-    if len(value) > _MAX_ITEMS:
-        raise EventDecodeError(f"more than {_MAX_ITEMS} entries", name)
-    changed = False
-    out = {}
-    for key, item in value.items():
-        if type(key) is not str:
-            raise EventDecodeError(f"map key {_short(key)} is not a string", name)
-        if len(key) > _MAX_STR:
-            raise EventDecodeError(f"map key longer than {_MAX_STR} characters", name)
-        checked = check_item(f"{name}.{key}", item)
-        changed = changed or checked is not item
-        out[key] = checked
-    return out if changed else value
-
-
-def _check_str_map(name: str, value: Any) -> dict[str, str]:
-    if type(value) is dict and len(value) <= _MAX_ITEMS:  # fast path: already valid
-        for key, item in value.items():
-            if (
-                type(key) is not str
-                or type(item) is not str
-                or len(key) > _MAX_STR
-                or len(item) > _MAX_STR
-            ):
-                break
-        else:
-            return value
-    return _typed_map(name, value, _check_str)
-
-
-def _check_float_map(name: str, value: Any) -> dict[str, float]:
-    if type(value) is dict and len(value) <= _MAX_ITEMS:  # fast path: already valid
-        for key, item in value.items():
-            if (
-                type(key) is not str
-                or type(item) is not float
-                or item - item != 0.0
-                or len(key) > _MAX_STR
-            ):
-                break
-        else:
-            return value
-    return _typed_map(name, value, _check_float)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if type(value) is not bool:
-        raise EventDecodeError(f"expected a boolean, got {type(value).__name__}", name)
-    return value
-
-
-def _check_bool_map(name: str, value: Any) -> dict[str, bool]:
-    return _typed_map(name, value, _check_bool)
+_SHARED = make_checkers(
+    EventDecodeError,
+    max_str=_MAX_STR,
+    max_text=_MAX_TEXT,
+    max_items=_MAX_ITEMS,
+    max_depth=_MAX_DEPTH,
+    strict=True,
+)
+_typed_map = _SHARED["typed_map"]
 
 
 def _check_status(name: str, value: Any) -> str:
@@ -221,46 +96,25 @@ def _check_status_map(name: str, value: Any) -> dict[str, str]:
     return _typed_map(name, value, _check_status)
 
 
-def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
-    """A JSON-like value: None, bool, int, finite float, str, lists and str-keyed maps."""
-    if depth > _MAX_DEPTH:
-        raise EventDecodeError(f"nested deeper than {_MAX_DEPTH} levels", name)
-    if value is None or type(value) is bool:
-        return value
-    if isinstance(value, str):
-        return _check_str(name, value, _MAX_TEXT)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _check_int(name, value)
-    if isinstance(value, float):
-        return _check_float(name, value)
-    if isinstance(value, (list, tuple)):
-        if len(value) > _MAX_ITEMS:
-            raise EventDecodeError(f"more than {_MAX_ITEMS} items", name)
-        # Lists, not tuples, inside plain values: that is what msgpack gives back.
-        return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        return _check_plain_map(name, value, depth)
-    raise EventDecodeError(f"unsupported value of type {type(value).__name__}", name)
-
-
-def _check_plain_map(name: str, value: Any, depth: int = 0) -> dict[str, Any]:
-    return _typed_map(name, value, lambda n, v: _check_plain(n, v, depth + 1))
-
-
 _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
-    "str": _check_str,
-    "text": _check_text,
-    "sha256": _check_sha256,
-    "opt_sha256": _check_opt_sha256,
-    "int": _check_int,
-    "nonneg_int": _check_nonneg_int,
-    "float": _check_float,
-    "str_tuple": _check_str_tuple,
-    "str_map": _check_str_map,
-    "float_map": _check_float_map,
-    "bool_map": _check_bool_map,
+    **{
+        kind: _SHARED[kind]
+        for kind in (
+            "str",
+            "text",
+            "sha256",
+            "opt_sha256",
+            "int",
+            "nonneg_int",
+            "float",
+            "str_tuple",
+            "str_map",
+            "float_map",
+            "bool_map",
+            "plain_map",
+        )
+    },
     "status_map": _check_status_map,
-    "plain_map": _check_plain_map,
 }
 
 
@@ -278,8 +132,8 @@ _FAST_TESTS = {
     "text": f"type({{v}}) is str and len({{v}}) <= {_MAX_TEXT}",
     "sha256": "type({v}) is str and _hex({v}) is not None",
     "opt_sha256": "{v} is None or (type({v}) is str and _hex({v}) is not None)",
-    "int": f"type({{v}}) is int and {_INT_MIN} <= {{v}} <= {_INT_MAX}",
-    "nonneg_int": f"type({{v}}) is int and 0 <= {{v}} <= {_INT_MAX}",
+    "int": f"type({{v}}) is int and {INT_MIN} <= {{v}} <= {INT_MAX}",
+    "nonneg_int": f"type({{v}}) is int and 0 <= {{v}} <= {INT_MAX}",
     "float": "type({v}) is float and {v} - {v} == 0.0",
 }
 
@@ -375,7 +229,7 @@ def _compile_fast_decoder(
     lines += ["    event = _new(_cls)", "    _set(event, '__dict__', {" + items + "})"]
     lines.append("    return event")
     namespace: dict[str, Any] = {
-        "_hex": _HEX64_RE.fullmatch,
+        "_hex": HEX64_RE.fullmatch,
         **{f"_check_{kind}": check for kind, check in _CHECKERS.items()},
         "_new": object.__new__,
         "_set": object.__setattr__,

@@ -17,7 +17,6 @@ topic the message came in on.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -26,6 +25,8 @@ from typing import Any, ClassVar
 import msgpack
 
 from fedsm.errors import FedsmError
+from fedsm.fields import make_checkers
+from fedsm.fields import short as _short
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -62,7 +63,6 @@ MAX_MESSAGE_BYTES = 256 * 1024
 BROADCAST = "*"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_STR = 4096
 _MAX_TEXT = 64 * 1024
 _MAX_ITEMS = 10_000
@@ -139,6 +139,7 @@ _ERROR_MEANINGS = {
 
 # --------------------------------------------------------------------------- field checks
 # Each field of a message carries a "kind" in its dataclass metadata; one checker per kind.
+# Ids are the protocol's own; the rest are fedsm.fields' lenient set (see there).
 
 
 def _check_id(name: str, value: Any) -> str:
@@ -155,149 +156,37 @@ def _check_target(name: str, value: Any) -> str:
     return _check_id(name, value)
 
 
-def _check_str(name: str, value: Any, limit: int = _MAX_STR) -> str:
-    if not isinstance(value, str):
-        raise MessageDecodeError(f"expected a string, got {type(value).__name__}", name)
-    if len(value) > limit:
-        raise MessageDecodeError(f"string longer than {limit} characters", name)
-    return value
-
-
-def _check_text(name: str, value: Any) -> str:
-    return _check_str(name, value, _MAX_TEXT)
-
-
-def _check_opt_str(name: str, value: Any) -> str | None:
-    return None if value is None else _check_str(name, value)
-
-
-def _check_sha256(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _HEX64_RE.match(value):
-        raise MessageDecodeError(f"expected 64 lowercase hex digits, got {_short(value)}", name)
-    return value
-
-
-def _check_opt_sha256(name: str, value: Any) -> str | None:
-    return None if value is None else _check_sha256(name, value)
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageDecodeError(f"expected an integer, got {type(value).__name__}", name)
-    if not -(2**63) <= value < 2**63:
-        raise MessageDecodeError("integer out of range", name)
-    return value
-
-
-def _check_nonneg_int(name: str, value: Any) -> int:
-    value = _check_int(name, value)
-    if value < 0:
-        raise MessageDecodeError(f"expected an integer >= 0, got {value}", name)
-    return value
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MessageDecodeError(f"expected a number, got {type(value).__name__}", name)
-    value = float(value)
-    if not math.isfinite(value):
-        raise MessageDecodeError("expected a finite number", name)
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise MessageDecodeError(f"expected a boolean, got {type(value).__name__}", name)
-    return value
-
-
-def _check_str_list(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise MessageDecodeError(f"expected a list of strings, got {type(value).__name__}", name)
-    if len(value) > _MAX_ITEMS:
-        raise MessageDecodeError(f"more than {_MAX_ITEMS} items", name)
-    return tuple(_check_str(f"{name}[{i}]", v) for i, v in enumerate(value))
-
-
-def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
-    """A JSON-like value: None, bool, int, float, str, lists and str-keyed maps, bounded."""
-    if depth > _MAX_DEPTH:
-        raise MessageDecodeError(f"nested deeper than {_MAX_DEPTH} levels", name)
-    if value is None or isinstance(value, (bool, str)):
-        return _check_str(name, value, _MAX_TEXT) if isinstance(value, str) else value
-    if isinstance(value, int):
-        return _check_int(name, value)
-    if isinstance(value, float):
-        return value
-    if isinstance(value, (list, tuple)):
-        if len(value) > _MAX_ITEMS:
-            raise MessageDecodeError(f"more than {_MAX_ITEMS} items", name)
-        return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return _check_map(name, value, depth)
-    raise MessageDecodeError(f"unsupported value of type {type(value).__name__}", name)
-
-
-def _check_map(name: str, value: Any, depth: int = 0) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise MessageDecodeError(f"expected a map, got {type(value).__name__}", name)
-    if len(value) > _MAX_ITEMS:
-        raise MessageDecodeError(f"more than {_MAX_ITEMS} entries", name)
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise MessageDecodeError(f"map key {_short(key)} is not a string", name)
-        out[key] = _check_plain(f"{name}.{key}", item, depth + 1)
-    return out
-
-
-def _check_float_map(name: str, value: Any) -> dict[str, float]:
-    if not isinstance(value, dict):
-        raise MessageDecodeError(f"expected a map of numbers, got {type(value).__name__}", name)
-    if len(value) > _MAX_ITEMS:
-        raise MessageDecodeError(f"more than {_MAX_ITEMS} entries", name)
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise MessageDecodeError(f"map key {_short(key)} is not a string", name)
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise MessageDecodeError(
-                f"expected a number, got {type(item).__name__}", f"{name}.{key}"
-            )
-        out[key] = float(item)
-    return out
-
-
-def _check_map_list(name: str, value: Any) -> tuple[dict[str, Any], ...]:
-    if not isinstance(value, (list, tuple)):
-        raise MessageDecodeError(f"expected a list of maps, got {type(value).__name__}", name)
-    if len(value) > _MAX_ITEMS:
-        raise MessageDecodeError(f"more than {_MAX_ITEMS} items", name)
-    return tuple(_check_map(f"{name}[{i}]", v) for i, v in enumerate(value))
-
+_SHARED = make_checkers(
+    MessageDecodeError,
+    max_str=_MAX_STR,
+    max_text=_MAX_TEXT,
+    max_items=_MAX_ITEMS,
+    max_depth=_MAX_DEPTH,
+    strict=False,
+)
 
 _CHECKERS = {
     "id": _check_id,
     "target": _check_target,
-    "str": _check_str,
-    "text": _check_text,
-    "opt_str": _check_opt_str,
-    "sha256": _check_sha256,
-    "opt_sha256": _check_opt_sha256,
-    "int": _check_int,
-    "nonneg_int": _check_nonneg_int,
-    "float": _check_float,
-    "bool": _check_bool,
-    "str_list": _check_str_list,
-    "map": _check_map,
-    "float_map": _check_float_map,
-    "map_list": _check_map_list,
+    **{
+        kind: _SHARED[kind]
+        for kind in (
+            "str",
+            "text",
+            "opt_str",
+            "sha256",
+            "opt_sha256",
+            "int",
+            "nonneg_int",
+            "float",
+            "bool",
+            "float_map",
+            "map_list",
+        )
+    },
+    "str_list": _SHARED["str_tuple"],
+    "map": _SHARED["plain_map"],
 }
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _f(kind: str, **kwargs: Any) -> Any:
