@@ -32,13 +32,12 @@ States::
 from __future__ import annotations
 
 import gc
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from transitions import Machine
 
+from fedsm.appendmap import EMPTY, AppendMap
 from fedsm.errors import FedsmError
 from fedsm.events import (
     EVENT_TYPES,
@@ -56,8 +55,8 @@ from fedsm.events import (
     RoundSent,
     RoundTimedOut,
     TrainingPlanUploaded,
-    encode_event,
 )
+from fedsm.jobstate import ACTIVE_STATES, STATES, TERMINAL_STATES, JobState, initial_state
 
 __all__ = [
     "ACTIVE_STATES",
@@ -73,25 +72,6 @@ __all__ = [
     "initial_state",
     "replay",
 ]
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-STATES = (
-    "new",
-    "created",
-    "uploaded",
-    "approval_checked",
-    "round_sent",
-    "collecting",
-    "aggregated",
-    "completed",
-    "failed",
-    "cancelled",
-)
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
-#: States in which a job exists and can still fail or be cancelled.
-ACTIVE_STATES = tuple(s for s in STATES if s != "new" and s not in TERMINAL_STATES)
 
 #: (event type, source states, destination). The single source of truth.
 TRANSITIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -120,211 +100,6 @@ class IllegalTransition(FedsmError):
     def __init__(self, state: str, event: str, reason: str) -> None:
         super().__init__(f"{event} is not allowed in state {state!r}: {reason}")
         self.state, self.event, self.reason = state, event, reason
-
-
-# --------------------------------------------------------------------------- AppendMap
-
-
-class AppendMap(Mapping[K, V]):
-    """An immutable mapping whose :meth:`plus` is O(1) by sharing storage.
-
-    ``plus`` of a new key on the newest map of a line appends to the shared dict; the older
-    maps keep seeing only their first ``n`` entries (the dict keeps insertion order and each
-    entry carries its index). Extending an older map again (a branch) copies its entries
-    first, so every map ever returned keeps its contents. Not for concurrent ``plus`` calls
-    on the same map from several threads.
-    """
-
-    __slots__ = ("_store", "_n")
-
-    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
-        pairs = items.items() if isinstance(items, Mapping) else items
-        self._store: dict[K, tuple[int, V]] = {}
-        for key, value in pairs:
-            if key in self._store:
-                self._store[key] = (self._store[key][0], value)
-            else:
-                self._store[key] = (len(self._store), value)
-        self._n = len(self._store)
-
-    def __getitem__(self, key: K) -> V:
-        index, value = self._store[key]
-        if index >= self._n:
-            raise KeyError(key)
-        return value
-
-    def __contains__(self, key: object) -> bool:
-        entry = self._store.get(key)  # type: ignore[call-overload]
-        return entry is not None and entry[0] < self._n
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __iter__(self) -> Iterator[K]:
-        return itertools.islice(iter(self._store), self._n)
-
-    def __repr__(self) -> str:
-        return f"AppendMap({dict(self.items())!r})"
-
-    def plus(self, key: K, value: V) -> AppendMap[K, V]:
-        """A map with ``key`` set to ``value`` (O(1) when ``key`` is new and this map is the
-        newest of its line)."""
-        if key in self:
-            return AppendMap([*((k, v) for k, v in self.items() if k != key), (key, value)])
-        return self.plus_new(key, value)
-
-    def plus_new(self, key: K, value: V) -> AppendMap[K, V]:
-        """:meth:`plus` for a ``key`` the caller knows is not in this map."""
-        store, n = self._store, self._n
-        if n == 0:  # never grow a shared empty map (the default of every JobState)
-            store = {}
-        elif len(store) != n:  # someone extended this map already: branch off a copy
-            store = dict(itertools.islice(store.items(), n))
-        store[key] = (n, value)
-        new = _new_append_map(AppendMap)
-        new._store, new._n = store, n + 1
-        return new
-
-
-_new_append_map = object.__new__
-
-
-def _keys_of(amap: AppendMap[K, V]) -> Any:
-    """Something that answers ``key in amap`` fast: the shared dict itself when ``amap`` is
-    the newest map of its line (the case in every fold), else a set of its keys."""
-    store = amap._store
-    return store if len(store) == amap._n else set(amap)
-
-
-_EMPTY: AppendMap[Any, Any] = AppendMap()
-
-
-def _empty() -> AppendMap[Any, Any]:
-    return _EMPTY
-
-
-class _RoundsView(Mapping[int, Mapping[str, Any]]):
-    """Per round -> per node: the finished rounds plus the current one, without copying."""
-
-    __slots__ = ("_past", "_round", "_current")
-
-    def __init__(self, past: Mapping[int, Any], round_: int, current: Mapping[str, Any]) -> None:
-        self._past, self._round, self._current = past, round_, current
-
-    def __getitem__(self, key: int) -> Mapping[str, Any]:
-        if key == self._round and self._round > 0:
-            return self._current
-        return self._past[key]
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self._past
-        if self._round > 0:
-            yield self._round
-
-    def __len__(self) -> int:
-        return len(self._past) + (self._round > 0)
-
-
-# --------------------------------------------------------------------------- JobState
-
-
-@dataclass(frozen=True)
-class JobState:
-    """Everything known about a job, derived from its events only.
-
-    ``round`` is the current round (0 before the first ``RoundSent``); ``round_nodes`` and
-    ``request_ids`` belong to it. ``round_replies``/``round_failures`` are the current
-    round's; :attr:`replies`/:attr:`failures` give every round's (round -> node -> event).
-    ``params_url``/``params_sha256`` are the current global parameters.
-    """
-
-    status: str = "new"
-    job_id: str | None = None
-    researcher_id: str | None = None
-    config: JobCreated | None = None
-    plan_url: str | None = None
-    plan_sha256: str | None = None
-    params_url: str | None = None
-    params_sha256: str | None = None
-    round: int = 0
-    round_nodes: tuple[str, ...] = ()
-    request_ids: Mapping[str, str] = field(default_factory=_empty)
-    round_replies: AppendMap[str, ReplyReceived] = field(default_factory=_empty)
-    round_failures: AppendMap[str, NodeFailed] = field(default_factory=_empty)
-    past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=_empty)
-    past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = field(default_factory=_empty)
-    timed_out: AppendMap[int, tuple[str, ...]] = field(default_factory=_empty)
-    aggregates: AppendMap[int, Aggregated] = field(default_factory=_empty)
-    approvals: ApprovalChecked | None = None
-
-    @property
-    def replies(self) -> Mapping[int, Mapping[str, ReplyReceived]]:
-        """Round -> node -> ``ReplyReceived``, for every round sent so far."""
-        return _RoundsView(self.past_replies, self.round, self.round_replies)
-
-    @property
-    def failures(self) -> Mapping[int, Mapping[str, NodeFailed]]:
-        """Round -> node -> ``NodeFailed``, for every round sent so far."""
-        return _RoundsView(self.past_failures, self.round, self.round_failures)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_STATES
-
-    def unanswered_nodes(self) -> tuple[str, ...]:
-        """Nodes of the current round that have neither replied nor failed."""
-        replied, failed = _keys_of(self.round_replies), _keys_of(self.round_failures)
-        return tuple(n for n in self.round_nodes if n not in replied and n not in failed)
-
-    def pending_nodes(self) -> tuple[str, ...]:
-        """Nodes still awaited in the current round: the unanswered ones, or none once the
-        round has timed out (a late reply is not counted) or is no longer being collected."""
-        if self.status not in ("round_sent", "collecting") or self.round in self.timed_out:
-            return ()
-        return self.unanswered_nodes()
-
-    def round_complete(self) -> bool:
-        """Whether the current round is over: every node replied or failed, or it timed out."""
-        if self.round == 0:
-            return False
-        return self.round in self.timed_out or not self.unanswered_nodes()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (events as their ``type``/``v``/``data`` maps)."""
-
-        def ev(event: Event | None) -> dict[str, Any] | None:
-            return None if event is None else encode_event(event)
-
-        def rounds(per_round: Mapping[int, Mapping[str, Event]]) -> dict[str, Any]:
-            return {
-                str(r): {n: encode_event(e)["data"] for n, e in nodes.items()}
-                for r, nodes in per_round.items()
-            }
-
-        return {
-            "status": self.status,
-            "job_id": self.job_id,
-            "researcher_id": self.researcher_id,
-            "config": ev(self.config),
-            "plan_url": self.plan_url,
-            "plan_sha256": self.plan_sha256,
-            "params_url": self.params_url,
-            "params_sha256": self.params_sha256,
-            "round": self.round,
-            "round_nodes": list(self.round_nodes),
-            "request_ids": dict(self.request_ids),
-            "pending_nodes": list(self.pending_nodes()),
-            "replies": rounds(self.replies),
-            "failures": rounds(self.failures),
-            "timed_out": {str(r): list(m) for r, m in self.timed_out.items()},
-            "aggregates": {str(r): encode_event(a)["data"] for r, a in self.aggregates.items()},
-            "approvals": ev(self.approvals),
-        }
-
-
-def initial_state() -> JobState:
-    """The state before any event: status ``new``."""
-    return JobState()
 
 
 # --------------------------------------------------------------------------- the machine
@@ -423,7 +198,7 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
         f"sent params {e.params_sha256[:12]}..., but the current params are {s.params_sha256}",
     )
     values["round"], values["round_nodes"], values["request_ids"] = e.round, e.nodes, e.request_ids
-    values["round_replies"] = values["round_failures"] = _EMPTY
+    values["round_replies"] = values["round_failures"] = EMPTY
     if s.round > 0:  # archive the finished round's replies and failures
         values["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
         values["past_failures"] = s.past_failures.plus(s.round, s.round_failures)
