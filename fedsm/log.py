@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedsm.events import Event
+from fedsm.logfiles import fsync_dir, move_aside, take_lock, write_all
 from fedsm.logformat import (
     HEADER_SIZE,
     MAGIC,
@@ -94,64 +95,8 @@ _NEVER_BUFFER_BYTES = 1 << 20
 # --------------------------------------------------------------------------- the writer
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _sync = getattr(os, "fdatasync", os.fsync)
 _blake2b = hashlib.blake2b
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    # The views are released on return, so a bytearray buffer can be cleared right after.
-    with memoryview(data) as view:
-        done, size = 0, len(view)
-        while done < size:
-            done += os.write(fd, view[done:])
-
-
-def _take_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            pid = int(text) if text.isdigit() else None
-        finally:
-            os.close(fd)
-        raise LogLocked(path, pid) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd
-
-
-def _move_aside(path: Path, fd: int, data: bytes, offset: int, kind: str) -> Path:
-    """Copy ``data[offset:]`` to a sidecar file, then truncate the log at ``offset``; fsync
-    both and the directory, in that order, so a crash in between loses nothing."""
-    sidecar = path.with_name(f"{path.name}.{kind}-{offset}")
-    n = 0
-    while sidecar.exists():
-        n += 1
-        sidecar = path.with_name(f"{path.name}.{kind}-{offset}.{n}")
-    side_fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(side_fd, data[offset:])
-        os.fsync(side_fd)
-    finally:
-        os.close(side_fd)
-    _fsync_dir(path.parent)
-    os.ftruncate(fd, offset)
-    os.fsync(fd)
-    return sidecar
 
 
 class EventLog:
@@ -225,7 +170,7 @@ class EventLog:
         path = Path(path)
         if not create and not path.exists():
             raise LogNotFound(f"no event log at {path} (and create=False)")
-        lock_fd = _take_lock(path)
+        lock_fd = take_lock(path)
         try:
             return cls._open_locked(
                 path, lock_fd, durability, batch_events, batch_interval_ms, repair, log_id
@@ -250,12 +195,12 @@ class EventLog:
             tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, header)
+                write_all(fd, header)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         fd = os.open(path, os.O_RDWR)
         try:
             data = path.read_bytes()
@@ -274,7 +219,7 @@ class EventLog:
                     kind, reason = "corrupt", f"repaired: {stop.what}"
                 else:
                     raise LogCorrupted(path, stop.offset, stop.seq, stop.what)
-                sidecar = _move_aside(path, fd, data, stop.offset, kind)
+                sidecar = move_aside(path, fd, data, stop.offset, kind)
                 recovery = TornTail(stop.offset, len(data) - stop.offset, sidecar, last_seq, reason)
                 end = stop.offset
             os.lseek(fd, end, os.SEEK_SET)
@@ -339,7 +284,7 @@ class EventLog:
             frame = self._encoder.frame(seq, event, ts, self._last_hash)
             try:
                 if self._durability == "always":
-                    _write_all(fd, frame)
+                    write_all(fd, frame)
                     _sync(fd)
                 else:
                     pending = self._pending
@@ -377,7 +322,7 @@ class EventLog:
 
     def _flush_locked(self, fd: int, *, sync: bool) -> None:
         if self._pending:
-            _write_all(fd, self._pending)
+            write_all(fd, self._pending)
             del self._pending[:]
             self._pending_count = 0
             if sync:
