@@ -118,23 +118,11 @@ class Job:
             else TrainingArgs(dict(training_args or {}))
         )
         source, class_name = plan_source(training_plan_class, training_plan_path)
-        plan_file = self._files / "training_plan.py"
-        plan_file.write_text(source, encoding="utf-8")
         self._plan_source = source
-
         # Upload first, then record: an event states a fact that has already happened.
-        plan_up = self._repo.upload_file(plan_file)
-        init_path = self._files / "initial_params.tmp"
-        init_sha = runner.initial_params(
-            plan_source=source,
-            plan_class=class_name,
-            model_args=dict(model_args or {}),
-            training_args=targs.dict(),
-            seed=seed,
-            out_path=init_path,
+        plan_up, params_up = jobsetup.upload_plan_and_initial_params(
+            self, source, class_name, targs.dict(), dict(model_args or {}), seed
         )
-        init_path = self._store_params(init_path, init_sha)
-        params_up = self._repo.upload_file(init_path)
 
         self._log = EventLog.open(log_path, durability=durability)
         self._state = lifecycle.initial_state()

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsm.events import JobCreated
 from fedsm.job_errors import JobError
 from fedsm.lifecycle import JobState
+from fedsm.repository.base import Uploaded
 from fedsm.requests import FederatedDataSet, new_id
 
-__all__ = ["job_created", "check_restorable"]
+if TYPE_CHECKING:
+    from fedsm.job import Job
+
+__all__ = ["job_created", "check_restorable", "upload_plan_and_initial_params"]
 
 
 def job_created(
@@ -64,6 +68,34 @@ def job_created(
         aggregator_args={},
         tags=tuple(tags),
     )
+
+
+def upload_plan_and_initial_params(
+    job: Job,
+    source: str,
+    class_name: str,
+    training_args: dict[str, Any],
+    model_args: dict[str, Any],
+    seed: int,
+) -> tuple[Uploaded, Uploaded]:
+    """Keep the plan source and the seeded initial parameters in the job's files and upload
+    both; return the two uploads (URL and digest for the events that record them)."""
+    from fedsm.training import runner  # torch: only when a job is really created
+
+    plan_file = job.training_plan_file
+    plan_file.write_text(source, encoding="utf-8")
+    plan_up = job.repository.upload_file(plan_file)
+    tmp = plan_file.with_name("initial_params.tmp")
+    sha = runner.initial_params(
+        plan_source=source,
+        plan_class=class_name,
+        model_args=model_args,
+        training_args=training_args,
+        seed=seed,
+        out_path=tmp,
+    )
+    params_up = job.repository.upload_file(job._store_params(tmp, sha))
+    return plan_up, params_up
 
 
 def check_restorable(state: JobState, log_path: Path, researcher_id: str, aggregator: str) -> None:
