@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from fedsm.events import NodeFailed, ReplyReceived
+from fedsm.events import EventDecodeError, NodeFailed, ReplyReceived
 from fedsm.lifecycle import JobState
 from fedsm.protocol import ErrorNumber, ErrorReply, Message, TrainReply
 
@@ -76,8 +76,8 @@ def classify(state: JobState, message: Message) -> Verdict:
                 f"job's plan {state.plan_sha256}",
             )
         )
-    return Verdict(
-        ReplyReceived(
+    try:
+        event = ReplyReceived(
             round=state.round,
             node_id=node,
             request_id=message.request_id,
@@ -88,4 +88,14 @@ def classify(state: JobState, message: Message) -> Verdict:
             timing=dict(message.timing),
             training_plan_sha256=message.training_plan_sha256,
         )
-    )
+    except EventDecodeError as exc:  # the protocol and the log disagree on what is valid
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=int(ErrorNumber.BAD_REQUEST),
+                message=f"{node}'s reply can not be recorded: {exc}",
+            )
+        )
+    return Verdict(event)

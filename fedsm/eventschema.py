@@ -2,7 +2,7 @@
 :mod:`fedsm.events`.
 
 Pure core: no I/O. Every event field carries a wire "kind" (:func:`kind_field`); each kind
-has one checker (fedsm.fields' strict set, plus the approval statuses). For every event class
+has one checker (fedsm.fields' set, plus the approval statuses). For every event class
 :func:`spec_of` computes, once, the (field, checker) pairs construction and decoding use, and
 generates two fast decoders: straight-line code that tests every field inline and returns
 None whenever the slow path must decide, which then builds the precise error.
@@ -44,7 +44,7 @@ class EventDecodeError(FedsmError, ValueError):
 # --------------------------------------------------------------------------- field checks
 # Each event field carries a "kind" in its metadata; one checker per kind. A checker returns
 # the value to store (a list becomes a tuple, an int metric a float) or raises. The checkers
-# are fedsm.fields' strict set; only the approval statuses are the catalogue's own.
+# are fedsm.fields' set; only the approval statuses are the catalogue's own.
 
 
 _SHARED = make_checkers(
@@ -53,7 +53,6 @@ _SHARED = make_checkers(
     max_text=_MAX_TEXT,
     max_items=_MAX_ITEMS,
     max_depth=_MAX_DEPTH,
-    strict=True,
 )
 _typed_map = _SHARED["typed_map"]
 

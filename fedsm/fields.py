@@ -6,16 +6,10 @@ value to store or raises the codec's own typed error, naming the field. This mod
 those functions once; each codec builds its set with :func:`make_checkers`, giving the error
 class to raise (called as ``error(message, field)``) and its limits.
 
-``strict`` picks between the two codecs' rules, which differ on purpose-or-history and are
-kept exactly as they were:
-
-- strict (events): values are normalised to the exact built-in type (a ``str`` or ``int``
-  subclass becomes a plain ``str``/``int``), floats anywhere must be finite, maps may be any
-  ``Mapping``, map keys are bounded like strings, a valid map is returned as it is, and a
-  digest must be exactly 64 lowercase hex digits.
-- lenient (protocol): subclasses are kept as they are, floats inside plain values and float
-  maps may be non-finite, maps must be dicts and are always copied, keys are not bounded
-  (msgpack bounds them on decode), and a digest may end with one newline (``$`` anchoring).
+The rules, the same for both: values are normalised to the exact built-in type (a ``str``
+or ``int`` subclass becomes a plain ``str``/``int``), floats anywhere must be finite, maps
+may be any ``Mapping``, map keys are bounded like strings, a valid map is returned as it is,
+and a digest is exactly 64 lowercase hex digits (no trailing newline).
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ __all__ = ["INT_MAX", "INT_MIN", "HEX64_RE", "Checker", "make_checkers", "short"
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 #: 64 lowercase hex digits; use with ``fullmatch``.
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_HEX64_LINE_RE = re.compile(r"^[0-9a-f]{64}$")  # the lenient rule: match() allows a final "\n"
 
 #: ``check(field_name, value) -> value to store``; raises the codec's error.
 Checker = Callable[[str, Any], Any]
@@ -50,7 +43,6 @@ def make_checkers(
     max_text: int,
     max_items: int,
     max_depth: int,
-    strict: bool,
 ) -> dict[str, Callable[..., Any]]:
     """The checkers of every shared kind, by kind name, raising ``error(message, field)``.
 
@@ -62,8 +54,6 @@ def make_checkers(
     ``check_item`` checks. ``str`` takes an optional ``limit`` (``text`` is ``str`` with
     ``max_text``). Closures, not methods: replay calls them once per field of every record.
     """
-    range_message = "integer out of the 64-bit range" if strict else "integer out of range"
-    map_types: type | tuple[type, ...] = Mapping if strict else dict
 
     def check_str(name: str, value: Any, limit: int = max_str) -> str:
         if type(value) is str and len(value) <= limit:
@@ -71,8 +61,7 @@ def make_checkers(
         if type(value) is not str:
             if not isinstance(value, str):
                 raise error(f"expected a string, got {type(value).__name__}", name)
-            if strict:
-                value = str(value)
+            value = str(value)
         if len(value) > limit:
             raise error(f"string longer than {limit} characters", name)
         return value
@@ -83,21 +72,12 @@ def make_checkers(
     def check_opt_str(name: str, value: Any) -> str | None:
         return None if value is None else check_str(name, value)
 
-    if strict:
-        hex_full = HEX64_RE.fullmatch
+    hex_full = HEX64_RE.fullmatch
 
-        def check_sha256(name: str, value: Any) -> str:
-            if type(value) is not str or hex_full(value) is None:
-                raise error(f"expected 64 lowercase hex digits, got {short(value)}", name)
-            return value
-
-    else:
-        hex_line = _HEX64_LINE_RE.match
-
-        def check_sha256(name: str, value: Any) -> str:
-            if not isinstance(value, str) or not hex_line(value):
-                raise error(f"expected 64 lowercase hex digits, got {short(value)}", name)
-            return value
+    def check_sha256(name: str, value: Any) -> str:
+        if type(value) is not str or hex_full(value) is None:
+            raise error(f"expected 64 lowercase hex digits, got {short(value)}", name)
+        return value
 
     def check_opt_sha256(name: str, value: Any) -> str | None:
         return None if value is None else check_sha256(name, value)
@@ -108,10 +88,9 @@ def make_checkers(
         if type(value) is not int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise error(f"expected an integer, got {type(value).__name__}", name)
-            if strict:
-                value = int(value)
+            value = int(value)
         if not INT_MIN <= value <= INT_MAX:
-            raise error(range_message, name)
+            raise error("integer out of the 64-bit range", name)
         return value
 
     def check_nonneg_int(name: str, value: Any) -> int:
@@ -130,12 +109,6 @@ def make_checkers(
         if not math.isfinite(value):
             raise error("expected a finite number", name)
         return value
-
-    def check_number(name: str, value: Any) -> float:
-        """The lenient rule for numbers inside maps: any int or float, made a float."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise error(f"expected a number, got {type(value).__name__}", name)
-        return float(value)
 
     def check_bool(name: str, value: Any) -> bool:
         if type(value) is not bool:
@@ -158,26 +131,25 @@ def make_checkers(
         name: str, value: Any, check_item: Checker, what: str = "a map"
     ) -> dict[str, Any]:
         if type(value) is not dict:
-            if not isinstance(value, map_types):
+            if not isinstance(value, Mapping):
                 raise error(f"expected {what}, got {type(value).__name__}", name)
-            if strict:
-                value = dict(value)
+            value = dict(value)
         if len(value) > max_items:
             raise error(f"more than {max_items} entries", name)
         changed = False
         out = {}
         for key, item in value.items():
-            if type(key) is not str and (strict or not isinstance(key, str)):
+            if type(key) is not str:
                 raise error(f"map key {short(key)} is not a string", name)
-            if strict and len(key) > max_str:
+            if len(key) > max_str:
                 raise error(f"map key longer than {max_str} characters", name)
             checked = check_item(f"{name}.{key}", item)
             changed = changed or checked is not item
             out[key] = checked
-        return out if changed or not strict else value
+        return out if changed else value
 
     def check_str_map(name: str, value: Any) -> dict[str, str]:
-        if strict and type(value) is dict and len(value) <= max_items:  # fast path: valid
+        if type(value) is dict and len(value) <= max_items:  # fast path: already valid
             for key, item in value.items():
                 if (
                     type(key) is not str
@@ -191,8 +163,6 @@ def make_checkers(
         return typed_map(name, value, check_str)
 
     def check_float_map(name: str, value: Any) -> dict[str, float]:
-        if not strict:
-            return typed_map(name, value, check_number, "a map of numbers")
         if type(value) is dict and len(value) <= max_items:  # fast path: already valid
             for key, item in value.items():
                 if (
@@ -220,13 +190,13 @@ def make_checkers(
         if isinstance(value, int):
             return check_int(name, value)
         if isinstance(value, float):
-            return check_float(name, value) if strict else value
+            return check_float(name, value)
         if isinstance(value, (list, tuple)):
             if len(value) > max_items:
                 raise error(f"more than {max_items} items", name)
             # Lists, not tuples, inside plain values: that is what msgpack gives back.
             return [check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
-        if isinstance(value, map_types):
+        if isinstance(value, Mapping):
             return check_plain_map(name, value, depth)
         raise error(f"unsupported value of type {type(value).__name__}", name)
 

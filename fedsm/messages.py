@@ -2,7 +2,7 @@
 
 Pure core: no I/O. Every message is a frozen dataclass whose fields each carry a wire "kind";
 constructing a message checks every field exactly as decoding does (the checkers are
-fedsm.fields' lenient set plus the protocol's ids) and raises :class:`MessageDecodeError`
+fedsm.fields' checkers plus the protocol's ids) and raises :class:`MessageDecodeError`
 naming the field. :mod:`fedsm.protocol` holds the codec and re-exports everything here;
 import from there.
 """
@@ -41,7 +41,7 @@ __all__ = [
 #: ``node_id`` of a request sent to every node.
 BROADCAST = "*"
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 MAX_STR = 4096
 MAX_TEXT = 64 * 1024
 MAX_ITEMS = 10_000
@@ -50,11 +50,11 @@ MAX_DEPTH = 6
 
 # --------------------------------------------------------------------------- field checks
 # Each field of a message carries a "kind" in its dataclass metadata; one checker per kind.
-# Ids are the protocol's own; the rest are fedsm.fields' lenient set (see there).
+# Ids are the protocol's own; the rest are fedsm.fields' checkers (see there).
 
 
 def _check_id(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise MessageDecodeError(
             f"expected an id (1-128 of [A-Za-z0-9_.:-]), got {_short(value)}", name
         )
@@ -73,7 +73,6 @@ _SHARED = make_checkers(
     max_text=MAX_TEXT,
     max_items=MAX_ITEMS,
     max_depth=MAX_DEPTH,
-    strict=False,
 )
 
 _CHECKERS = {

@@ -123,3 +123,28 @@ def test_error_numbers_are_stable_and_explained() -> None:
         assert number.meaning and "\n" not in number.meaning
     reply = p.ErrorReply(request_id="r", researcher_id="res", node_id="n", code=12345, message="?")
     assert reply.error_number is None
+
+
+def test_ids_and_digests_must_match_whole_and_metrics_must_be_finite() -> None:
+    with pytest.raises(p.MessageDecodeError) as info:
+        p.PingReply(request_id="r", researcher_id="res", node_id="node1\n")
+    assert info.value.field == "node_id"
+    head = dict(
+        request_id="r",
+        researcher_id="res",
+        node_id="n",
+        job_id="j",
+        round=1,
+        dataset_id="d",
+        training_plan_sha256="a" * 64,
+        params_url="u",
+        params_sha256="b" * 64,
+        sample_size=3,
+    )
+    with pytest.raises(p.MessageDecodeError) as info:
+        p.TrainReply(**{**head, "params_sha256": "b" * 64 + "\n"})
+    assert info.value.field == "params_sha256"
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(p.MessageDecodeError) as info:
+            p.TrainReply(**head, metrics={"train_loss": bad})
+        assert info.value.field == "metrics.train_loss"

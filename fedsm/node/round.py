@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -206,6 +207,13 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
             ) from None
         finished = time.monotonic()
+        diverged = sorted(k for k, v in outcome.metrics.items() if not math.isfinite(v))
+        if diverged:
+            raise RequestFailed(
+                ErrorNumber.TRAINING_FAILED,
+                f"training diverged: metrics {diverged} are not finite (lower the learning "
+                "rate?); its parameters were not sent",
+            )
         return TrainReply(
             request_id=request.request_id,
             researcher_id=request.researcher_id,
