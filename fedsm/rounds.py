@@ -27,6 +27,7 @@ from fedsm.events import (
 from fedsm.job_errors import JobError
 from fedsm.protocol import ErrorNumber, TrainRequest
 from fedsm.repository.base import DigestMismatch, RepositoryError
+from fedsm.repository.errors import InvalidRepositoryUrl
 from fedsm.seeds import derive_seed
 from fedsm.training.params import ParamsFileError, load_params
 
@@ -210,22 +211,32 @@ class RoundDriver:
         reply can never block aggregation (nor every resume after it)."""
         job = self.job
         path = job.params_path(event.params_sha256)
+        fetched = False  # only a file this reply brought may be removed again
         try:
+            claimed = job.repository.digest_of_url(event.params_url)
+            if claimed != event.params_sha256:
+                raise DigestMismatch(
+                    f"the reply names digest {event.params_sha256} but its URL is the file "
+                    f"{claimed}"
+                )
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 job.repository.download_file(event.params_url, path)
+                fetched = True
             if event.sample_size <= 0:
                 raise ParamsFileError(f"the node reported {event.sample_size} training samples")
             load_params(path, like=self._global_params())
             return event
         except DigestMismatch as exc:
             code, text = ErrorNumber.PARAMS_DIGEST_MISMATCH, f"could not fetch params: {exc}"
+        except InvalidRepositoryUrl as exc:
+            code, text = ErrorNumber.BAD_REQUEST, f"params URL is not of this repository: {exc}"
         except RepositoryError as exc:
             code, text = ErrorNumber.REPOSITORY_UNREACHABLE, f"could not fetch params: {exc}"
         except ParamsFileError as exc:
             code, text = ErrorNumber.PARAMS_INVALID, f"unusable reply: {exc}"
-        if path.exists() and event.params_sha256 != job.state.params_sha256:
-            path.unlink()
+        if fetched:
+            path.unlink(missing_ok=True)
         return NodeFailed(
             round=event.round,
             node_id=event.node_id,

@@ -21,27 +21,8 @@ from fedsm.transport import MemoryBroker, MemoryBus
 
 
 def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Path) -> None:
-    broker = MemoryBroker()
-    repo = LocalRepository(tmp_path / "repository")
-    nodes = {n: ScriptedNode(broker, n) for n in NODES}
-    researcher = MemoryBus(broker, "researcher-bad", role="researcher")
-    plan = tmp_path / "plan.py"
-    BreastCancerPlan().save_code(plan)
-    job = Job(
-        reqs=Requests(researcher),
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=plan,
-        training_args={"lr": 0.1, "epochs": 1},
-        data=FederatedDataSet({n: {"dataset_id": f"ds-{n}"} for n in NODES}),
-        run_dir=tmp_path / "run",
-        repository=repo,
-        round_limit=1,
-        min_nodes=1,
-        reply_deadline_s=5,
-        durability="never",
-    )
-    job._record(lifecycle_approval(job))
-    job._driver.send_round(1)
+    world = Scripted(tmp_path)
+    job = world.job
     good = load_params(job.params_path(job.params_sha256))
     payloads = {
         "node-a": (good, 20),  # fine
@@ -49,28 +30,11 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
         "node-c": (good, 0),  # no samples
     }
     for node_id, (tensors, samples) in payloads.items():
-        request = nodes[node_id].requests[1]
-        path = Path(tempfile.mkdtemp(dir=tmp_path)) / "p.safetensors"
-        save_params(path, tensors)
-        up = repo.upload_file(path)
-        nodes[node_id].send(
-            TrainReply(
-                request_id=request.request_id,
-                researcher_id=request.researcher_id,
-                node_id=node_id,
-                job_id=request.job_id,
-                round=1,
-                dataset_id=request.dataset_id,
-                training_plan_sha256=request.training_plan_sha256,
-                params_url=up["file"],
-                params_sha256=up["sha256"],
-                sample_size=samples,
-            )
-        )
+        up = world.upload(tensors)
+        world.reply(node_id, url=up["file"], sha256=up["sha256"], samples=samples)
     job._driver.collect(timeout_s=1.0)
     job.aggregate()
-    job.close()  # durability "never": complete on disk once closed
-    events = [r.event for r in scan(job.log_path).records]
+    events = world.events()
     failed = {e.node_id: e for e in events if type(e).__name__ == "NodeFailed"}
     assert sorted(failed) == ["node-b", "node-c"]
     assert {e.code for e in failed.values()} == {int(ErrorNumber.PARAMS_INVALID)}
@@ -78,9 +42,7 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
     aggregated = [e for e in events if type(e).__name__ == "Aggregated"]
     assert aggregated[0].nodes == ("node-a",)
     assert type(events[-1]).__name__ == "JobCompleted"
-    for bus in [researcher, *(n.bus for n in nodes.values())]:
-        bus.close()
-    broker.close()
+    world.close()
 
 
 class ArgsFedAvg(FedAvg):
@@ -100,40 +62,103 @@ class ArgsFedAvg(FedAvg):
 
 
 def test_aggregator_args_reach_each_node_and_a_resend_repeats_them(tmp_path: Path) -> None:
-    broker = MemoryBroker()
-    repo = LocalRepository(tmp_path / "repository")
-    nodes = {n: ScriptedNode(broker, n) for n in NODES}
-    researcher = MemoryBus(broker, "researcher-args", role="researcher")
-    plan = tmp_path / "plan.py"
-    BreastCancerPlan().save_code(plan)
-    job = Job(
-        reqs=Requests(researcher),
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=plan,
-        training_args={"lr": 0.1, "epochs": 1},
-        data=FederatedDataSet({n: {"dataset_id": f"ds-{n}"} for n in NODES}),
-        run_dir=tmp_path / "run",
-        repository=repo,
-        round_limit=1,
-        min_nodes=1,
-        reply_deadline_s=5,
-        durability="never",
-        aggregator=ArgsFedAvg(),
-    )
-    job._record(lifecycle_approval(job))
-    job._driver.send_round(1)
-    first = {n: node.requests[1] for n, node in nodes.items()}
+    world = Scripted(tmp_path, aggregator=ArgsFedAvg())
+    first = {n: node.requests[1] for n, node in world.nodes.items()}
     for node_id, request in first.items():
         args = request.aggregator_args
         assert args["server_lr"] == 0.5 and args["round"] == 1
-        _, path = repo.download_file(args["correction"]["url"], tmp_path / f"{node_id}.bin")
+        _, path = world.repo.download_file(args["correction"]["url"], tmp_path / f"{node_id}.bin")
         assert path.read_bytes() == f"{node_id}:1".encode()  # each node its own file
-    job._driver.send_round(1)  # as after a restore mid-round: re-sent, not new
-    for node_id, node in nodes.items():
+    world.job._driver.send_round(1)  # as after a restore mid-round: re-sent, not new
+    for node_id, node in world.nodes.items():
         again = node.requests[1]
         assert again.request_id == first[node_id].request_id
         assert again.aggregator_args == first[node_id].aggregator_args
-    job.close()
-    for bus in [researcher, *(n.bus for n in nodes.values())]:
-        bus.close()
-    broker.close()
+    world.job.close()
+    world.close()
+
+
+class Scripted:
+    """A Job of 3 scripted nodes on a memory bus, approval recorded, round 1 sent."""
+
+    def __init__(self, tmp_path: Path, aggregator: FedAvg | None = None) -> None:
+        self.tmp = tmp_path
+        self.broker = MemoryBroker()
+        self.repo = LocalRepository(tmp_path / "repository")
+        self.nodes = {n: ScriptedNode(self.broker, n) for n in NODES}
+        self.researcher = MemoryBus(self.broker, "researcher-bad", role="researcher")
+        plan = tmp_path / "plan.py"
+        BreastCancerPlan().save_code(plan)
+        self.job = Job(
+            reqs=Requests(self.researcher),
+            training_plan_class="BreastCancerPlan",
+            training_plan_path=plan,
+            training_args={"lr": 0.1, "epochs": 1},
+            data=FederatedDataSet({n: {"dataset_id": f"ds-{n}"} for n in NODES}),
+            run_dir=tmp_path / "run",
+            repository=self.repo,
+            round_limit=1,
+            min_nodes=1,
+            reply_deadline_s=5,
+            durability="never",
+            aggregator=aggregator,
+        )
+        self.job._record(lifecycle_approval(self.job))
+        self.job._driver.send_round(1)
+
+    def reply(self, node_id: str, *, url: str, sha256: str, samples: int) -> None:
+        request = self.nodes[node_id].requests[1]
+        self.nodes[node_id].send(
+            TrainReply(
+                request_id=request.request_id,
+                researcher_id=request.researcher_id,
+                node_id=node_id,
+                job_id=request.job_id,
+                round=1,
+                dataset_id=request.dataset_id,
+                training_plan_sha256=request.training_plan_sha256,
+                params_url=url,
+                params_sha256=sha256,
+                sample_size=samples,
+            )
+        )
+
+    def upload(self, tensors) -> dict:
+        path = Path(tempfile.mkdtemp(dir=self.tmp)) / "p.safetensors"
+        save_params(path, tensors)
+        return self.repo.upload_file(path)
+
+    def events(self) -> list:
+        self.job.close()  # durability "never": complete on disk once closed
+        return [r.event for r in scan(self.job.log_path).records]
+
+    def close(self) -> None:
+        for bus in [self.researcher, *(n.bus for n in self.nodes.values())]:
+            bus.close()
+        self.broker.close()
+
+
+def test_a_reply_naming_one_file_by_another_digest_fails_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    world = Scripted(tmp_path)
+    job = world.job
+    good = load_params(job.params_path(job.params_sha256))
+    a = world.upload({k: v + 1 for k, v in good.items()})
+    world.reply("node-a", url=a["file"], sha256=a["sha256"], samples=10)
+    # node-b points at its own file but claims the digest of node-a's (already fetched)
+    b = world.upload({k: v + 2 for k, v in good.items()})
+    world.reply("node-b", url=b["file"], sha256=a["sha256"], samples=10)
+    # node-c reuses node-a's file and digest with no samples: refused, and a's file stays
+    world.reply("node-c", url=a["file"], sha256=a["sha256"], samples=0)
+    job._driver.collect(timeout_s=1.0)
+    assert job.params_path(a["sha256"]).exists()
+    job.aggregate()
+    events = world.events()
+    failed = {e.node_id: e.code for e in events if type(e).__name__ == "NodeFailed"}
+    assert failed == {
+        "node-b": int(ErrorNumber.PARAMS_DIGEST_MISMATCH),
+        "node-c": int(ErrorNumber.PARAMS_INVALID),
+    }
+    assert [e.nodes for e in events if type(e).__name__ == "Aggregated"] == [("node-a",)]
+    world.close()

@@ -73,3 +73,7 @@ class Repository(abc.ABC):
     @abc.abstractmethod
     def url_for(self, digest: str) -> str:
         """The download URL of the file with this digest (whether or not it exists)."""
+
+    @abc.abstractmethod
+    def digest_of_url(self, url: str) -> str:
+        """The digest a URL of this repository names (raises for a URL that is not one)."""
