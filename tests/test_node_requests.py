@@ -294,3 +294,19 @@ def test_with_approval_switched_off_unknown_plans_run_but_rejected_ones_do_not(w
     world.node.plans.decide("rejected", sha256=sha256(world.linear), by="test")
     reply = world.researcher.ask(NODE, world.train(world.linear, "LinearPlan"))
     assert reply.error_number is ErrorNumber.PLAN_REJECTED
+
+
+def test_a_diverged_training_is_an_error_and_nothing_is_uploaded(world):
+    plan = plan_bytes("linear_plan.py") + (
+        b"\n\nclass DivergingPlan(LinearPlan):\n"
+        b"    def training_step(self, data, target):\n"
+        b"        return super().training_step(data, target) * float('nan')\n"
+    )
+    world.approve(plan)
+    before = {p.name for p in world.repo.root.iterdir()}
+    reply = world.researcher.ask(NODE, world.train(plan, "DivergingPlan"))
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.error_number is ErrorNumber.TRAINING_FAILED
+    assert "diverged" in reply.message
+    after = {p.name for p in world.repo.root.iterdir()}
+    assert after - before <= {sha256(plan)}  # the plan itself, no parameters

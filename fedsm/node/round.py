@@ -200,13 +200,6 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 "training finished but its parameters file is missing or does not match the "
                 "digest the trainer reported",
             )
-        try:
-            uploaded = ctx.repository.upload_file(out_path)
-        except RepositoryError as exc:
-            raise RequestFailed(
-                ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
-            ) from None
-        finished = time.monotonic()
         diverged = sorted(k for k, v in outcome.metrics.items() if not math.isfinite(v))
         if diverged:
             raise RequestFailed(
@@ -214,6 +207,13 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 f"training diverged: metrics {diverged} are not finite (lower the learning "
                 "rate?); its parameters were not sent",
             )
+        try:
+            uploaded = ctx.repository.upload_file(out_path)
+        except RepositoryError as exc:
+            raise RequestFailed(
+                ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
+            ) from None
+        finished = time.monotonic()
         return TrainReply(
             request_id=request.request_id,
             researcher_id=request.researcher_id,
