@@ -227,11 +227,20 @@ class Requests:
 
         Nodes with no match answer with an empty list and are left out of the result.
         """
-        replies = self.ask(SearchRequest, nodes, deadline_s, tags=tuple(tags))
+        tags = tuple(tags)
+        replies = self.ask(SearchRequest, nodes, deadline_s, tags=tags)
         found: dict[str, Any] = {}
         for node_id, reply in replies.items():
             if isinstance(reply, ErrorReply):
                 log.warning("search failed on %s: %s", node_id, reply.message)
+            elif isinstance(reply, SearchReply) and len(reply.datasets) > 1:
+                log.warning(
+                    "search: %s has %d datasets tagged %s; left out (a round trains one "
+                    "dataset per node: search with more specific tags)",
+                    node_id,
+                    len(reply.datasets),
+                    list(tags),
+                )
             elif isinstance(reply, SearchReply) and reply.datasets:
                 found[node_id] = list(reply.datasets)
         return FederatedDataSet(found)

@@ -73,7 +73,7 @@ def test_registries(tmp_path):
     )
     datasets.add(
         name="b",
-        tags=["y"],
+        tags=["y", "z"],
         data_type="tensors",
         path=tmp_path,
         shape=[4, 1, 2],
@@ -83,11 +83,26 @@ def test_registries(tmp_path):
     )
     assert [d["dataset_id"] for d in datasets.search(["y"])] == ["ds-a", "ds-b"]
     assert [d["dataset_id"] for d in datasets.search(["x", "y"])] == ["ds-a"]
-    assert datasets.search(["z"]) == []
+    assert datasets.search(["w"]) == []
+    for name, tags, match in (
+        ("a", ["q"], "named 'a' is already registered"),
+        ("c", ["y"], "a search could match both"),  # a subset of both a's and b's tags
+        ("c", ["x", "y", "q"], "a search could match both"),  # a superset of a's
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            datasets.add(
+                name=name,
+                tags=tags,
+                data_type="csv",
+                path=tmp_path,
+                shape=[1, 1],
+                dtypes=[],
+                sample_count=1,
+            )
     with pytest.raises(ConfigurationError, match="already registered"):
         datasets.add(
             name="c",
-            tags=["x"],
+            tags=["k"],
             data_type="csv",
             path=tmp_path,
             shape=[1, 1],
@@ -98,7 +113,7 @@ def test_registries(tmp_path):
     with pytest.raises(ConfigurationError, match="data type"):
         datasets.add(
             name="c",
-            tags=["x"],
+            tags=["k"],
             data_type="images",
             path=tmp_path,
             shape=[1],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from job_world import SilentNode, make_world
 
+from fedsm.node.simulate import register_csv_dataset
 from fedsm.requests import Requests
 
 
@@ -36,5 +37,20 @@ def test_search_waits_for_a_slow_node_until_the_deadline_only(tmp_path: Path) ->
         found = reqs.ping_nodes()  # the silent node never pongs: the deadline ends the wait
         assert list(found) == ["node-1"]
         assert reqs.offline_nodes(["node-1", "node-9", "node-404"]) == ["node-404"]
+    finally:
+        world.close()
+
+
+def test_a_node_with_two_matching_datasets_is_left_out_not_fatal(tmp_path: Path) -> None:
+    world = make_world(tmp_path, 2)
+    try:
+        node = world.nodes[0]
+        csv = world.csvs[0]
+        register_csv_dataset(node, csv, name="a", tags=["shared", "a"], target="target")
+        register_csv_dataset(node, csv, name="b", tags=["shared", "b"], target="target")
+        reqs = Requests(world.researcher(), default_deadline_s=5.0)
+        assert reqs.search(["shared"]).node_ids() == []  # ambiguous on node-1: left out
+        assert reqs.search(["shared", "a"]).node_ids() == ["node-1"]
+        assert reqs.search(["breast-cancer"]).node_ids() == ["node-1", "node-2"]
     finally:
         world.close()

@@ -59,6 +59,22 @@ def public_dataset(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in _PUBLIC_DATASET_KEYS}
 
 
+def _check_no_conflict(
+    name: str, tags: Sequence[str], other_id: str, other_name: str, other_tags: Sequence[str]
+) -> None:
+    """Refuse a dataset a search could not tell from one already registered: same name, or
+    tags that are a subset or superset of another dataset's (a researcher's search would
+    then match both, and a round trains one dataset per node)."""
+    if name == other_name:
+        raise ConfigurationError(f"a dataset named {name!r} is already registered ({other_id})")
+    mine, theirs = set(tags), set(other_tags)
+    if mine <= theirs or theirs <= mine:
+        raise ConfigurationError(
+            f"tags {sorted(mine)} conflict with those of dataset {other_id} ({other_name!r}: "
+            f"{sorted(theirs)}): a search could match both; give this dataset a tag of its own"
+        )
+
+
 class DatasetRegistry:
     """Datasets the node offers. A dataset matches a search when it carries all asked tags."""
 
@@ -104,6 +120,10 @@ class DatasetRegistry:
         }
         try:
             with self._db.write() as conn:
+                for other_id, other_name, other_tags in conn.execute(
+                    "SELECT dataset_id, name, tags FROM datasets"
+                ):
+                    _check_no_conflict(name, tags, other_id, other_name, json.loads(other_tags))
                 conn.execute(
                     "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
