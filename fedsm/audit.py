@@ -41,7 +41,9 @@ from fedsm.repository import (
     FileNotInRepository,
     Repository,
     RepositoryError,
+    RepositoryUnreachable,
 )
+from fedsm.repository.errors import RepositoryUnauthorized
 
 __all__ = [
     "REPOSITORY_CHECKS",
@@ -226,6 +228,7 @@ class RepositoryAudit:
         self._own_scratch = scratch is None
         self._scratch = scratch or Path(tempfile.mkdtemp(prefix="fedsm-audit-"))
         self._fetched: dict[str, Path | Unavailable] = {}
+        self._access: str | None = None  # "" once the repository answered; else why not
 
     @property
     def checks(self) -> tuple[Any, ...]:
@@ -268,8 +271,34 @@ class RepositoryAudit:
         self._fetched[digest] = result
         return result
 
+    def _refused(self, check: str) -> list[Finding]:
+        """One finding if the repository can not be used at all (down, wrong token), rather
+        than one per artifact; empty when it answers."""
+        if self._access is None:
+            try:
+                self.repository.exists("0" * 64)
+                self._access = ""
+            except (RepositoryUnauthorized, RepositoryUnreachable) as exc:
+                self._access = str(exc)
+        if not self._access:
+            return []
+        return [
+            AuditFinding(
+                0,
+                0,
+                f"{check}: the repository refused or did not answer",
+                True,
+                check,
+                f"access to {self.repository!r}",
+                self._access,
+            )
+        ]
+
     def check_artifacts(self, path: Path) -> list[Finding]:
         """Every artifact the log names is in the repository and hashes to its digest."""
+        refused = self._refused("artifacts")
+        if refused:
+            return refused
         records, notes = _records(Path(path), "artifacts")
         findings: list[Finding] = list(notes)
         for r in records:
@@ -291,6 +320,9 @@ class RepositoryAudit:
 
     def check_aggregates(self, path: Path) -> list[Finding]:
         """Every ``Aggregated`` recomputed from its round's replies matches bit for bit."""
+        refused = self._refused("recompute")
+        if refused:
+            return refused
         records, notes = _records(Path(path), "recompute")
         findings: list[Finding] = list(notes)
         replies: dict[tuple[int, str], Record] = {}

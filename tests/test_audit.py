@@ -131,7 +131,13 @@ def test_a_server_repository_is_audited_by_digest_not_by_recorded_url(demo_run: 
         code, text = _replay(
             str(_log(demo_run)), "--verify", "--repo", server.url, "--token", "t0k"
         )
-    assert code == 0, text
+        assert code == 0, text
+        code, text = _replay(
+            str(_log(demo_run)), "--verify", "--repo", server.url, "--token", "wrong"
+        )
+    assert code == 1
+    refused = [line for line in text.splitlines() if "refused or did not answer" in line]
+    assert len(refused) == 2, text  # one per repository check, not one per artifact
 
 
 # --------------------------------------------------------------------------- tampering
