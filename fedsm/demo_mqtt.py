@@ -67,6 +67,10 @@ def mqtt_world(
         port = free_port()
         settings_path.write_text(json.dumps({"repository_port": port}))
     with ExitStack() as stack:
+        # The researcher connects first: an unreachable broker is one clear error, before
+        # any repository or node process is started.
+        bus = MqttBus(RESEARCHER_ID, "researcher", **parse_broker_url(config.broker))
+        stack.callback(bus.close)
         repo = Child(
             ["repo", "serve", "--root", str(run_dir / "repository"), "--port", str(port)],
             name="repository server",
@@ -90,7 +94,5 @@ def mqtt_world(
             children.append(child)
         for node_id, child in zip(node_ids, children, strict=True):
             child.wait_for_line(f"node {node_id} online", START_TIMEOUT_S)
-        bus = MqttBus(RESEARCHER_ID, "researcher", **parse_broker_url(config.broker))
-        stack.callback(bus.close)
         bus.wait_online(node_ids, timeout_s=START_TIMEOUT_S)
         yield bus, repository
