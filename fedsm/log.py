@@ -60,11 +60,11 @@ from fedsm.logread import (
     Record,
     ScanStop,
     TornTail,
+    collect_records,
     gc_paused,
     is_torn_tail,
     read_header,
     scan,
-    to_record,
     verify,
     walk_records,
 )
@@ -344,12 +344,9 @@ class EventLog:
             self._flush_locked(fd, sync=False)
             data = os.pread(fd, self._end, 0)
         stops: list[ScanStop] = []
+        # The same fast reader as `scan` (a restore reads the whole log through here).
         with gc_paused():
-            records = [
-                to_record(self._path, offset, payload, digest)
-                for offset, _end, payload, digest in walk_records(data, self._genesis, stops)
-                if payload["seq"] >= from_seq
-            ]
+            records = collect_records(self._path, data, self._genesis, from_seq, stops)
         yield from records
         if stops:
             stop = stops[0]
