@@ -69,7 +69,7 @@ class RoundDriver:
                 agg_args = self._aggregator_args(round_number, None, None)
                 for node in pending:
                     request = self._request(
-                        node, round_number, agg_args.get(node, {}), time.time() + deadline_s
+                        node, round_number, agg_args.get(node, {}), job._clock() + deadline_s
                     )
                     job.requests.send(node, request)
                 job._record(RoundResent(round=round_number, nodes=tuple(pending)))
