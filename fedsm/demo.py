@@ -30,7 +30,6 @@ from fedsm.job import LOG_NAME
 from fedsm.localjob import LocalJob
 from fedsm.training import runner
 from fedsm.training.demo_plan import BreastCancerPlan
-from fedsm.training.params import file_sha256
 
 __all__ = ["DemoConfig", "DemoResult", "prepare", "run_demo"]
 
@@ -191,16 +190,14 @@ def run_demo(
                 on_round=report,
             )
         try:
-            exp.run()
+            final_sha256 = exp.run()
             params = exp.final_params_path()
         finally:
             exp.close()
-    if file_sha256(params) != params.name.split(".")[0]:
-        raise RuntimeError(f"{params} does not hash to its name")  # pragma: no cover
     result = DemoResult(
         federated_accuracy=_accuracy(files["plan"], params, files["test"]),
         local_accuracy=local_baseline(run_dir, files, config),
-        final_params_sha256=params.name.split(".")[0],
+        final_params_sha256=final_sha256,
         log=str(log_path),
         # The directory, not the server's URL: it outlives the run's repository server and
         # `fedsm replay --verify --repo DIR` reads it directly (same content-addressed layout).
