@@ -25,8 +25,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies, so that a
+    researcher killed with SIGKILL does not leave node or repository processes behind (they
+    would hold the client ids and the port a resumed run needs)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the children outlive a killed parent
+        pass
+
+
 class Child:
-    """A ``python -m fedsm ...`` child whose stdout lines are read by a thread into a queue."""
+    """A ``python -m fedsm ...`` child whose stdout lines are read by a thread into a queue.
+
+    The child gets SIGTERM if this process dies (Linux), and :meth:`stop` ends it otherwise.
+    """
 
     def __init__(self, args: Sequence[str], *, name: str, env: dict[str, str] | None = None):
         self.name = name
@@ -36,6 +53,7 @@ class Child:
             stderr=None,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
