@@ -1,6 +1,8 @@
 """Run the demo in this process and SIGKILL it right after the N-th event of one type.
 
-Used by tests/test_job_restore.py: ``python researcher_kill.py RUN_DIR EVENT N ROUNDS NODES``.
+Used by tests/test_job_restore.py and tests/test_demo.py:
+``python researcher_kill.py RUN_DIR EVENT N ROUNDS NODES [BROKER_URL]`` (with a broker URL the
+demo runs over MQTT, with its repository server and node processes).
 The kill happens after the event is appended (and made durable), which is the worst case
 for a restore: the log knows something that nothing after it has acted on.
 """
@@ -17,7 +19,7 @@ from fedsm.demo import DemoConfig, run_demo
 
 
 def main() -> None:
-    run_dir, event_type, nth, rounds, nodes = sys.argv[1:]
+    run_dir, event_type, nth, rounds, nodes, *broker = sys.argv[1:]
     original = fedsm_log.EventLog.append
     seen = 0
 
@@ -31,11 +33,9 @@ def main() -> None:
         return seq
 
     fedsm_log.EventLog.append = append  # type: ignore[method-assign]
-    run_demo(
-        Path(run_dir),
-        DemoConfig(nodes=int(nodes), rounds=int(rounds), seed=0),
-        say=lambda line: None,
-    )
+    transport = {"transport": "mqtt", "broker": broker[0]} if broker else {}
+    config = DemoConfig(nodes=int(nodes), rounds=int(rounds), seed=0, **transport)
+    run_demo(Path(run_dir), config, say=lambda line: None)
     raise SystemExit(f"the run finished without a {nth}th {event_type} event")
 
 

@@ -3,6 +3,7 @@ started here, `fedsm repo serve`, three `fedsm node start` processes) with ident
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,38 @@ def test_mqtt_run_gives_the_same_final_parameters(memory_run, tmp_path: Path, mo
         timeout=60,
     )
     assert verify.returncode == 0, verify.stdout
+
+
+@pytest.mark.mqtt
+def test_mqtt_run_killed_mid_round_resumes_to_the_same_parameters(
+    tmp_path: Path,
+    mosquitto,  # noqa: F811
+) -> None:
+    """The researcher is killed with SIGKILL while collecting round 2 over MQTT; its node and
+    repository processes go with it; a resume starts them again and ends bit-identical to an
+    uninterrupted memory-bus run of the same seed."""
+    clean = run_demo(tmp_path / "clean", DemoConfig(nodes=3, rounds=3, seed=0), say=lambda s: None)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "researcher_kill.py"),
+            str(tmp_path / "m"),
+            "ReplyReceived",
+            "4",
+            "3",
+            "3",
+            mosquitto.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_demo(
+        tmp_path / "m",
+        DemoConfig(nodes=3, rounds=3, seed=0, transport="mqtt", broker=mosquitto.url),
+        say=lambda s: None,
+    )
+    assert resumed.final_params_sha256 == clean.final_params_sha256
+    stored = json.loads((tmp_path / "m" / "demo.json").read_text())
+    assert stored["transport"] == "mqtt"  # it really ran (and resumed) over the broker
