@@ -2,28 +2,20 @@
 
 Choices, each forced by a measured fact (``reference/mqtt-facts.md``):
 
-* ``TCP_NODELAY`` on every (re)connected socket, from paho's socket-open callback: QoS 1
-  request-reply takes ~0.6 ms with it on both ends and ~88 ms without.
-* ``clean_start=False`` with a session expiry and a stable client id ``<role>-<id>``, so
-  requests queued for an offline node survive a broker restart. Two processes with one id
-  knock each other off in a loop; the bus notices the repeated "session taken over" and stops
-  with an error naming the id.
 * paho's callbacks only enqueue; handlers run on one dispatch thread per bus. Nothing here
   waits inside a paho callback (``wait_for_publish`` there always times out).
 * the encoded size is checked before publishing: an oversized publish gets the client
   disconnected and paho re-sends it after every reconnect.
-* a node's status topic holds a retained "online"; its last will and its clean close set
-  "offline", which is how researchers learn who is online.
 
-The topic layout is in :mod:`fedsm.transport.topics`.
+The session set-up (client, TLS, ``TCP_NODELAY``, first connect, last will, reconnects) is in
+:mod:`fedsm.transport.mqtt_session`; the receiving side in :mod:`fedsm.transport.mqtt_inbound`;
+the topic layout in :mod:`fedsm.transport.topics`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -33,7 +25,6 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedsm.errors import ConfigurationError
 from fedsm.protocol import (
@@ -53,28 +44,26 @@ from fedsm.transport.delivery import (
     check_request,
 )
 from fedsm.transport.mqtt_inbound import FlapDetector, Inbound
+from fedsm.transport.mqtt_session import DuplicateClientId, SessionCallbacks, make_client
 from fedsm.transport.topics import (
     NODE,
     RESEARCHER,
     STATUS_OFFLINE,
-    STATUS_ONLINE,
     TlsOptions,
     Topics,
     check_participant,
+    parse_broker_url,
 )
 
-__all__ = ["MqttBus", "DuplicateClientId"]
+# DuplicateClientId, TlsOptions and parse_broker_url are re-exported: long-standing import paths.
+__all__ = ["MqttBus", "DuplicateClientId", "TlsOptions", "parse_broker_url"]
 
 log = logging.getLogger(__name__)
 
 _PACKET_OVERHEAD = 64  # fixed header, topic length, packet id, properties: generous bound
 
 
-class DuplicateClientId(TransportError):
-    """Another process connected with the same client id; the two knock each other off."""
-
-
-class MqttBus(LivenessQueries, Bus):
+class MqttBus(SessionCallbacks, LivenessQueries, Bus):
     """One participant's MQTT connection.
 
     The constructor blocks until the broker accepted the connection and the subscriptions
@@ -163,21 +152,17 @@ class MqttBus(LivenessQueries, Bus):
         self._connected_at: float | None = None
         self._refused: deque[tuple[str, str]] = deque(maxlen=100)
 
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=True,
+        client = make_client(
+            self.client_id,
+            username=username,
+            password=password,
+            tls=tls,
+            will_topic=self.topics.status(participant_id) if role == NODE else None,
+            reconnect_min_delay_s=reconnect_min_delay_s,
+            reconnect_max_delay_s=reconnect_max_delay_s,
+            max_outgoing=max_outgoing,
+            connect_timeout_s=connect_timeout_s,
         )
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls is not None:
-            tls.apply(client)
-        if role == NODE:
-            client.will_set(self.topics.status(participant_id), STATUS_OFFLINE, qos=1, retain=True)
-        client.reconnect_delay_set(reconnect_min_delay_s, reconnect_max_delay_s)
-        client.max_queued_messages_set(max_outgoing)
-        client.connect_timeout = connect_timeout_s
         client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -255,124 +240,6 @@ class MqttBus(LivenessQueries, Bus):
                 return
             self._closed = True
         self._shutdown(announce=True)
-
-    # ------------------------------------------------------------------ connecting
-
-    def _connect(self, keepalive: int, session_expiry_s: int, timeout_s: float) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = int(session_expiry_s)
-        deadline = time.monotonic() + timeout_s
-        delay = 0.05
-        while True:
-            try:
-                self._client.connect(
-                    self.host, self.port, keepalive=keepalive, clean_start=False, properties=props
-                )
-                break
-            except ssl.SSLError as exc:  # a certificate problem does not fix itself: fail now
-                raise TransportError(f"{self._where}: TLS handshake failed: {exc}") from None
-            except OSError as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportError(
-                        f"{self._where}: could not reach the broker within {timeout_s:g} s "
-                        f"({exc}); is it running and is the address right?"
-                    ) from None
-                # Waiting between attempts of the first connect (broker still starting).
-                threading.Event().wait(min(delay, remaining))
-                delay = min(delay * 2, 1.0)
-        self._client.loop_start()
-        with self._cond:
-            while not self._ready and self._connect_error is None and self._fatal is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportError(
-                        f"{self._where}: no CONNACK/SUBACK from the broker within {timeout_s:g} s "
-                        "(a TLS port needs mqtts:// / tls=TlsOptions(...); or the broker is "
-                        "overloaded)"
-                    )
-                self._cond.wait(remaining)
-            if self._fatal is not None:
-                raise self._fatal
-            if self._connect_error is not None:
-                raise TransportError(f"{self._where}: {self._connect_error}")
-
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._tcp_nodelay:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except (OSError, AttributeError) as exc:  # e.g. a unix socket
-                log.debug("%s: TCP_NODELAY not set: %s", self._where, exc)
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
-        if rc.is_failure:
-            hint = ""
-            if rc.value in (134, 135):  # bad user name or password / not authorized
-                hint = "; check the username/password and the broker's password file and ACL"
-            with self._cond:
-                self._connect_error = f"the broker refused the connection: {rc}{hint}"
-                self._cond.notify_all()
-            log.error("%s: the broker refused the connection: %s%s", self._where, rc, hint)
-            return
-        self._broker_max_packet = getattr(props, "MaximumPacketSize", None)
-        if self.role == NODE:
-            filters = [self.topics.request(self.participant_id), self.topics.broadcast]
-        else:
-            filters = [self.topics.replies_to(self.participant_id), self.topics.all_status]
-        result, mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in filters])
-        with self._cond:
-            self._connect_error = None
-            self._sub_mid = mid
-            self._connected_at = time.monotonic()
-        if self.role == NODE:
-            client.publish(
-                self.topics.status(self.participant_id), STATUS_ONLINE, qos=1, retain=True
-            )
-        log.info("%s: connected (session present: %s)", self._where, flags.session_present)
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any
-    ) -> None:
-        failed = [str(c) for c in codes if c.is_failure]
-        with self._cond:
-            if mid != self._sub_mid:
-                return
-            if failed:
-                self._connect_error = f"the broker refused the subscriptions: {failed}"
-                log.error("%s: %s", self._where, self._connect_error)
-            else:
-                self._ready = True
-            self._cond.notify_all()
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
-        now = time.monotonic()
-        with self._cond:
-            self._ready = False
-            uptime = now - self._connected_at if self._connected_at is not None else None
-            self._connected_at = None
-            self._cond.notify_all()
-            if self._closing:
-                return
-        log.warning("%s: disconnected (%s); reconnecting", self._where, rc)
-        if not self._flaps.record(now, uptime, rc, flags.is_disconnect_packet_from_server):
-            return
-        with self._cond:
-            if self._fatal is not None:
-                return
-            self._fatal = DuplicateClientId(
-                f"{self._where}: the connection was taken away {self._flaps.limit} times "
-                f"within {self._flaps.window_s:g} s right after connecting: another process "
-                f"is probably connected with the same client id {self.client_id!r}. Each "
-                "participant id must run in one process only; stop the other one or use a "
-                "different id. This bus has stopped."
-            )
-            self._cond.notify_all()
-        log.error("%s", self._fatal)
-        client.loop_stop()  # from the network thread this only stops the loop; no join
 
     @property
     def error(self) -> TransportError | None:
