@@ -97,6 +97,23 @@ def bench_replay(path: Path) -> tuple[float, int]:
     return len(view.records) / elapsed, len(view.records)
 
 
+def bench_restore(directory: Path, rounds: int = 1000, nodes: int = 3) -> tuple[float, int]:
+    """Seconds to restore a job as ``Job.restore`` does (open as writer, read, fold), for a
+    log of ``rounds`` rounds of ``nodes`` replies; best of five."""
+    path = directory / "restore.log"
+    with EventLog.open(path, durability="never") as log:
+        for event in job_events(rounds * (nodes + 2), nodes=nodes):
+            log.append(event, ts=0.0)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        with EventLog.open(path) as log:
+            state = replay(log.events())
+        best = min(best, time.perf_counter() - start)
+    assert state.status == "completed" and state.round == rounds, (state.status, state.round)
+    return best, log.last_seq
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="events per run")
@@ -127,6 +144,7 @@ def main() -> None:
         gc.unfreeze()
         gc.collect()
         replay_rate, replayed = bench_replay(directory / "append-never.log")
+        restore_s, restore_records = bench_restore(directory)
 
     rows = [
         ("append, durability=never", never, f"{counts[0]} events"),
@@ -140,6 +158,10 @@ def main() -> None:
     for name, rate, run in rows:
         print(f"{name:<46} {rate:>12,.0f}  {run:>16}")
     print(f"always / raw fsync = {always / raw:.2f}")
+    print(
+        f"restore of a 1,000-round 3-node job ({restore_records} records, Job.restore's path): "
+        f"{restore_s:.3f} s"
+    )
     print(
         f"append_never_per_s={never:.0f} append_batch_per_s={batch:.0f} "
         f"append_always_per_s={always:.0f} raw_fsync_per_s={raw:.0f} replay_per_s={replay_rate:.0f}"
