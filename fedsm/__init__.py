@@ -12,15 +12,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Job": "fedsm.job",
-    "Experiment": "fedsm.experiment",
-    "LocalJob": "fedsm.localjob",
-    "localJob": "fedsm.localjob",
+    "Job": "fedsm.researcher.job",
+    "Experiment": "fedsm.researcher.experiment",
+    "LocalJob": "fedsm.training.localjob",
+    "localJob": "fedsm.training.localjob",
     "TorchTrainingPlan": "fedsm.training.plan",
     "TrainingArgs": "fedsm.training.args",
-    "FedAvg": "fedsm.aggregation",
-    "FederatedDataSet": "fedsm.requests",
-    "Requests": "fedsm.requests",
+    "FedAvg": "fedsm.strategies.fedavg",
+    "FederatedDataSet": "fedsm.researcher.requests",
+    "Requests": "fedsm.researcher.requests",
     "FedsmError": "fedsm.errors",
 }
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsm.data import breast_cancer_csv, partition_csv, split_holdout
-from fedsm.node.simulate import start_memory_nodes
-from fedsm.protocol import (
+from fedsm.core.messages import (
     Message,
     SearchReply,
     SearchRequest,
     TrainingPlanStatusReply,
     TrainingPlanStatusRequest,
 )
+from fedsm.data import breast_cancer_csv, partition_csv, split_holdout
+from fedsm.node.simulate import start_memory_nodes
 from fedsm.repository import LocalRepository
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.transport import Faults, MemoryBroker, MemoryBus

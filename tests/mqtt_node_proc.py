@@ -11,7 +11,7 @@ import argparse
 import sys
 import threading
 
-from fedsm.protocol import Message, PingReply, PingRequest
+from fedsm.core.messages import Message, PingReply, PingRequest
 from fedsm.transport import MqttBus
 
 

@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fedsm import log as fedsm_log
-from fedsm.demo import DemoConfig, run_demo
+from fedsm.cli.demo.run import DemoConfig, run_demo
+from fedsm.log import writer as fedsm_log
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from fedsm import events as ev
+from fedsm.core import events as ev
+from fedsm.core.eventschema import APPROVAL_STATUSES
 
 texts = st.text(max_size=40)
 ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12)
@@ -54,7 +55,7 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
     ev.ApprovalChecked: st.builds(
         ev.ApprovalChecked,
         plan_sha256=sha256s,
-        statuses=st.dictionaries(ids, st.sampled_from(sorted(ev.APPROVAL_STATUSES)), max_size=4),
+        statuses=st.dictionaries(ids, st.sampled_from(sorted(APPROVAL_STATUSES)), max_size=4),
         approval_required=st.dictionaries(ids, st.booleans(), max_size=4),
     ),
     ev.RoundSent: st.builds(

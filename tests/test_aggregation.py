@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedsm.aggregation import AggregationError, FedAvg, FedAvgAccumulator, fedavg
+from fedsm.strategies.fedavg import AggregationError, FedAvg, FedAvgAccumulator, fedavg
 from fedsm.training.params import ParamsFileError, file_sha256, load_params, save_params
 
 

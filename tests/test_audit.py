@@ -21,12 +21,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from fedsm import events as ev
-from fedsm.audit import AuditFinding, RepositoryAudit, check_plan
-from fedsm.demo import DemoConfig, run_demo
-from fedsm.log import EventLog, Record, scan
-from fedsm.logformat import encode_frame
-from fedsm.replay import CHECKS, add_arguments, run, verify_all
+from fedsm.audit.checks import AuditFinding, RepositoryAudit, check_plan
+from fedsm.audit.replay import CHECKS, add_arguments, run, verify_all
+from fedsm.cli.demo.run import DemoConfig, run_demo
+from fedsm.core import events as ev
+from fedsm.log.format import encode_frame
+from fedsm.log.read import Record, scan
+from fedsm.log.writer import EventLog
 from fedsm.repository import LocalRepository, RepositoryServer
 
 NODES, ROUNDS = 3, 3

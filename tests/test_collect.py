@@ -6,9 +6,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedsm import lifecycle
-from fedsm.collect import classify, train_request_id
-from fedsm.events import (
+from fedsm.core import lifecycle
+from fedsm.core.collect import classify, train_request_id
+from fedsm.core.events import (
     Aggregated,
     ApprovalChecked,
     JobCreated,
@@ -18,7 +18,7 @@ from fedsm.events import (
     RoundSent,
     TrainingPlanUploaded,
 )
-from fedsm.protocol import ErrorReply, PingReply, TrainReply
+from fedsm.core.messages import ErrorReply, PingReply, TrainReply
 
 JOB = "job-1"
 NODES = ("node-a", "node-b", "node-c")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from broker_fixture import mosquitto  # noqa: F401
 
-from fedsm.demo import DemoConfig, run_demo
+from fedsm.cli.demo.run import DemoConfig, run_demo
 
 ROUNDS = 4
 

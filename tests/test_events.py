@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies_events import any_event, digest, events_of
 
-from fedsm import events as ev
+from fedsm.core import events as ev
+from fedsm.core.eventschema import EventDecodeError
 from fedsm.errors import FedsmError
 
 
@@ -45,7 +46,7 @@ def test_arbitrary_bytes_decode_to_an_event_or_the_typed_error(blob: bytes) -> N
         for name in ev.EVENT_TYPES:
             try:
                 event = ev.decode_event(name, 1, data)
-            except ev.EventDecodeError as exc:
+            except EventDecodeError as exc:
                 assert isinstance(exc, FedsmError)
             else:
                 assert isinstance(event, ev.EVENT_TYPES[name])
@@ -56,23 +57,23 @@ def test_a_mangled_field_is_refused_naming_it(event: ev.Event, key: str, junk: A
     data = ev.encode_event(event)["data"]
     name = sorted(data)[len(key) % len(data)]
     mangled = {**data, name: [junk, {"x": junk}]}
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event(event.type_name, event.version, mangled)
     assert info.value.field is not None and info.value.field.startswith(name)
 
 
 def test_unknown_type_missing_and_extra_fields_name_the_problem() -> None:
     data = ev.encode_event(ev.JobFailed(round=1, reason="x"))["data"]
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("os.system", 1, data)
     assert info.value.field == "type"
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("JobFailed", 1, {"round": 1})
     assert info.value.field == "reason"
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("JobFailed", 1, {**data, "extra": 1})
     assert info.value.field == "extra"
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("JobFailed", 2, data)
     assert info.value.field == "v" and "newer" in str(info.value)
 
@@ -82,23 +83,23 @@ def test_unknown_type_missing_and_extra_fields_name_the_problem() -> None:
     ["A" * 64, "a" * 63, "g" * 64, "a" * 64 + "\n", 5, None],
 )
 def test_digests_must_be_64_lowercase_hex(bad: Any) -> None:
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.ParamsUploaded(round=0, url="u", sha256=bad)
     assert info.value.field == "sha256"
     data = {"round": 0, "url": "u", "sha256": bad}
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("ParamsUploaded", 1, data)
     assert info.value.field == "sha256"
 
 
 def test_construction_validates_like_decoding() -> None:
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.ReplyReceived(1, "n", "r", "u", digest("x"), -1, {}, {})
     assert info.value.field == "sample_size"
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.Aggregated(1, "u", digest("x"), ("a",), {"a": float("nan")}, "fedavg")
     assert info.value.field == "weights.a"
-    with pytest.raises(ev.EventDecodeError, match="statuses"):
+    with pytest.raises(EventDecodeError, match="statuses"):
         ev.ApprovalChecked(digest("p"), {"n": "maybe"}, {"n": True})
 
 
@@ -151,7 +152,7 @@ def test_older_schema_versions_are_upcast_in_a_loop() -> None:
     assert ev.decode_event("_Renamed", 2, v2, registry=registry).code == 7
     assert v1 == {"round": 4, "why": "disk full"}, "upcasting must not modify the input"
     # The closed registry does not know the test's class: no class is resolved by name.
-    with pytest.raises(ev.EventDecodeError):
+    with pytest.raises(EventDecodeError):
         ev.decode_event("_Renamed", 1, v1)
 
 
@@ -186,6 +187,6 @@ def test_a_version_1_reply_is_upcast_with_no_plan_digest() -> None:
     old = ev.decode_event("ReplyReceived", 1, v1_data)
     assert old.training_plan_sha256 is None
     assert dataclasses.replace(old, training_plan_sha256=digest("plan")) == v2
-    with pytest.raises(ev.EventDecodeError) as info:
+    with pytest.raises(EventDecodeError) as info:
         ev.decode_event("ReplyReceived", 2, v1_data)  # a v2 record must carry the field
     assert info.value.field == "training_plan_sha256"

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from test_protocol_stateful import NODES, ScriptedNode, lifecycle_approval
 
-from fedsm.aggregation import FedAvg
-from fedsm.job import Job
-from fedsm.log import scan
-from fedsm.protocol import ErrorNumber, TrainReply
+from fedsm.core.messages import TrainReply
+from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
-from fedsm.requests import FederatedDataSet, Requests
+from fedsm.researcher.job import Job
+from fedsm.researcher.requests import FederatedDataSet, Requests
+from fedsm.strategies.fedavg import FedAvg
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.params import load_params, save_params
 from fedsm.transport import MemoryBroker, MemoryBus

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsm.demo import DemoConfig, run_demo
-from fedsm.log import EventLog
+from fedsm.cli.demo.run import DemoConfig, run_demo
+from fedsm.log.writer import EventLog
 
 HERE = Path(__file__).parent
 ROUNDS, NODES = 3, 3

@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from job_world import TRAINING_ARGS, SilentNode, make_world
 
-from fedsm import lifecycle
-from fedsm.experiment import Experiment
-from fedsm.job import Job
-from fedsm.job_errors import JobError, JobFailedError, TrainingPlanNotApproved
-from fedsm.log import scan
-from fedsm.protocol import ErrorNumber
-from fedsm.requests import FederatedDataSet, Requests
+from fedsm.core import lifecycle
+from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.log.read import scan
+from fedsm.researcher.errors import JobError, JobFailedError, TrainingPlanNotApproved
+from fedsm.researcher.experiment import Experiment
+from fedsm.researcher.job import Job
+from fedsm.researcher.requests import FederatedDataSet, Requests
 from fedsm.transport import Faults, MemoryBus
 
 

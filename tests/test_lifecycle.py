@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from strategies_events import any_event, digest, job_run
 
-from fedsm import events as ev
-from fedsm import lifecycle as lc
-from fedsm.log import EventLog
+from fedsm.core import events as ev
+from fedsm.core import lifecycle as lc
+from fedsm.log.writer import EventLog
 
 
 def _until(events: list[ev.Event], type_name: str, nth: int = 1) -> tuple[lc.JobState, int]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from strategies_events import job_run
 
-from fedsm import events as ev
-from fedsm.log import (
-    EventLog,
+from fedsm.core import events as ev
+from fedsm.log.format import HEADER_SIZE
+from fedsm.log.read import (
     LogCorrupted,
     LogError,
     LogFormatError,
@@ -22,7 +22,7 @@ from fedsm.log import (
     scan,
     verify,
 )
-from fedsm.logformat import HEADER_SIZE
+from fedsm.log.writer import EventLog
 
 EVENTS = job_run(rounds=1, nodes=3)  # 9 events of 150-450 bytes
 
@@ -175,7 +175,7 @@ def test_a_recomputed_checksum_does_not_hide_an_edit(tmp_path: Path) -> None:
     """Rewriting a record with a valid frame still breaks the hash chain of the next one."""
     import msgpack
 
-    from fedsm.logformat import encode_frame
+    from fedsm.log.format import encode_frame
 
     path = tmp_path / "job.log"
     data, offsets = _middle(path)
@@ -304,8 +304,8 @@ def test_frames_are_exactly_msgpack_of_the_documented_record_map(tmp_path: Path)
     the documented map {seq, type, v, ts, prev, data} gives, and the reader must agree."""
     import msgpack
 
-    from fedsm.events import encode_event
-    from fedsm.logformat import FrameEncoder, encode_frame
+    from fedsm.core.events import encode_event
+    from fedsm.log.format import FrameEncoder, encode_frame
 
     encoder = FrameEncoder()
     prev = bytes(range(32))

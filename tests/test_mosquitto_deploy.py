@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from broker_fixture import ensure_mosquitto, start_mosquitto
 
-from fedsm.protocol import BROADCAST, Message, PingReply, PingRequest, encode
+from fedsm.core.messages import BROADCAST, Message, PingReply, PingRequest
+from fedsm.core.protocol import encode
 from fedsm.transport import MqttBus, TlsOptions, TransportError, parse_broker_url
 from fedsm.transport.mosquitto import free_port
 

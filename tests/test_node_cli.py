@@ -16,8 +16,9 @@ import uuid
 import pytest
 from plans import plan_bytes, sha256, write_csv
 
-from fedsm.node.registry import DB_FILE, ApprovalRegistry, NodeDatabase
-from fedsm.protocol import PingReply, PingRequest
+from fedsm.core.messages import PingReply, PingRequest
+from fedsm.node.database import DB_FILE, NodeDatabase
+from fedsm.node.registry import ApprovalRegistry
 
 TIMEOUT_S = 120
 

@@ -19,12 +19,7 @@ from plans import (
     write_csv,
 )
 
-from fedsm.node.executor import InProcessTrainingExecutor
-from fedsm.node.node import Node
-from fedsm.node.settings import NodeSettings, init_node_dir
-from fedsm.node.simulate import register_csv_dataset
-from fedsm.protocol import (
-    ErrorNumber,
+from fedsm.core.messages import (
     ErrorReply,
     ListReply,
     ListRequest,
@@ -35,8 +30,13 @@ from fedsm.protocol import (
     TrainingPlanStatusReply,
     TrainingPlanStatusRequest,
     TrainReply,
-    encode,
 )
+from fedsm.core.protocol import encode
+from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.node.executor import InProcessTrainingExecutor
+from fedsm.node.node import Node
+from fedsm.node.settings import NodeSettings, init_node_dir
+from fedsm.node.simulate import register_csv_dataset
 from fedsm.repository import LocalRepository
 from fedsm.training.params import file_sha256
 from fedsm.transport import MemoryBroker, MemoryBus

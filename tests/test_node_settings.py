@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from plans import Researcher, head, initial_params, plan_bytes, train_request, write_csv
 
+from fedsm.core.messages import BROADCAST, PingRequest, SearchReply, SearchRequest, TrainReply
 from fedsm.errors import ConfigurationError
+from fedsm.node.database import DB_FILE, NodeDatabase
 from fedsm.node.errors import NodeNotInitialised, PlanNotRegistered
-from fedsm.node.registry import DB_FILE, ApprovalRegistry, DatasetRegistry, NodeDatabase
+from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
 from fedsm.node.settings import SETTINGS_FILE, init_node_dir, load_settings
 from fedsm.node.simulate import start_memory_nodes
-from fedsm.protocol import BROADCAST, PingRequest, SearchReply, SearchRequest, TrainReply
 from fedsm.repository import LocalRepository
 from fedsm.transport import MemoryBroker
 

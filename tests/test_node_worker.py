@@ -9,12 +9,13 @@ import os
 import pytest
 from plans import Researcher, head, initial_params, plan_bytes, train_request, write_csv
 
+from fedsm.core.messages import ErrorReply, PingReply, PingRequest, TrainReply
+from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.node.executor import InProcessTrainingExecutor, TrainingTask
 from fedsm.node.node import Node
 from fedsm.node.process_executor import ProcessTrainingExecutor
 from fedsm.node.settings import init_node_dir
 from fedsm.node.simulate import register_csv_dataset
-from fedsm.protocol import ErrorNumber, ErrorReply, PingReply, PingRequest, TrainReply
 from fedsm.repository import LocalRepository
 from fedsm.transport import MemoryBroker, MemoryBus
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PARENT = """
 import sys, time
-from fedsm.procs import Child
+from fedsm.cli.procs import Child
 child = Child(["repo", "serve", "--root", sys.argv[1], "--port", "0"], name="repo")
 child.wait_for_line("repository=", 60)
 print(child.proc.pid, flush=True)

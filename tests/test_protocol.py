@@ -9,7 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedsm import protocol as p
+from fedsm.core.messages import (
+    BROADCAST,
+    MESSAGE_TYPES,
+    ErrorReply,
+    ListReply,
+    Message,
+    PingReply,
+    PingRequest,
+    TrainingPlanStatusReply,
+    TrainReply,
+)
+from fedsm.core.protocol import decode, encode
+from fedsm.core.protocol_errors import ErrorNumber, MessageDecodeError, MessageTooLarge
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}\Z")
 hexes = st.from_regex(r"\A[0-9a-f]{64}\Z")
@@ -39,95 +51,95 @@ KIND_STRATEGIES = {
 }
 
 
-def message_strategy(cls: type[p.Message]) -> st.SearchStrategy[p.Message]:
+def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
     fields = {}
     for f in dataclasses.fields(cls):
         kind = f.metadata["kind"]
         strategy = KIND_STRATEGIES.get(kind, ids)
         if f.name == "node_id":
-            strategy = (ids | st.just(p.BROADCAST)) if cls.is_request else ids
+            strategy = (ids | st.just(BROADCAST)) if cls.is_request else ids
         if f.name == "status":
-            strategy = st.sampled_from(sorted(p.TrainingPlanStatusReply.STATUSES))
+            strategy = st.sampled_from(sorted(TrainingPlanStatusReply.STATUSES))
         fields[f.name] = strategy
     return st.builds(cls, **fields)
 
 
-any_message = st.one_of([message_strategy(cls) for cls in p.MESSAGE_TYPES.values()])
+any_message = st.one_of([message_strategy(cls) for cls in MESSAGE_TYPES.values()])
 
 
 @given(any_message)
-def test_every_message_round_trips(message: p.Message) -> None:
-    assert p.decode(p.encode(message)) == message
+def test_every_message_round_trips(message: Message) -> None:
+    assert decode(encode(message)) == message
 
 
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_decode_to_a_message_or_the_typed_error(data: bytes) -> None:
     try:
-        message = p.decode(data)
-    except p.MessageDecodeError:
+        message = decode(data)
+    except MessageDecodeError:
         return
-    assert isinstance(message, p.Message)
+    assert isinstance(message, Message)
 
 
 @given(any_message, st.data())
-def test_a_mutated_field_is_refused_with_its_name(message: p.Message, data) -> None:
-    body = msgpack.unpackb(p.encode(message))
+def test_a_mutated_field_is_refused_with_its_name(message: Message, data) -> None:
+    body = msgpack.unpackb(encode(message))
     name = data.draw(st.sampled_from(sorted(k for k in body if k not in ("command",))))
     body[name] = [1] if name != "protocol_version" else "9"
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.decode(msgpack.packb(body))
+    with pytest.raises(MessageDecodeError) as info:
+        decode(msgpack.packb(body))
     assert (info.value.field or "").startswith(name)
 
 
 def test_unknown_command_and_unknown_field_are_named() -> None:
-    ping = p.PingRequest(request_id="r", researcher_id="res", node_id="n", deadline=1.0)
-    body = msgpack.unpackb(p.encode(ping))
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.decode(msgpack.packb({**body, "command": "os.system"}))
+    ping = PingRequest(request_id="r", researcher_id="res", node_id="n", deadline=1.0)
+    body = msgpack.unpackb(encode(ping))
+    with pytest.raises(MessageDecodeError) as info:
+        decode(msgpack.packb({**body, "command": "os.system"}))
     assert info.value.field == "command"
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.decode(msgpack.packb({**body, "extra": 1}))
+    with pytest.raises(MessageDecodeError) as info:
+        decode(msgpack.packb({**body, "extra": 1}))
     assert info.value.field == "extra"
     missing = dict(body)
     del missing["request_id"]
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.decode(msgpack.packb(missing))
+    with pytest.raises(MessageDecodeError) as info:
+        decode(msgpack.packb(missing))
     assert info.value.field == "request_id"
 
 
 def test_oversized_message_is_refused_before_it_leaves() -> None:
-    big = p.ListReply(
+    big = ListReply(
         request_id="r", researcher_id="res", node_id="n", datasets=({"blob": "x" * 60_000},) * 5
     )
-    with pytest.raises(p.MessageTooLarge):
-        p.encode(big)
-    small_limit = p.encode(p.PingReply(request_id="r", researcher_id="res", node_id="n"))
-    with pytest.raises(p.MessageDecodeError):
-        p.decode(small_limit, max_bytes=len(small_limit) - 1)
+    with pytest.raises(MessageTooLarge):
+        encode(big)
+    small_limit = encode(PingReply(request_id="r", researcher_id="res", node_id="n"))
+    with pytest.raises(MessageDecodeError):
+        decode(small_limit, max_bytes=len(small_limit) - 1)
 
 
 def test_a_reply_must_name_its_sender_and_ids_are_checked() -> None:
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.PingReply(request_id="r", researcher_id="res", node_id=p.BROADCAST)
+    with pytest.raises(MessageDecodeError) as info:
+        PingReply(request_id="r", researcher_id="res", node_id=BROADCAST)
     assert info.value.field == "node_id"
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.PingRequest(request_id="../x", researcher_id="res", node_id="n", deadline=0.0)
+    with pytest.raises(MessageDecodeError) as info:
+        PingRequest(request_id="../x", researcher_id="res", node_id="n", deadline=0.0)
     assert info.value.field == "request_id"
 
 
 def test_error_numbers_are_stable_and_explained() -> None:
-    codes = {e.name: e.value for e in p.ErrorNumber}
+    codes = {e.name: e.value for e in ErrorNumber}
     assert codes["PLAN_NOT_APPROVED"] == 300 and codes["TRAINING_TIMED_OUT"] == 501
     assert len(set(codes.values())) == len(codes)
-    for number in p.ErrorNumber:
+    for number in ErrorNumber:
         assert number.meaning and "\n" not in number.meaning
-    reply = p.ErrorReply(request_id="r", researcher_id="res", node_id="n", code=12345, message="?")
+    reply = ErrorReply(request_id="r", researcher_id="res", node_id="n", code=12345, message="?")
     assert reply.error_number is None
 
 
 def test_ids_and_digests_must_match_whole_and_metrics_must_be_finite() -> None:
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.PingReply(request_id="r", researcher_id="res", node_id="node1\n")
+    with pytest.raises(MessageDecodeError) as info:
+        PingReply(request_id="r", researcher_id="res", node_id="node1\n")
     assert info.value.field == "node_id"
     head = dict(
         request_id="r",
@@ -141,10 +153,10 @@ def test_ids_and_digests_must_match_whole_and_metrics_must_be_finite() -> None:
         params_sha256="b" * 64,
         sample_size=3,
     )
-    with pytest.raises(p.MessageDecodeError) as info:
-        p.TrainReply(**{**head, "params_sha256": "b" * 64 + "\n"})
+    with pytest.raises(MessageDecodeError) as info:
+        TrainReply(**{**head, "params_sha256": "b" * 64 + "\n"})
     assert info.value.field == "params_sha256"
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(p.MessageDecodeError) as info:
-            p.TrainReply(**head, metrics={"train_loss": bad})
+        with pytest.raises(MessageDecodeError) as info:
+            TrainReply(**head, metrics={"train_loss": bad})
         assert info.value.field == "metrics.train_loss"

@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fedsm import lifecycle
-from fedsm.job import Job
-from fedsm.job_errors import JobFailedError
-from fedsm.log import scan
-from fedsm.protocol import ErrorReply, Message, TrainReply, TrainRequest
+from fedsm.core import lifecycle
+from fedsm.core.messages import ErrorReply, Message, TrainReply, TrainRequest
+from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
-from fedsm.requests import FederatedDataSet, Requests
+from fedsm.researcher.errors import JobFailedError
+from fedsm.researcher.job import Job
+from fedsm.researcher.requests import FederatedDataSet, Requests
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.params import load_params, save_params
 from fedsm.transport import MemoryBroker, MemoryBus
@@ -242,7 +242,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
 
 def lifecycle_approval(job: Job):
-    from fedsm.events import ApprovalChecked
+    from fedsm.core.events import ApprovalChecked
 
     sha = job.state.plan_sha256
     return ApprovalChecked(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import fedsm
-from fedsm.datacheck import check_data_quality
-from fedsm.job_errors import DataQualityCheckError
-from fedsm.requests import FederatedDataSet, FederatedDataSetError
+from fedsm.researcher.datacheck import check_data_quality
+from fedsm.researcher.errors import DataQualityCheckError
+from fedsm.researcher.requests import FederatedDataSet, FederatedDataSetError
 
 
 def test_public_names_import_from_the_package() -> None:
@@ -24,7 +24,10 @@ def test_public_names_import_from_the_package() -> None:
     )
 
     assert localJob is LocalJob
-    assert Job.__module__ == "fedsm.job" and Experiment.__module__ == "fedsm.experiment"
+    assert (
+        Job.__module__ == "fedsm.researcher.job"
+        and Experiment.__module__ == "fedsm.researcher.experiment"
+    )
     with pytest.raises(AttributeError):
         fedsm.NoSuchThing  # noqa: B018
 

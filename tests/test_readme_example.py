@@ -8,8 +8,8 @@ from pathlib import Path
 
 from job_world import make_world
 
-from fedsm.aggregation import FedAvg
-from fedsm.experiment import Experiment
+from fedsm.researcher.experiment import Experiment
+from fedsm.strategies.fedavg import FedAvg
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from strategies_events import job_run
 
-from fedsm.log import EventLog, scan
+from fedsm.log.read import scan
+from fedsm.log.writer import EventLog
 
 EVENTS = job_run(rounds=2, nodes=3)
 

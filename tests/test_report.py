@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fedsm import events as ev
-from fedsm.demo import DemoConfig, run_demo
-from fedsm.log import EventLog, scan
-from fedsm.report import ReportError, report_data, write_report
+from fedsm.audit.report import ReportError, report_data, write_report
+from fedsm.cli.demo.run import DemoConfig, run_demo
+from fedsm.core import events as ev
+from fedsm.log.read import scan
+from fedsm.log.writer import EventLog
 
 NODES, ROUNDS = 3, 3
 

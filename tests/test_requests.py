@@ -8,7 +8,7 @@ from pathlib import Path
 from job_world import SilentNode, make_world
 
 from fedsm.node.simulate import register_csv_dataset
-from fedsm.requests import Requests
+from fedsm.researcher.requests import Requests
 
 
 def test_search_returns_when_every_online_node_answered(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Scale: a real round over 1,000 in-memory nodes, and plan imports that leave nothing behind.
 
-The 1,000-node round goes through :class:`~fedsm.experiment.Experiment` exactly as a
+The 1,000-node round goes through :class:`~fedsm.researcher.experiment.Experiment` exactly as a
 researcher's script would (search, data check, approval check, round, aggregation); its
 aggregate is checked against FedAvg recomputed here from the reply files on disk. The leak
 tests count ``sys.modules`` and ``linecache`` entries around repeated plan imports and
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsm.aggregation import fedavg
 from fedsm.data import breast_cancer_csv
-from fedsm.experiment import Experiment
 from fedsm.node.simulate import start_memory_nodes
 from fedsm.repository import LocalRepository
+from fedsm.researcher.experiment import Experiment
+from fedsm.strategies.fedavg import fedavg
 from fedsm.training.datasets import describe_csv
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.loader import (

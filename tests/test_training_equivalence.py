@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from fedsm.aggregation import FedAvg
+from fedsm.strategies.fedavg import FedAvg
 from fedsm.training.datasets import describe_tensors
 from fedsm.training.params import load_params
 from fedsm.training.runner import initial_params, train_round

@@ -10,16 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fedsm.core.messages import BROADCAST, Message, PingReply, PingRequest, SearchRequest
+from fedsm.core.protocol import MAX_MESSAGE_BYTES
+from fedsm.core.protocol_errors import MessageTooLarge
 from fedsm.errors import DeadlineExceeded
-from fedsm.protocol import (
-    BROADCAST,
-    MAX_MESSAGE_BYTES,
-    Message,
-    MessageTooLarge,
-    PingReply,
-    PingRequest,
-    SearchRequest,
-)
 from fedsm.transport import BusClosed, Faults, MemoryBroker, MemoryBus, TransportError
 
 R = "researcher-1"

@@ -16,16 +16,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from broker_fixture import mosquitto, mosquitto_session, start_mosquitto  # noqa: F401
 
+from fedsm.core.messages import BROADCAST, Message, PingReply, PingRequest, SearchRequest
+from fedsm.core.protocol import encode
+from fedsm.core.protocol_errors import MessageTooLarge
 from fedsm.errors import ConfigurationError
-from fedsm.protocol import (
-    BROADCAST,
-    Message,
-    MessageTooLarge,
-    PingReply,
-    PingRequest,
-    SearchRequest,
-    encode,
-)
 from fedsm.transport import (
     DuplicateClientId,
     MqttBus,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedsm.aggregation import FedAvg, fedavg
+from fedsm.strategies.fedavg import FedAvg, fedavg
 from fedsm.training.params import load_params, save_params
 
 

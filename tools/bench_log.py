@@ -6,7 +6,7 @@ as small as this record format gets for a reply (the 64-character sha256, the 32
 ``prev`` and the field names alone are ~190 bytes), so the issue's "about 200 bytes" is
 approached but not reached. Replay is what restoring a job costs: open the file,
 check every frame and the hash chain, decode every event and fold it through
-``fedsm.lifecycle.apply``.
+``fedsm.core.lifecycle.apply``.
 
 Usage: python tools/bench_log.py [--events N] [--fsync-events N] [--dir DIR]
 
@@ -25,9 +25,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedsm import events as ev
-from fedsm.lifecycle import replay
-from fedsm.log import EventLog, scan
+from fedsm.core import events as ev
+from fedsm.core.lifecycle import replay
+from fedsm.log.read import scan
+from fedsm.log.writer import EventLog
 
 
 def _sha(text: str) -> str:
@@ -139,7 +140,7 @@ def main() -> None:
         counts = len(events), len(slow)
         # Replay runs as restoring a job does, in a process that holds no prepared events:
         # drop them and unfreeze, so the log reader hands its records to the old generation
-        # as it does when nothing else froze objects (see fedsm.logread.gc_paused).
+        # as it does when nothing else froze objects (see fedsm.log.read.gc_paused).
         del events, slow
         gc.unfreeze()
         gc.collect()

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedsm.protocol import Message, PingReply, PingRequest
+from fedsm.core.messages import Message, PingReply, PingRequest
 from fedsm.transport import MemoryBroker, MemoryBus, MqttBus
 from fedsm.transport.mosquitto import dev_config, free_port, start_mosquitto
 

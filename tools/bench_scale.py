@@ -28,9 +28,9 @@ from pathlib import Path
 import psutil
 
 from fedsm.data import breast_cancer_csv
-from fedsm.experiment import Experiment
 from fedsm.node.simulate import start_memory_nodes
 from fedsm.repository import LocalRepository
+from fedsm.researcher.experiment import Experiment
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.transport import MemoryBroker, MemoryBus
 

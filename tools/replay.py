@@ -1,4 +1,4 @@
-"""Replay, inspect or audit a job's event log: the same as ``fedsm replay`` (see fedsm.replay).
+"""Replay, inspect or audit a job's event log: the same as ``fedsm replay`` (fedsm.audit.replay).
 
 Usage: python tools/replay.py LOG [--at SEQ | --round N | --verify [--repo URL_OR_DIR]
        [--token T]] [--json]
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from fedsm.replay import main
+from fedsm.audit.replay import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _open(node_dir: Path) -> tuple[Any, Any]:
     """Settings and database of an initialised node directory."""
-    from fedsm.node.registry import DB_FILE, NodeDatabase
+    from fedsm.node.database import DB_FILE, NodeDatabase
     from fedsm.node.settings import load_settings
 
     settings = load_settings(node_dir)
@@ -110,7 +110,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import DB_FILE, NodeDatabase
+    from fedsm.node.database import DB_FILE, NodeDatabase
     from fedsm.node.settings import init_node_dir
 
     settings = init_node_dir(args.dir, args.node_id)

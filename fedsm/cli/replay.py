@@ -1,12 +1,12 @@
 """``fedsm replay LOG``: a job's timeline, its state at a seq (``--at``), one round in detail
 (``--round``), JSON (``--json``) and the audit of the log and, with ``--repo``, of the run's
-files (``--verify``). The work is done by :mod:`fedsm.replay`."""
+files (``--verify``). The work is done by :mod:`fedsm.audit.replay`."""
 
 from __future__ import annotations
 
 import argparse
 
-from fedsm import replay
+from fedsm.audit import replay
 
 
 def register(sub: argparse._SubParsersAction) -> None:

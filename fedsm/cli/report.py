@@ -1,12 +1,12 @@
 """``fedsm report LOG --out report.html``: training curves, metrics and round timing of a
-run, as a self-contained HTML page or a PNG. The work is done by :mod:`fedsm.report`."""
+run, as a self-contained HTML page or a PNG. The work is done by :mod:`fedsm.audit.report`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fedsm import report
+from fedsm.audit import report
 
 
 def register(sub: argparse._SubParsersAction) -> None:

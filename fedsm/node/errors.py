@@ -1,4 +1,4 @@
-"""Errors of the node, each bound to the :class:`~fedsm.protocol.ErrorNumber` it is reported as.
+"""Node errors, each bound to the :class:`~fedsm.core.protocol_errors.ErrorNumber` sent as.
 
 A request that fails on the node raises a :class:`RequestFailed` subclass carrying the code;
 the node turns it into one ``error`` reply (and one log line) without knowing which step
@@ -7,8 +7,8 @@ failed. Errors of the operator's own commands (CLI) are plain :class:`NodeError`
 
 from __future__ import annotations
 
+from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.errors import FedsmError
-from fedsm.protocol import ErrorNumber
 
 __all__ = [
     "NodeError",

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.node.errors import TrainingFailed
-from fedsm.protocol import ErrorNumber
 
 __all__ = [
     "TrainingTask",

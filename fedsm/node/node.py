@@ -20,21 +20,8 @@ from typing import Any
 
 import msgpack
 
-from fedsm.node.errors import RequestFailed
-from fedsm.node.executor import TrainingExecutor
-from fedsm.node.registry import (
-    DB_FILE,
-    ApprovalRegistry,
-    DatasetRegistry,
-    NodeDatabase,
-    ReplyCache,
-    public_dataset,
-)
-from fedsm.node.round import RoundContext, fetch_plan, run_train_request
-from fedsm.node.settings import NodeSettings, load_settings
-from fedsm.protocol import (
+from fedsm.core.messages import (
     BROADCAST,
-    ErrorNumber,
     ErrorReply,
     ListReply,
     ListRequest,
@@ -48,9 +35,15 @@ from fedsm.protocol import (
     TrainingPlanStatusReply,
     TrainingPlanStatusRequest,
     TrainRequest,
-    decode,
-    encode,
 )
+from fedsm.core.protocol import decode, encode
+from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache
+from fedsm.node.errors import RequestFailed
+from fedsm.node.executor import TrainingExecutor
+from fedsm.node.registry import ApprovalRegistry, DatasetRegistry, public_dataset
+from fedsm.node.round import RoundContext, fetch_plan, run_train_request
+from fedsm.node.settings import NodeSettings, load_settings
 from fedsm.repository.base import Repository
 from fedsm.transport.base import Bus
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.node.errors import TrainingFailed, TrainingTimedOut, WorkerCrashed
 from fedsm.node.executor import (
     TrainingExecutor,
@@ -31,7 +32,6 @@ from fedsm.node.executor import (
     error_code_for,
     run_task,
 )
-from fedsm.protocol import ErrorNumber
 
 __all__ = ["ProcessTrainingExecutor"]
 

@@ -17,20 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsm.errors import ConfigurationError
-from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache, utc_now
+from fedsm.node.database import NodeDatabase, utc_now
 from fedsm.node.errors import DatasetNotRegistered, PlanNotRegistered
 
-__all__ = [
-    "DB_FILE",
-    "PLAN_STATUSES",
-    "NodeDatabase",
-    "DatasetRegistry",
-    "PlanRecord",
-    "ApprovalRegistry",
-    "ReplyCache",
-    "public_dataset",
-    "utc_now",
-]
+__all__ = ["PLAN_STATUSES", "DatasetRegistry", "PlanRecord", "ApprovalRegistry", "public_dataset"]
 
 PLAN_STATUSES = ("approved", "rejected", "pending")
 _DATA_TYPES = ("csv", "tensors")

@@ -17,11 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
+from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequest
+from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.node.errors import DatasetNotRegistered, RequestFailed
 from fedsm.node.executor import TrainingExecutor, TrainingTask
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
 from fedsm.node.settings import NodeSettings
-from fedsm.protocol import ErrorNumber, TrainingPlanStatusRequest, TrainReply, TrainRequest
 from fedsm.repository.base import (
     DigestMismatch,
     FileNotInRepository,

@@ -35,19 +35,17 @@ import torch
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
 from fedsm.training.datasets import load_dataset
-from fedsm.training.loader import PlanImportError, load_plan_class, loaded_plan_class
+from fedsm.training.loader import loaded_plan_class
 from fedsm.training.loaders import DataManager
 from fedsm.training.params import load_params, save_params
 from fedsm.training.plan import PlanError, TorchTrainingPlan, TrainingError
 
 __all__ = [
-    "PlanImportError",
     "RoundResult",
     "deterministic",
     "evaluate",
     "evaluate_plan",
     "initial_params",
-    "load_plan_class",
     "make_plan",
     "train_plan",
     "train_round",

@@ -12,7 +12,8 @@ from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
 from fedsm.transport.faults import Faults
 from fedsm.transport.memory import MemoryBroker, MemoryBus
 from fedsm.transport.mosquitto import MosquittoNotFound, MosquittoProcess, start_mosquitto
-from fedsm.transport.mqtt import DuplicateClientId, MqttBus
+from fedsm.transport.mqtt import MqttBus
+from fedsm.transport.mqtt_session import DuplicateClientId
 from fedsm.transport.topics import TlsOptions, Topics, parse_broker_url
 
 __all__ = [

@@ -7,7 +7,7 @@ Semantics every implementation gives (and the Job and Node rely on):
 * no ordering guarantee between different senders;
 * handlers run on the transport's delivery thread and must return quickly (hand work to a
   queue or an executor; never train inside a handler);
-* messages are :mod:`fedsm.protocol` objects; bytes that do not decode are logged and dropped,
+* messages are :mod:`fedsm.core.protocol` objects; bytes that do not decode are logged and dropped,
   never delivered and never fatal;
 * a reply is delivered only to the researcher named in it, and a transport checks that the
   sender of a reply is the node the reply says it comes from where it can.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+from fedsm.core.messages import Message, Reply, Request
 from fedsm.errors import FedsmError
-from fedsm.protocol import Message, Reply, Request
 
 __all__ = ["Bus", "Handler", "TransportError", "BusClosed"]
 

@@ -19,8 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from fedsm.core.messages import BROADCAST, Message, Reply, Request
 from fedsm.errors import DeadlineExceeded
-from fedsm.protocol import BROADCAST, Message, Reply, Request
 from fedsm.transport.base import Handler, TransportError
 
 __all__ = [

@@ -22,16 +22,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from fedsm.protocol import (
-    BROADCAST,
-    MAX_MESSAGE_BYTES,
-    Message,
-    MessageDecodeError,
-    Reply,
-    Request,
-    decode,
-    encode,
-)
+from fedsm.core.messages import BROADCAST, Message, Reply, Request
+from fedsm.core.protocol import MAX_MESSAGE_BYTES, decode, encode
+from fedsm.core.protocol_errors import MessageDecodeError
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
 from fedsm.transport.delivery import (
     HandlerSet,

@@ -26,15 +26,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedsm.core.messages import BROADCAST, Reply, Request
+from fedsm.core.protocol import MAX_MESSAGE_BYTES, encode
+from fedsm.core.protocol_errors import MessageTooLarge
 from fedsm.errors import ConfigurationError
-from fedsm.protocol import (
-    BROADCAST,
-    MAX_MESSAGE_BYTES,
-    MessageTooLarge,
-    Reply,
-    Request,
-    encode,
-)
 from fedsm.transport.base import Bus, BusClosed, Handler, TransportError
 from fedsm.transport.delivery import (
     HandlerSet,
@@ -44,7 +39,7 @@ from fedsm.transport.delivery import (
     check_request,
 )
 from fedsm.transport.mqtt_inbound import FlapDetector, Inbound
-from fedsm.transport.mqtt_session import DuplicateClientId, SessionCallbacks, make_client
+from fedsm.transport.mqtt_session import SessionCallbacks, make_client
 from fedsm.transport.topics import (
     NODE,
     RESEARCHER,
@@ -52,11 +47,10 @@ from fedsm.transport.topics import (
     TlsOptions,
     Topics,
     check_participant,
-    parse_broker_url,
 )
 
 # DuplicateClientId, TlsOptions and parse_broker_url are re-exported: long-standing import paths.
-__all__ = ["MqttBus", "DuplicateClientId", "TlsOptions", "parse_broker_url"]
+__all__ = ["MqttBus"]
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ payload)`` on its queue (never block paho's network thread); the dispatch thread
 checks that the message belongs on the topic it came on, and calls the handlers. What fails a
 check is logged and dropped:
 
-* bytes that do not decode (:class:`~fedsm.protocol.MessageDecodeError`);
+* bytes that do not decode (:class:`~fedsm.core.protocol.MessageDecodeError`);
 * a request on a node's topic addressed to another node, or a reply on a request topic;
 * a reply whose ``node_id`` is not the topic's node segment (the segment is what the broker's
   ACL vouches for) or whose ``researcher_id`` is not this researcher.
@@ -22,7 +22,9 @@ import threading
 from collections import deque
 from typing import Any
 
-from fedsm.protocol import BROADCAST, Message, MessageDecodeError, Reply, Request, decode
+from fedsm.core.messages import BROADCAST, Message, Reply, Request
+from fedsm.core.protocol import decode
+from fedsm.core.protocol_errors import MessageDecodeError
 from fedsm.transport.delivery import HandlerSet, NodeLiveness
 from fedsm.transport.topics import NODE, RESEARCHER, STATUS_OFFLINE, STATUS_ONLINE, Topics
 

@@ -40,7 +40,7 @@ ROLES = (RESEARCHER, NODE)
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
-# Same syntax as fedsm.protocol ids: safe as one MQTT topic level (no "/", "+", "#").
+# Same syntax as fedsm.core.protocol ids: safe as one MQTT topic level (no "/", "+", "#").
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*$")
 

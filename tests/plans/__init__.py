@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fedsm.protocol import Reply, Request, TrainRequest
+from fedsm.core.messages import Reply, Request, TrainRequest
 from fedsm.repository import LocalRepository
 from fedsm.transport import MemoryBroker, MemoryBus
 

@@ -1,0 +1,2 @@
+"""Audit tools: replay, verify and report a run from its log alone. They never write to what
+they read."""

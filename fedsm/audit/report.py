@@ -1,0 +1,281 @@
+"""``fedsm report``: a run's training curves, metrics and round timing, from its log alone.
+
+:func:`report_data` turns the log's records into plain per-round data (via
+:mod:`fedsm.audit.roundfacts`); :func:`render_png` plots it with matplotlib (the Agg backend, no
+display, no pyplot global state); :func:`write_report` writes either the PNG or a single
+HTML file that embeds the PNG as base64 (it opens without a network) and the data as
+``<script type="application/json" id="fedsm-data">`` so scripts and tests can read the
+points back.
+
+The figure has three panels: training loss per node and the sample-weighted aggregate;
+validation metrics (``val_*`` after local training, ``global_val_*`` of the global model
+before it) the same way; and each node's round time split into training, transfer and
+waiting (see :mod:`fedsm.audit.roundfacts`). Failed nodes and timed-out rounds are marked.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsm.audit.roundfacts import round_facts
+from fedsm.core import events as ev
+from fedsm.errors import FedsmError
+from fedsm.log.read import Record, scan
+
+__all__ = ["ReportError", "render_png", "report_data", "write_report"]
+
+#: Metric names plotted in the validation panel start with one of these.
+VALIDATION_PREFIXES = ("val_", "global_val_")
+_TIMING_PARTS = (
+    ("training_s", "training", "#4c72b0"),
+    ("transfer_s", "transfer", "#dd8452"),
+    ("waiting_s", "waiting", "#c8c8c8"),
+)
+
+
+class ReportError(FedsmError):
+    """A report that can't be written (e.g. an output suffix other than .html or .png)."""
+
+
+def report_data(records: Sequence[Record]) -> dict[str, Any]:
+    """Everything the report shows, as JSON-ready data.
+
+    ``points``: one ``{round, node, metric, value}`` per metric of each counted reply;
+    ``aggregated``: ``{round, metric, value}``, sample-weighted over the round's replies;
+    ``timing``: ``{round, node, training_s, transfer_s, waiting_s, after_s}`` per reply;
+    ``failures`` / ``timeouts``: the nodes that failed or did not answer, per round;
+    ``rounds``: the full :class:`~fedsm.audit.roundfacts.RoundFacts` of each round.
+    """
+    created: Any = next((r.event for r in records if isinstance(r.event, ev.JobCreated)), None)
+    final = next((r.event for r in records if isinstance(r.event, ev.JobCompleted)), None)
+    status = "completed" if final is not None else "unfinished"
+    for r in records:
+        if isinstance(r.event, (ev.JobFailed, ev.JobCancelled)):
+            status = f"{type(r.event).__name__}: {r.event.reason}"
+    rounds = round_facts(records)
+    points, aggregated, timing, failures, timeouts = [], [], [], [], []
+    for facts in rounds:
+        for node in sorted(facts.replies):
+            reply = facts.replies[node]
+            for metric, value in sorted(reply.metrics.items()):
+                points.append(
+                    {"round": facts.round, "node": node, "metric": metric, "value": value}
+                )
+            timing.append(
+                {
+                    "round": facts.round,
+                    "node": node,
+                    "after_s": reply.after_s,
+                    "training_s": reply.training_s,
+                    "transfer_s": reply.transfer_s,
+                    "waiting_s": reply.waiting_s,
+                }
+            )
+        for metric, value in facts.aggregated_metrics().items():
+            aggregated.append({"round": facts.round, "metric": metric, "value": value})
+        for failure in facts.failures:
+            failures.append({"round": facts.round, **failure})
+        if facts.timed_out:
+            timeouts.append({"round": facts.round, **facts.timed_out})
+    return {
+        "job_id": created.job_id if created else None,
+        "nodes": list(created.nodes) if created else [],
+        "round_limit": created.round_limit if created else None,
+        "status": status,
+        "final_params_sha256": final.params_sha256 if final is not None else None,
+        "points": points,
+        "aggregated": aggregated,
+        "timing": timing,
+        "failures": failures,
+        "timeouts": timeouts,
+        "rounds": [facts.to_dict() for facts in rounds],
+    }
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def _metric_panel(ax: Any, data: dict[str, Any], names: Sequence[str], title: str) -> None:
+    nodes = data["nodes"]
+    if not names:
+        ax.text(
+            0.5,
+            0.5,
+            "no such metrics in this run (training_args test_ratio = 0?)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="#666666",
+        )
+    for i, name in enumerate(names):
+        style = ["-", "--", ":", "-."][i % 4]
+        for j, node in enumerate(nodes):
+            pts = [
+                (p["round"], p["value"])
+                for p in data["points"]
+                if p["node"] == node and p["metric"] == name
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    linestyle="none",
+                    color=f"C{j % 10}",
+                    alpha=0.7,
+                    label=f"{node} {name}" if len(names) > 1 else node,
+                )
+        agg = [(a["round"], a["value"]) for a in data["aggregated"] if a["metric"] == name]
+        if agg:
+            xs, ys = zip(*agg, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                color="black",
+                linestyle=style,
+                linewidth=2,
+                label=f"aggregated {name}" if len(names) > 1 else "aggregated (weighted)",
+            )
+    _mark_problems(ax, data)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", ncol=2)
+
+
+def _mark_problems(ax: Any, data: dict[str, Any]) -> None:
+    """A red x per failed node and an orange band per timed-out round, at the panel's top."""
+    transform = ax.get_xaxis_transform()  # x in data, y in axes fractions
+    for i, failure in enumerate(data["failures"]):
+        ax.plot(
+            failure["round"],
+            0.95,
+            marker="x",
+            color="red",
+            markersize=9,
+            transform=transform,
+            linestyle="none",
+            label="node failed" if i == 0 else None,
+        )
+    for i, timeout in enumerate(data["timeouts"]):
+        ax.axvspan(
+            timeout["round"] - 0.4,
+            timeout["round"] + 0.4,
+            color="orange",
+            alpha=0.15,
+            label="round timed out" if i == 0 else None,
+        )
+
+
+def _timing_panel(ax: Any, data: dict[str, Any]) -> None:
+    nodes = data["nodes"] or sorted({t["node"] for t in data["timing"]})
+    width = 0.8 / max(1, len(nodes))
+    for key, label, color in _TIMING_PARTS:
+        xs, heights, bottoms = [], [], []
+        for t in data["timing"]:
+            index = nodes.index(t["node"]) if t["node"] in nodes else 0
+            xs.append(t["round"] - 0.4 + width * (index + 0.5))
+            before = [k for k, _, _ in _TIMING_PARTS[: [p[0] for p in _TIMING_PARTS].index(key)]]
+            bottoms.append(sum(t[k] for k in before))
+            heights.append(t[key])
+        ax.bar(xs, heights, width * 0.9, bottom=bottoms, color=color, label=label)
+    _mark_problems(ax, data)
+    ax.set_title("time per node and round (bars: nodes in order " + ", ".join(nodes) + ")")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize="small")
+
+
+def render_png(data: dict[str, Any], *, dpi: int = 100) -> bytes:
+    """The report's figure as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = sorted({p["metric"] for p in data["points"]})
+    validation = [m for m in metrics if m.startswith(VALIDATION_PREFIXES)]
+    fig = Figure(figsize=(10, 12), dpi=dpi)
+    FigureCanvasAgg(fig)
+    loss, val, timing = fig.subplots(3, 1)
+    _metric_panel(loss, data, [m for m in ("train_loss",) if m in metrics], "training loss")
+    _metric_panel(val, data, validation, "validation metrics")
+    _timing_panel(timing, data)
+    last = max((r["round"] for r in data["rounds"]), default=1)
+    for ax in (loss, val, timing):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)
+    fig.suptitle(f"job {data['job_id']} ({data['status']})")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
+    rows = []
+    for r in data["rounds"]:
+        agg = r["aggregate"]
+        failed = ", ".join(f["node"] for f in r["failures"]) or "-"
+        missing = ", ".join(r["timed_out"]["missing"]) if r["timed_out"] else "-"
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    r["round"],
+                    len(r["asked"]),
+                    len(r["replies"]),
+                    failed,
+                    missing,
+                    " ".join(f"{k}={v:.4g}" for k, v in r["aggregated_metrics"].items()),
+                    agg["params_sha256"][:16] if agg else "not aggregated",
+                )
+            )
+            + "</tr>"
+        )
+    # "</" can't appear inside a <script> element; JSON allows "<\/" for it.
+    blob = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    title = html.escape(f"fedsm report: job {data['job_id']}")
+    image = base64.b64encode(png).decode("ascii")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
+table{{border-collapse:collapse}}img{{max-width:100%}}</style></head>
+<body><h1>{title}</h1>
+<p>log <code>{html.escape(str(log))}</code>, status {html.escape(data["status"])},
+final parameters <code>{html.escape(str(data["final_params_sha256"]))}</code>.
+Check it with <code>fedsm replay LOG --verify --repo DIR</code>.</p>
+<table><tr><th>round</th><th>asked</th><th>replied</th><th>failed</th><th>timed out</th>
+<th>sample-weighted metrics</th><th>aggregate</th></tr>
+{chr(10).join(rows)}
+</table>
+<p><img alt="training curves and timing" src="data:image/png;base64,{image}"></p>
+<script type="application/json" id="fedsm-data">{blob}</script>
+</body></html>
+"""
+
+
+def write_report(log: str | Path, out: str | Path) -> Path:
+    """Write the report of the job log ``log`` to ``out`` (``.html`` or ``.png``)."""
+    log, out = Path(log), Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".html", ".htm", ".png"):
+        raise ReportError(f"{out}: the report is written as .html or .png, not {suffix!r}")
+    data = report_data(scan(log).records)
+    png = render_png(data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        out.write_bytes(png)
+    else:
+        out.write_text(_html(data, png, log), encoding="utf-8")
+    return out

@@ -1,0 +1,103 @@
+"""Which node messages count for a round: a pure rule from (job state, message) to an event.
+
+Pure core, like the lifecycle: no I/O. The Job feeds every message it takes from the bus
+through :func:`classify`; what comes back is either the event to record or the reason the
+message is ignored. Late replies (an earlier round), duplicates, replies from nodes outside
+the round, replies for another job or request, and replies from nodes that already answered
+are all ignored here, so no reply is ever counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from fedsm.core.events import NodeFailed, ReplyReceived
+from fedsm.core.eventschema import EventDecodeError
+from fedsm.core.jobstate import JobState
+from fedsm.core.messages import ErrorReply, Message, TrainReply
+from fedsm.core.protocol_errors import ErrorNumber
+
+__all__ = ["Verdict", "classify", "train_request_id"]
+
+
+def train_request_id(job_id: str, round_number: int, node_id: str) -> str:
+    """The request id of a train request: a function of (job, round, node) only.
+
+    Deterministic so that a request published just before a crash, and not yet recorded,
+    is re-sent under the same id after a restore: the node answers it from its reply cache
+    instead of training twice.
+    """
+    digest = hashlib.sha256(f"{job_id}\x00{round_number}\x00{node_id}".encode()).hexdigest()
+    return f"train-{digest[:32]}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``event`` to record, or ``None`` and the ``reason`` the message was ignored."""
+
+    event: ReplyReceived | NodeFailed | None
+    reason: str = ""
+
+
+def classify(state: JobState, message: Message) -> Verdict:
+    """Decide what a message taken from the bus means for the current round of ``state``."""
+    if not isinstance(message, (TrainReply, ErrorReply)):
+        return Verdict(None, f"{message.command} is not a training reply")
+    if state.status not in ("round_sent", "collecting"):
+        return Verdict(None, f"no round is being collected (state {state.status})")
+    if message.job_id != state.job_id:
+        return Verdict(None, f"reply for another job ({message.job_id})")
+    if message.round != state.round:
+        return Verdict(None, f"late or early reply for round {message.round}, now {state.round}")
+    node = message.node_id
+    if node not in state.round_nodes:
+        return Verdict(None, f"{node} is not in round {state.round}")
+    if state.request_ids.get(node) != message.request_id:
+        return Verdict(None, f"{node} answered request {message.request_id}, not ours")
+    if node not in state.pending_nodes():
+        return Verdict(None, f"duplicate reply from {node}")
+    if isinstance(message, ErrorReply):
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=message.code,
+                message=message.message,
+            )
+        )
+    if message.training_plan_sha256 != state.plan_sha256:
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=int(ErrorNumber.PLAN_DIGEST_MISMATCH),
+                message=f"{node} reports it ran plan {message.training_plan_sha256}, not the "
+                f"job's plan {state.plan_sha256}",
+            )
+        )
+    try:
+        event = ReplyReceived(
+            round=state.round,
+            node_id=node,
+            request_id=message.request_id,
+            params_url=message.params_url,
+            params_sha256=message.params_sha256,
+            sample_size=message.sample_size,
+            metrics=dict(message.metrics),
+            timing=dict(message.timing),
+            training_plan_sha256=message.training_plan_sha256,
+        )
+    except EventDecodeError as exc:  # the protocol and the log disagree on what is valid
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=int(ErrorNumber.BAD_REQUEST),
+                message=f"{node}'s reply can not be recorded: {exc}",
+            )
+        )
+    return Verdict(event)

@@ -1,0 +1,331 @@
+"""The event catalogue of a Job and its codec.
+
+Pure core: no files, sockets, clocks or random numbers. Every event is a frozen dataclass
+that records a fact of the run (``RoundSent`` is written after the request was published,
+``ReplyReceived`` after the params file was downloaded and its digest checked). Events carry
+digests and URLs, never tensors.
+
+Constructing an event validates it exactly as decoding would, so an event that could not be
+read back can not be written either. Sequences are tuples and maps plain dicts of JSON-like
+values, so ``decode_event(**encode_event(e)) == e`` for every event built here.
+
+Decoding looks the type name up in the closed registry :data:`EVENT_TYPES` (no class is
+ever resolved from a name on the wire), checks every field's name and type and raises
+:class:`EventDecodeError` naming the field. An event written under an older schema version
+goes through the class's upcasters, ``upcast_v1_v2(data) -> data`` and so on, applied in a
+loop (the eventsourcing library's convention) before it is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fedsm.core.eventschema import EventDecodeError
+from fedsm.core.eventschema import kind_field as _f
+from fedsm.core.eventschema import spec_of as _spec_of
+from fedsm.core.fields import short as _short
+
+__all__ = [
+    "EVENT_TYPES",
+    "Aggregated",
+    "ApprovalChecked",
+    "Event",
+    "JobCancelled",
+    "JobCompleted",
+    "JobCreated",
+    "JobFailed",
+    "NodeFailed",
+    "ParamsUploaded",
+    "ReplyReceived",
+    "RoundResent",
+    "RoundSent",
+    "RoundTimedOut",
+    "TrainingPlanUploaded",
+    "decode_event",
+    "encode_event",
+    "fast_decoders",
+]
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event. Don't instantiate; use a concrete event class.
+
+    ``type_name`` is the name on the wire (the class name); ``version`` the schema version of
+    the class's fields. A class whose schema changes bumps ``version`` and adds a static
+    method ``upcast_v<N>_v<N+1>(data: dict) -> dict`` that turns data of version N into N+1.
+    """
+
+    type_name: ClassVar[str] = "Event"
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+
+    def __post_init__(self) -> None:
+        # Validate exactly as decoding does; store normalised values (lists -> tuples).
+        setter = object.__setattr__
+        for name, check in _spec_of(type(self)):
+            value = getattr(self, name)
+            checked = check(name, value)
+            if checked is not value:
+                setter(self, name, checked)
+
+
+@dataclass(frozen=True)
+class JobCreated(Event):
+    """A job was defined: everything needed to run it again, including the seed."""
+
+    job_id: str = _f("str")
+    researcher_id: str = _f("str")
+    training_plan_class: str = _f("str")
+    training_args: dict[str, Any] = _f("plain_map")
+    model_args: dict[str, Any] = _f("plain_map")
+    seed: int = _f("int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    datasets: dict[str, str] = _f("str_map")
+    round_limit: int = _f("nonneg_int")
+    min_nodes: int = _f("nonneg_int")
+    reply_deadline_s: float = _f("float")
+    aggregator: str = _f("str")
+    aggregator_args: dict[str, Any] = _f("plain_map")
+    tags: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class TrainingPlanUploaded(Event):
+    """The training plan source is in the repository under this URL and digest."""
+
+    url: str = _f("str")
+    sha256: str = _f("sha256")
+    class_name: str = _f("str")
+
+
+@dataclass(frozen=True)
+class ParamsUploaded(Event):
+    """Parameters are in the repository. The initial parameters are round 0."""
+
+    round: int = _f("nonneg_int")
+    url: str = _f("str")
+    sha256: str = _f("sha256")
+
+
+@dataclass(frozen=True)
+class ApprovalChecked(Event):
+    """The nodes answered (or not) whether they approve the training plan of this digest."""
+
+    plan_sha256: str = _f("sha256")
+    statuses: dict[str, str] = _f("status_map")
+    approval_required: dict[str, bool] = _f("bool_map")
+
+
+@dataclass(frozen=True)
+class RoundSent(Event):
+    """Train requests of a round were published to these nodes."""
+
+    round: int = _f("nonneg_int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    request_ids: dict[str, str] = _f("str_map")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    deadline: float = _f("float")
+
+
+@dataclass(frozen=True)
+class RoundResent(Event):
+    """After a restore, the current round's requests were sent again with the same ids."""
+
+    round: int = _f("nonneg_int")
+    nodes: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class ReplyReceived(Event):
+    """A node's reply arrived and its params file was downloaded and its digest checked.
+
+    Version 2 adds ``training_plan_sha256``: the digest of the plan the node says it ran
+    (None in version-1 logs, which did not record it).
+    """
+
+    version: ClassVar[int] = 2
+
+    round: int = _f("nonneg_int")
+    node_id: str = _f("str")
+    request_id: str = _f("str")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    sample_size: int = _f("nonneg_int")
+    metrics: dict[str, float] = _f("float_map")
+    timing: dict[str, float] = _f("float_map")
+    training_plan_sha256: str | None = field(default=None, metadata={"kind": "opt_sha256"})
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 did not record which plan the node ran."""
+        return {**data, "training_plan_sha256": None}
+
+
+@dataclass(frozen=True)
+class NodeFailed(Event):
+    """A node answered the round's request with an error."""
+
+    round: int = _f("nonneg_int")
+    node_id: str = _f("str")
+    request_id: str = _f("str")
+    code: int = _f("int")
+    message: str = _f("text")
+
+
+@dataclass(frozen=True)
+class RoundTimedOut(Event):
+    """The round's deadline passed; these nodes had neither replied nor failed."""
+
+    round: int = _f("nonneg_int")
+    missing: tuple[str, ...] = _f("str_tuple")
+
+
+@dataclass(frozen=True)
+class Aggregated(Event):
+    """The round's replies were aggregated into new global parameters."""
+
+    round: int = _f("nonneg_int")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+    nodes: tuple[str, ...] = _f("str_tuple")
+    weights: dict[str, float] = _f("float_map")
+    aggregator: str = _f("str")
+
+
+@dataclass(frozen=True)
+class JobCompleted(Event):
+    """The job finished; these are its final parameters."""
+
+    round: int = _f("nonneg_int")
+    params_url: str = _f("str")
+    params_sha256: str = _f("sha256")
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    """The job stopped because of an error."""
+
+    round: int = _f("nonneg_int")
+    reason: str = _f("text")
+
+
+@dataclass(frozen=True)
+class JobCancelled(Event):
+    """The job was stopped on purpose."""
+
+    round: int = _f("nonneg_int")
+    reason: str = _f("text")
+
+
+#: The closed registry of event types, by wire name.
+EVENT_TYPES: Mapping[str, type[Event]] = {
+    cls.type_name: cls
+    for cls in (
+        JobCreated,
+        TrainingPlanUploaded,
+        ParamsUploaded,
+        ApprovalChecked,
+        RoundSent,
+        RoundResent,
+        ReplyReceived,
+        NodeFailed,
+        RoundTimedOut,
+        Aggregated,
+        JobCompleted,
+        JobFailed,
+        JobCancelled,
+    )
+}
+for _cls in EVENT_TYPES.values():
+    _spec_of(_cls)
+
+_FAST_DECODERS: Mapping[str, tuple[int, Callable[[dict[str, Any]], Event | None]]] = {
+    name: (cls.version, cls._fast_decode_owned) for name, cls in EVENT_TYPES.items()
+}
+
+
+def fast_decoders() -> Mapping[str, tuple[int, Callable[[dict[str, Any]], Event | None]]]:
+    """Wire name -> ``(current schema version, decoder)`` for readers of many records.
+
+    ``decoder(data)`` checks ``data`` exactly as :func:`decode_event` does for that type at
+    its current version and returns the event, raises :class:`EventDecodeError`, or returns
+    None when the slow path must decide (it then builds the precise error). The decoder may
+    keep ``data`` as the event's storage: pass only a map nobody else holds or changes (one
+    msgpack just unpacked). A log reader
+    looks the type up once per record and skips :func:`decode_event`'s argument checks, which
+    cost as much as the decoding itself; records of older versions go through
+    :func:`decode_event` and its upcasters.
+    """
+    return _FAST_DECODERS
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def encode_event(event: Event) -> dict[str, Any]:
+    """The ``type``, ``v`` and ``data`` parts of a log record's payload for ``event``."""
+    if not isinstance(event, Event) or type(event) is Event:
+        raise TypeError(f"expected an event, got {type(event).__name__}")
+    return {"type": event.type_name, "v": event.version, "data": dict(event.__dict__)}
+
+
+def decode_event(
+    type_name: str,
+    version: int,
+    data: Any,
+    *,
+    registry: Mapping[str, type[Event]] | None = None,
+) -> Event:
+    """Rebuild an event from its wire parts, upcasting older schema versions.
+
+    ``registry`` defaults to :data:`EVENT_TYPES` (tests pass their own to exercise
+    upcasting). Raises :class:`EventDecodeError` naming the field for anything invalid.
+    """
+    types = EVENT_TYPES if registry is None else registry
+    cls = types.get(type_name) if type(type_name) is str else None
+    if cls is None:
+        raise EventDecodeError(f"unknown event type {_short(type_name)}", "type")
+    if type(version) is not int or version < 1:
+        raise EventDecodeError(f"expected a schema version >= 1, got {_short(version)}", "v")
+    if version > cls.version:
+        raise EventDecodeError(
+            f"{type_name} schema version {version} is newer than this fedsm knows "
+            f"({cls.version}); upgrade fedsm to read this log",
+            "v",
+        )
+    if type(data) is not dict:
+        raise EventDecodeError(f"expected a map of fields, got {type(data).__name__}", "data")
+    while version < cls.version:
+        upcast = getattr(cls, f"upcast_v{version}_v{version + 1}", None)
+        if upcast is None:
+            raise EventDecodeError(
+                f"{type_name} has no upcaster from schema version {version}", "v"
+            )
+        data = upcast(dict(data))
+        version += 1
+    spec = _spec_of(cls)
+    event = cls._fast_decode(data)
+    if event is not None:
+        return event
+    if len(data) != len(spec) or not cls._names.issuperset(data):
+        unknown = sorted(str(k) for k in data if k not in cls._names)
+        if unknown:
+            raise EventDecodeError(f"unknown field for {type_name}", unknown[0])
+        missing = sorted(cls._names.difference(data))
+        raise EventDecodeError(f"missing field for {type_name}", missing[0])
+    values = {}
+    for name, check in spec:
+        values[name] = check(name, data[name])
+    # Already validated: bypass __init__ (and its second validation) to keep replay fast.
+    event = object.__new__(cls)
+    object.__setattr__(event, "__dict__", values)
+    return event

@@ -1,0 +1,287 @@
+"""Experiment: search the nodes, check the data and the plan's approval, run the rounds.
+
+The seed's ``Experiment`` wrapped every method so that an error printed a message and called
+``sys.exit``; here errors are typed exceptions (:mod:`fedsm.researcher.errors`) and the run can be
+resumed from its log after any interruption with :meth:`Experiment.resume`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedsm.repository.base import Repository
+from fedsm.researcher.datacheck import check_data_quality
+from fedsm.researcher.errors import JobError, JobFailedError
+from fedsm.researcher.job import Job
+from fedsm.researcher.requests import FederatedDataSet, Requests
+from fedsm.strategies.fedavg import FedAvg
+from fedsm.transport.base import Bus
+
+__all__ = ["Experiment", "RoundSummary"]
+
+log = logging.getLogger(__name__)
+
+
+class RoundSummary(dict):
+    """Per-round figures derived from the log: round, nodes, replies, sample-weighted metrics."""
+
+    def line(self, round_limit: int) -> str:
+        """One line for a terminal or a log."""
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(self["metrics"].items()))
+        return (
+            f"round {self['round']}/{round_limit}: {len(self['nodes'])} replies"
+            + (f", failed {self['failed']}" if self["failed"] else "")
+            + (f", no reply {self['missing']}" if self["missing"] else "")
+            + (f" {metrics}" if metrics else "")
+        )
+
+
+class Experiment:
+    """Runs ``round_limit`` federated rounds of a training plan over the nodes found by ``tags``.
+
+    Parameters
+    ----------
+    tags:
+        Dataset tags to search for (every tag must be carried by a node's dataset).
+    training_plan_class / training_plan_path:
+        A ``TorchTrainingPlan`` subclass, or its class name together with the file holding it.
+    min_nodes:
+        Replies needed for a round to count; default: a majority of the round's nodes.
+    reply_deadline_s:
+        How long a round waits for replies before it carries on without the missing nodes.
+    run_dir:
+        Where the job's log and files live; resume later with :meth:`Experiment.resume`.
+    bus / repository:
+        The researcher's transport and file repository (memory bus and local directory for
+        the embedded default, MQTT and HTTP across machines).
+    require_approval:
+        Refuse to start rounds unless every node that requires approval has approved the
+        plan's exact sha256 (nodes enforce it anyway; this fails early with the fix).
+    """
+
+    def __init__(
+        self,
+        tags: Iterable[str] | None = None,
+        nodes: Iterable[str] | None = None,
+        training_data: FederatedDataSet | None = None,
+        training_plan_class: type | str | None = None,
+        training_plan_path: str | Path | None = None,
+        training_args: Mapping[str, Any] | None = None,
+        model_args: Mapping[str, Any] | None = None,
+        round_limit: int = 1,
+        aggregator: FedAvg | type[FedAvg] | None = None,
+        *,
+        min_nodes: int | None = None,
+        reply_deadline_s: float = 60.0,
+        search_deadline_s: float = 10.0,
+        run_dir: str | Path,
+        bus: Bus,
+        repository: Repository,
+        seed: int = 0,
+        require_approval: bool = True,
+        progress: bool | None = None,
+        on_round: Callable[[RoundSummary], None] | None = None,
+        durability: str = "always",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reqs = Requests(bus, default_deadline_s=search_deadline_s, clock=clock)
+        self._progress = sys.stderr.isatty() if progress is None else progress
+        self._on_round = on_round
+        self._bar: Any = None
+        self.require_approval = require_approval
+        self._job: Job | None = None
+        if training_data is None:
+            if tags is None:
+                raise JobError("give tags to search for, or training_data")
+            training_data = self._reqs.search(list(tags), nodes=nodes)
+            if len(training_data) == 0:
+                offline = self._reqs.offline_nodes(nodes or [])
+                raise JobError(
+                    f"no node has a dataset tagged {list(tags)}"
+                    + (f" (offline: {offline})" if offline else "")
+                )
+        check_data_quality(training_data)
+        self._job = Job(
+            reqs=self._reqs,
+            nodes=nodes,
+            training_plan_class=training_plan_class,
+            training_plan_path=training_plan_path,
+            training_args=training_args,
+            model_args=model_args,
+            data=training_data,
+            run_dir=run_dir,
+            repository=repository,
+            round_limit=round_limit,
+            min_nodes=min_nodes,
+            reply_deadline_s=reply_deadline_s,
+            seed=seed,
+            tags=tags or (),
+            aggregator=aggregator,
+            durability=durability,
+            clock=clock,
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        *,
+        bus: Bus,
+        repository: Repository,
+        require_approval: bool = True,
+        progress: bool | None = None,
+        on_round: Callable[[RoundSummary], None] | None = None,
+        durability: str = "always",
+        clock: Callable[[], float] = time.time,
+    ) -> Experiment:
+        """Rebuild an experiment from ``<run_dir>/job.log`` alone; :meth:`run` carries on."""
+        self = cls.__new__(cls)
+        self._reqs = Requests(bus, clock=clock)
+        self._progress = sys.stderr.isatty() if progress is None else progress
+        self._on_round = on_round
+        self._bar = None
+        self.require_approval = require_approval
+        self._job = Job.restore(
+            run_dir, reqs=self._reqs, repository=repository, durability=durability, clock=clock
+        )
+        return self
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def job(self) -> Job:
+        """The Job this experiment drives."""
+        assert self._job is not None
+        return self._job
+
+    @property
+    def round_current(self) -> int:
+        """The last round started (0 before the first)."""
+        return self.job.state.round
+
+    @property
+    def round_limit(self) -> int:
+        """The number of rounds the job was created for."""
+        return self.job.state.config.round_limit
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job completed, failed or was cancelled."""
+        return self.job.state.status in ("completed", "failed", "cancelled")
+
+    def final_params_path(self) -> Path:
+        """Local file of the current global parameters."""
+        return self.job.params_path(self.job.params_sha256)
+
+    def history(self) -> list[RoundSummary]:
+        """One summary per aggregated round, from the log."""
+        state = self.job.state
+        out = []
+        for rnd, agg in sorted(state.aggregates.items()):
+            replies = state.replies.get(rnd, {})
+            total = sum(r.sample_size for r in replies.values()) or 1
+            metrics: dict[str, float] = {}
+            for reply in replies.values():
+                for key, value in reply.metrics.items():
+                    metrics[key] = metrics.get(key, 0.0) + value * reply.sample_size / total
+            out.append(
+                RoundSummary(
+                    round=rnd,
+                    nodes=list(agg.nodes),
+                    failed=sorted(state.failures.get(rnd, {})),
+                    missing=list(state.timed_out.get(rnd, ())),
+                    params_sha256=agg.params_sha256,
+                    metrics=metrics,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ running
+
+    def check_training_plan_status(self) -> dict[str, str]:
+        """Ask the nodes about the plan's approval (recorded in the log) and return statuses."""
+        statuses = self.job.check_training_plan_is_approved_by_nodes()
+        if self.require_approval:
+            self.job.require_approval()
+        return statuses
+
+    def run_once(self) -> RoundSummary | None:
+        """Run (or finish, after a restore) one round; None when the job is already over."""
+        job = self.job
+        state = job.state
+        if state.status in ("completed", "failed", "cancelled"):
+            return None
+        if state.status == "uploaded":
+            self.check_training_plan_status()
+            state = job.state
+        if state.status == "aggregated" and state.round >= state.config.round_limit:
+            return None
+        if state.status in ("round_sent", "collecting"):
+            round_number = state.round
+            if state.round_complete():
+                return self._aggregate()
+        else:
+            round_number = state.round + 1
+        job.start_nodes_training_round(round_number)
+        return self._aggregate()
+
+    def _aggregate(self) -> RoundSummary:
+        self.job.aggregate()
+        summary = self.history()[-1]
+        self._report(summary)
+        return summary
+
+    def run(self, rounds: int | None = None) -> str:
+        """Run the remaining rounds (or ``rounds`` more of them, counting a round interrupted
+        mid-way as one); return the digest of the current global parameters.
+
+        Raises :class:`~fedsm.researcher.errors.JobFailedError` if the job fails or had failed.
+        """
+        if self._progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.round_limit,
+                initial=len(self.job.state.aggregates),
+                desc="rounds",
+                unit="round",
+                file=sys.stderr,
+            )
+        done = 0
+        try:
+            while rounds is None or done < rounds:  # run_once returns None at the round limit
+                if self.run_once() is None:
+                    break
+                done += 1
+                if self._bar is not None:
+                    self._bar.update(1)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        if self.job.state.status in ("failed", "cancelled"):
+            raise JobFailedError(
+                f"the job {self.job.state.status}: {self.job.stop_reason()} "
+                f"(see: fedsm replay {self.job.log_path})"
+            )
+        return self.job.params_sha256
+
+    def _report(self, summary: RoundSummary) -> None:
+        line = summary.line(self.round_limit)
+        log.info(line)
+        if self._on_round is not None:
+            self._on_round(summary)
+        elif self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Close the job's log."""
+        if self._job is not None:
+            self._job.close()
