@@ -317,3 +317,20 @@ def test_frames_are_exactly_msgpack_of_the_documented_record_map(tmp_path: Path)
         assert encoder.frame(10**seq, event, ts, prev) == expected, type(event).__name__
     with pytest.raises(TypeError):
         encoder.frame(1, "JobCreated", 1.0, prev)  # type: ignore[arg-type]
+
+
+def test_append_all_writes_events_as_one_chained_run(tmp_path) -> None:
+    """Facts that belong together (a job's opening) are one write: all or a prefix."""
+    from fedsm.core.events import JobCancelled
+
+    path = tmp_path / "x.log"
+    with EventLog.open(path) as log_:
+        assert log_.append(JobCancelled(round=0, reason="a"), ts=1.0) == 1
+        events = [JobCancelled(round=r, reason=str(r)) for r in (1, 2)]
+        assert log_.append_all(events, ts=2.0) == 3
+        assert log_.append(JobCancelled(round=3, reason="d"), ts=3.0) == 4
+    records = scan(path).records
+    assert [r.seq for r in records] == [1, 2, 3, 4]
+    assert [r.event.round for r in records] == [0, 1, 2, 3]
+    with EventLog.open(path) as log_, pytest.raises(LogError):
+        log_.append_all([], ts=1.0)

@@ -37,7 +37,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fedsm.core.events import Event
@@ -286,6 +286,48 @@ class EventLog:
             self._last_seq = seq
             self._last_hash = _blake2b(frame, digest_size=32).digest()
             self._end += len(frame)
+            return seq
+
+    def append_all(self, events: Sequence[Event], *, ts: float) -> int:
+        """Append ``events`` as one write (one fsync under ``always``); return the last seq.
+
+        For facts that belong together, such as a job's opening events: a crash leaves none
+        of them or a prefix (a torn tail), never a record in the middle missing. Appending
+        under ``batch`` or ``never`` buffers them like :meth:`append`.
+        """
+        if not events:
+            raise LogError("append_all needs at least one event")
+        if type(ts) is not float:
+            ts = float(ts)
+        if ts - ts != 0.0:
+            raise LogError(f"ts must be a finite number, got {ts!r}")
+        with self._lock:
+            fd = self._check_writable()
+            seq, prev = self._last_seq, self._last_hash
+            frames = bytearray()
+            for event in events:
+                seq += 1
+                frame = self._encoder.frame(seq, event, ts, prev)
+                prev = _blake2b(frame, digest_size=32).digest()
+                frames += frame
+            try:
+                if self._durability == "always":
+                    write_all(fd, frames)
+                    _sync(fd)
+                else:
+                    if not self._pending:
+                        self._pending_since = time.monotonic()
+                    self._pending += frames
+                    self._pending_count += len(events)
+                    self._flush_locked(fd, sync=self._durability == "batch")
+            except OSError as exc:
+                self._broken = f"a write failed ({exc})"
+                raise LogError(
+                    f"{self._path}: writing seq {self._last_seq + 1}..{seq} failed: {exc}; "
+                    "reopen the log"
+                ) from exc
+            self._last_seq, self._last_hash = seq, prev
+            self._end += len(frames)
             return seq
 
     def flush(self) -> None:
