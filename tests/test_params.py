@@ -1,4 +1,5 @@
-"""Params files: safetensors round trip, atomic write + hash, and refusal of anything else."""
+"""Params files: safetensors round trip, atomic write + hash, and refusal of anything else;
+and the sha256 helpers of :mod:`fedsm.digests` they are hashed with."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fedsm.core.fields import HEX64_RE, make_checkers
+from fedsm.digests import is_sha256, sha256_file, sha256_hex
 from fedsm.errors import FedsmError
-from fedsm.training.params import ParamsFileError, file_sha256, load_params, save_params
+from fedsm.training.params import ParamsFileError, load_params, save_params
 
 
 def _params() -> dict[str, torch.Tensor]:
@@ -34,7 +37,7 @@ def test_round_trip_preserves_names_shapes_dtypes_and_values(tmp_path):
     for name, value in params.items():
         assert loaded[name].dtype == value.dtype
         assert torch.equal(loaded[name], value)
-    assert sha == file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha == sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_same_tensors_give_same_bytes_whatever_insertion_order(tmp_path):
@@ -145,8 +148,8 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
 def test_missing_file_is_a_typed_error(tmp_path):
     with pytest.raises(ParamsFileError, match="cannot read"):
         load_params(tmp_path / "nope")
-    with pytest.raises(ParamsFileError):
-        file_sha256(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):
+        sha256_file(tmp_path / "nope")
 
 
 def test_repeated_saves_are_byte_identical(tmp_path):
@@ -154,3 +157,64 @@ def test_repeated_saves_are_byte_identical(tmp_path):
     params = _params()
     digests = {save_params(tmp_path / f"p{i}", params) for i in range(30)}
     assert len(digests) == 1
+
+
+# --------------------------------------------------------------------------- fedsm.digests
+
+
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=64))
+def test_sha256_file_reads_in_chunks_and_agrees_with_sha256_hex(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk_size: int
+) -> None:
+    path = tmp_path_factory.mktemp("digest") / "f"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path, chunk_size=chunk_size) == sha256_file(str(path)) == expected
+    assert sha256_hex(data) == sha256_hex(bytearray(data)) == sha256_hex(memoryview(data))
+    assert sha256_hex(data) == expected
+
+
+@given(st.text(max_size=40))
+def test_sha256_hex_of_text_hashes_its_utf8_bytes(text: str) -> None:
+    assert sha256_hex(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert is_sha256(sha256_hex(text))
+
+
+class _Str(str):
+    pass
+
+
+_WIRE_CHECK = make_checkers(
+    lambda message, field: ValueError(message), max_str=99, max_text=99, max_items=9, max_depth=2
+)["sha256"]
+
+
+def _wire_accepts(value: object) -> bool:
+    try:
+        _WIRE_CHECK("f", value)
+    except ValueError:
+        return False
+    return True
+
+
+_HEX = "0123456789abcdef"
+
+
+@given(
+    st.one_of(
+        st.text(max_size=70),
+        st.text(alphabet=_HEX, min_size=63, max_size=65),
+        st.text(alphabet=_HEX + "ABCDEF\n ", min_size=64, max_size=65),
+    )
+)
+def test_is_sha256_agrees_with_the_wire_codecs(text: str) -> None:
+    assert is_sha256(text) == _wire_accepts(text) == (HEX64_RE.fullmatch(text) is not None)
+
+
+def test_is_sha256_takes_the_whole_string_only() -> None:
+    digest = sha256_hex(b"x")
+    assert is_sha256(digest)
+    for bad in (digest + "\n", "\n" + digest, digest.upper(), digest[:-1], digest + "0", " " * 64):
+        assert not is_sha256(bad) and not _wire_accepts(bad)
+    for not_text in (None, 0, digest.encode(), _Str(digest)):
+        assert not is_sha256(not_text) and not _wire_accepts(not_text)

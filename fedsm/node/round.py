@@ -9,7 +9,6 @@ gets.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequest
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.digests import sha256_file, sha256_hex
 from fedsm.node.errors import DatasetNotRegistered, RequestFailed
 from fedsm.node.executor import TrainingExecutor, TrainingTask
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
@@ -31,18 +31,9 @@ from fedsm.repository.base import (
     RepositoryUnreachable,
 )
 
-__all__ = ["RoundContext", "fetch_plan", "check_approval", "run_train_request", "file_sha256"]
+__all__ = ["RoundContext", "fetch_plan", "check_approval", "run_train_request"]
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RoundContext:
@@ -100,7 +91,7 @@ def _download(
         ) from None
     except (RepositoryError, ValueError) as exc:
         raise RequestFailed(ErrorNumber.BAD_REQUEST, f"bad {what} URL {url!r}: {exc}") from None
-    actual = file_sha256(dest)
+    actual = sha256_file(dest)
     if actual != expected_sha256:
         raise RequestFailed(
             mismatch,
@@ -126,7 +117,7 @@ def fetch_plan(
 
 def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> None:
     """Refuse a plan that may not run here. Nothing has imported ``source`` yet."""
-    digest = hashlib.sha256(source).hexdigest()
+    digest = sha256_hex(source)
     status = ctx.plans.status(digest)
     if status == "unknown":  # so the operator sees every plan researchers sent
         ctx.plans.record_pending(
@@ -195,7 +186,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
         )
         outcome = ctx.executor.train(task, time_limit_s=ctx.settings.training_time_limit_s)
         trained = time.monotonic()
-        if not out_path.is_file() or file_sha256(out_path) != outcome.params_sha256:
+        if not out_path.is_file() or sha256_file(out_path) != outcome.params_sha256:
             raise RequestFailed(
                 ErrorNumber.INTERNAL,
                 "training finished but its parameters file is missing or does not match the "
@@ -222,7 +213,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             job_id=request.job_id,
             round=request.round,
             dataset_id=request.dataset_id,
-            training_plan_sha256=hashlib.sha256(source).hexdigest(),
+            training_plan_sha256=sha256_hex(source),
             params_url=uploaded["file"],
             params_sha256=uploaded["sha256"],
             sample_size=outcome.sample_size,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
 
+from fedsm.digests import is_sha256, sha256_file
 from fedsm.repository.base import DigestMismatch, FileTooLarge
 from fedsm.repository.errors import InvalidDigest
 
@@ -27,21 +27,12 @@ __all__ = [
     "commit_temp",
     "copy_and_hash",
     "fsync_dir",
-    "is_digest",
     "resolve_destination",
-    "sha256_file",
 ]
 
 #: Bytes read or written per step when streaming: big enough for throughput, small enough
 #: that memory use stays constant whatever the file size.
 CHUNK_SIZE = 1 << 20
-
-_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def is_digest(text: str) -> bool:
-    """Whether ``text`` is a sha256 hex digest in canonical form (64 lowercase hex)."""
-    return isinstance(text, str) and _DIGEST_RE.fullmatch(text) is not None
 
 
 def check_digest(text: str) -> str:
@@ -50,22 +41,11 @@ def check_digest(text: str) -> str:
     Only this form is ever turned into a file name, so no caller-supplied string can name
     a path outside a repository (no ``..``, no separators, no case aliasing).
     """
-    if not is_digest(text):
+    if not is_sha256(text):
         raise InvalidDigest(
             f"{text!r} is not a sha256 digest: expected exactly 64 lowercase hex characters"
         )
     return text
-
-
-def sha256_file(path: str | Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, int]:
-    """Hash the file at ``path`` in constant memory; return ``(hex digest, size in bytes)``."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def fsync_dir(directory: Path) -> None:
@@ -98,7 +78,8 @@ def copy_and_hash(source: Path, directory: Path) -> tuple[Path, str, int]:
     tmp = _temp_name(directory)
     try:
         shutil.copyfile(source, tmp)
-        digest, size = sha256_file(tmp)
+        digest = sha256_file(tmp, chunk_size=CHUNK_SIZE)
+        size = tmp.stat().st_size  # the copy is ours alone: nothing changes it meanwhile
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

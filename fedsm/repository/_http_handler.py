@@ -14,7 +14,7 @@ time) or gets 401. Every response carries ``X-Fedsm-Max-Size`` so a client can r
 oversized upload before sending it. Errors are JSON ``{"error": code, "message": text}``.
 
 The handler never turns a request path into a file path except through
-:func:`~fedsm.repository._files.is_digest`, and reads bodies 1 MiB at a time into a
+:func:`~fedsm.digests.is_sha256`, and reads bodies 1 MiB at a time into a
 :class:`~fedsm.repository._files.HashedTempFile`, so memory stays constant whatever the size.
 """
 
@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fedsm.repository._files import CHUNK_SIZE, is_digest
+from fedsm.digests import is_sha256
+from fedsm.repository._files import CHUNK_SIZE
 from fedsm.repository._store import DigestStore
 from fedsm.repository.base import DigestMismatch, FileTooLarge
 
@@ -143,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(HTTPStatus.NOT_FOUND, "not_found", "only /files/<sha256> is served")
             return None
         digest = self.path[len(FILES_PREFIX) :]
-        if not is_digest(digest):
+        if not is_sha256(digest):
             self._refuse(
                 HTTPStatus.BAD_REQUEST,
                 "bad_id",

@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 
 import requests
 
+from fedsm.digests import sha256_file
 from fedsm.errors import ConfigurationError
 from fedsm.repository._files import (
     CHUNK_SIZE,
     HashedTempFile,
     check_digest,
     resolve_destination,
-    sha256_file,
 )
 from fedsm.repository.base import (
     DigestMismatch,
@@ -269,7 +269,8 @@ class HttpRepository(Repository):
         :class:`OSError` if ``path`` cannot be read.
         """
         path = Path(path)
-        digest, size = sha256_file(path)
+        size = path.stat().st_size
+        digest = sha256_file(path, chunk_size=CHUNK_SIZE)
         url = self.url_for(digest)
         what = f"upload of {path.name} ({digest})"
         result: Uploaded = {"file": url, "sha256": digest, "size": size}

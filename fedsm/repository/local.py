@@ -18,11 +18,11 @@ import logging
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from fedsm.digests import is_sha256
 from fedsm.repository._files import (
     check_digest,
     commit_temp,
     copy_and_hash,
-    is_digest,
     resolve_destination,
 )
 from fedsm.repository._store import DigestStore
@@ -92,7 +92,7 @@ class LocalRepository(Repository):
         if parts.query or parts.fragment:
             raise InvalidRepositoryUrl(f"{url!r}: a repository URL has no query or fragment")
         path = Path(unquote(parts.path))
-        if not is_digest(path.name) or path.parent.resolve() != self.root:
+        if not is_sha256(path.name) or path.parent.resolve() != self.root:
             raise InvalidRepositoryUrl(
                 f"{url!r} does not name a file of the local repository at {self.root} "
                 f"(expected {self.root.as_uri()}/<sha256>)"

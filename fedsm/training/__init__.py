@@ -17,7 +17,6 @@ _LAZY = {
     "TrainingArgsError": "fedsm.training.args",
     "save_params": "fedsm.training.params",
     "load_params": "fedsm.training.params",
-    "file_sha256": "fedsm.training.params",
     "ParamsFileError": "fedsm.training.params",
     "DataManager": "fedsm.training.loaders",
     "BatchLoader": "fedsm.training.loaders",

@@ -19,7 +19,6 @@ that ``linecache.lazycache`` accepts).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import itertools
 import linecache
@@ -29,6 +28,7 @@ import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from fedsm.digests import sha256_hex
 from fedsm.errors import FedsmError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def load_plan_class(source: str, class_name: str) -> type[TorchTrainingPlan]:
         raise PlanImportError(f"plan source must be str, got {type(source).__name__}")
     if not class_name.isidentifier():
         raise PlanImportError(f"{class_name!r} is not a valid class name")
-    sha = hashlib.sha256(source.encode("utf-8")).hexdigest()
+    sha = sha256_hex(source)
     with _COUNTER_LOCK:
         number = next(_COUNTER)
     module_name = f"fedsm_plan_{number}_{sha[:12]}"

@@ -7,12 +7,11 @@ the model expects (``like``), names, shapes and dtypes must match exactly.
 
 Writes go to a temporary file in the destination directory, are fsync'ed, then renamed over
 the destination, so a crash never leaves a half-written file under the final name. The
-sha256 returned is computed over the exact bytes written, once.
+sha256 returned is computed over the exact bytes written (:func:`fedsm.digests.sha256_hex`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -23,9 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedsm.digests import sha256_file, sha256_hex
 from fedsm.errors import FedsmError
 
-__all__ = ["MAX_PARAMS_BYTES", "ParamsFileError", "file_sha256", "load_params", "save_params"]
+__all__ = ["MAX_PARAMS_BYTES", "ParamsFileError", "load_params", "save_params"]
 
 MAX_PARAMS_BYTES = 2 * 1024**3
 """Largest params file ``load_params`` reads by default (2 GiB)."""
@@ -33,7 +33,6 @@ MAX_PARAMS_BYTES = 2 * 1024**3
 # One key only: safetensors keeps metadata in a Rust HashMap, whose iteration order (and so
 # the header bytes) varies between calls when there are several keys.
 _METADATA = {"format": "pt"}
-_CHUNK = 1 << 20
 
 
 class ParamsFileError(FedsmError, ValueError):
@@ -71,7 +70,6 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
         payload = st_save(_canonical(tensors), metadata=_METADATA)
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
         raise ParamsFileError(f"cannot serialise parameters for {str(path)!r}: {exc}") from exc
-    digest = hashlib.sha256()
     directory = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -79,11 +77,7 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
         raise ParamsFileError(f"cannot create a file in {str(directory)!r}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
-            view = memoryview(payload)
-            for start in range(0, len(view), _CHUNK):
-                chunk = view[start : start + _CHUNK]
-                digest.update(chunk)
-                handle.write(chunk)
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -94,7 +88,7 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
             pass
         raise ParamsFileError(f"cannot write params file {str(path)!r}: {exc}") from exc
     _fsync_directory(directory)
-    return digest.hexdigest()
+    return sha256_hex(payload)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -111,22 +105,8 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Return the sha256 (hex) of a file's bytes, read in chunks.
-
-    Raises
-    ------
-    ParamsFileError
-        The file cannot be read.
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ParamsFileError(f"cannot read {str(path)!r}: {exc}") from exc
-    return digest.hexdigest()
+# TODO(remove): alias for researcher/audit until they import fedsm.digests
+file_sha256 = sha256_file
 
 
 def load_params(

@@ -22,7 +22,6 @@ into ``training_data_loader`` / ``testing_data_loader``, ``training_routine(...)
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import logging
 import math
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsm.digests import sha256_hex
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
 from fedsm.training.loader import PLAN_SOURCE_ATTRIBUTE, PlanImportError, loaded_plan_class
@@ -323,7 +323,7 @@ class TorchTrainingPlan:
             tmp.replace(path)
         except OSError as exc:
             raise PlanError(f"cannot write training plan source to {str(path)!r}: {exc}") from exc
-        return hashlib.sha256(data).hexdigest()
+        return sha256_hex(data)
 
     # ----------------------------------------------------------------- routines
 
