@@ -6,8 +6,11 @@ cache (also across a restart), and serving while a training runs.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from plans import (
     Researcher,
@@ -33,12 +36,12 @@ from fedsm.core.messages import (
 )
 from fedsm.core.protocol import encode
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.digests import sha256_file
 from fedsm.node.executor import InProcessTrainingExecutor
-from fedsm.node.node import Node
+from fedsm.node.node import Node, request_fingerprint
 from fedsm.node.settings import NodeSettings, init_node_dir
 from fedsm.node.simulate import register_csv_dataset
 from fedsm.repository import LocalRepository
-from fedsm.training.params import file_sha256
 from fedsm.transport import MemoryBroker, MemoryBus
 
 NODE = "node-a"
@@ -160,7 +163,7 @@ def test_train_an_approved_plan(world):
     assert reply.timing["total"] >= reply.timing["training"] >= 0
     assert "train_loss" in reply.metrics
     _, path = world.repo.download_file(reply.params_url, world.tmp / "out.safetensors")
-    assert file_sha256(path) == reply.params_sha256 != request.params_sha256
+    assert sha256_file(path) == reply.params_sha256 != request.params_sha256
     assert not any((world.node_dir / "work").iterdir())  # scratch files cleaned up
 
 
@@ -207,7 +210,7 @@ def test_tampered_params_are_refused_before_loading(world, tmp_path):
     stored = next(
         p
         for p in (world.tmp / "repo").rglob("*")
-        if p.is_file() and file_sha256(p) == world.params["sha256"]
+        if p.is_file() and sha256_file(p) == world.params["sha256"]
     )
     data = bytearray(stored.read_bytes())
     data[-1] ^= 1
@@ -253,6 +256,97 @@ def test_request_id_reused_for_another_request_is_refused(world):
     other = world.train(world.linear, "LinearPlan", request_id=request.request_id, round=1)
     reply = world.researcher.ask(NODE, other)
     assert reply.error_number is ErrorNumber.BAD_REQUEST
+
+
+def _file_arg(url: str, digest: str) -> dict[str, str]:
+    return {"url": url, "sha256": digest}
+
+
+def test_fingerprint_leaves_out_when_and_where_but_not_what(world):
+    digest = world.params["sha256"]
+    request = world.train(
+        world.linear,
+        "LinearPlan",
+        aggregator_args={"state": _file_arg("file:///a/x", digest), "mu": 0.5},
+    )
+    same = request_fingerprint(request)
+    moved = dataclasses.replace(
+        request,
+        deadline=request.deadline + 60,
+        training_plan_url="http://elsewhere/files/" + request.training_plan_sha256,
+        params_url="file:///moved/" + request.params_sha256,
+        aggregator_args={"mu": 0.5, "state": {"sha256": digest, "url": "http://b/" + digest}},
+    )
+    assert request_fingerprint(moved) == same
+    changed = [
+        dataclasses.replace(request, params_sha256=sha256(b"other")),
+        dataclasses.replace(request, training_plan_sha256=sha256(b"other")),
+        dataclasses.replace(request, round=1),
+        dataclasses.replace(request, aggregator_args={"state": _file_arg("file:///a/x", "0" * 64)}),
+        dataclasses.replace(
+            request,
+            aggregator_args={"state": _file_arg("file:///a/x", digest), "mu": 0.25},
+        ),
+        # a map without a digest is named by its url: that url is content
+        dataclasses.replace(request, aggregator_args={"state": {"url": "file:///a/x"}}),
+    ]
+    fingerprints = {request_fingerprint(r) for r in changed}
+    assert same not in fingerprints and len(fingerprints) == len(changed)
+    no_digest = dataclasses.replace(request, aggregator_args={"state": {"url": "file:///b"}})
+    assert request_fingerprint(no_digest) != request_fingerprint(changed[-1])
+
+
+def test_a_moved_run_resending_under_new_urls_gets_the_cached_reply(world):
+    world.approve(world.linear)
+    digest = world.params["sha256"]
+    request = world.train(
+        world.linear,
+        "LinearPlan",
+        aggregator_args={"state": _file_arg(world.params["file"], digest)},
+    )
+    first = world.researcher.ask(NODE, request)
+    assert isinstance(first, TrainReply), first
+    assert world.node.trainings_run == 1
+    # the run directory moves: its repository answers at another path now
+    (world.tmp / "repo").rename(world.tmp / "moved-repo")
+    moved = LocalRepository(world.tmp / "moved-repo")
+    again = dataclasses.replace(
+        request,
+        deadline=time.time() + 600,
+        training_plan_url=moved.url_for(request.training_plan_sha256),
+        params_url=moved.url_for(request.params_sha256),
+        aggregator_args={"state": _file_arg(moved.url_for(digest), digest)},
+    )
+    assert again.training_plan_url != request.training_plan_url
+    assert encode(world.researcher.ask(NODE, again)) == encode(first)
+    assert world.node.trainings_run == 1
+    # after a restart too (the cache is in the node's sqlite file)
+    world.node.stop()
+    world.node = world.start_node()
+    assert encode(world.researcher.ask(NODE, again)) == encode(first)
+    assert world.node.trainings_run == 0
+
+
+def test_a_reply_cached_under_the_old_fingerprint_is_still_served(world):
+    request = world.train(world.linear, "LinearPlan")
+    body = request.to_dict()
+    body.pop("deadline")
+    old = sha256(msgpack.packb(body, use_bin_type=True))  # what nodes stored before
+    cached = TrainReply(
+        request_id=request.request_id,
+        researcher_id=request.researcher_id,
+        node_id=NODE,
+        job_id=request.job_id,
+        round=0,
+        dataset_id=request.dataset_id,
+        training_plan_sha256=request.training_plan_sha256,
+        params_url=request.params_url,
+        params_sha256=request.params_sha256,
+        sample_size=24,
+    )
+    world.node.replies.put(request.request_id, old, encode(cached))
+    assert encode(world.researcher.ask(NODE, request)) == encode(cached)
+    assert world.node.trainings_run == 0
 
 
 def test_node_answers_while_training_and_ignores_stray_messages(world, tmp_path):

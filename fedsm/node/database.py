@@ -16,13 +16,20 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedsm.core.eventschema import APPROVAL_STATUSES
 from fedsm.errors import ConfigurationError
 
-__all__ = ["DB_FILE", "NodeDatabase", "ReplyCache", "utc_now"]
+__all__ = ["DB_FILE", "PLAN_STATUSES", "NodeDatabase", "ReplyCache", "utc_now"]
 
 DB_FILE = "node.sqlite"
 
-_SCHEMA = """
+#: The statuses a plan record has: the approval statuses (defined once, in the core) but
+#: ``unknown`` (the node's answer for a plan it has no record of) and ``no-reply`` (the
+#: researcher's, for a node that did not answer).
+PLAN_STATUSES: tuple[str, ...] = tuple(sorted(APPROVAL_STATUSES - {"unknown", "no-reply"}))
+_PLAN_STATUS_SQL = ", ".join(f"'{status}'" for status in PLAN_STATUSES)
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS datasets (
     dataset_id   TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -39,7 +46,7 @@ CREATE TABLE IF NOT EXISTS datasets (
 );
 CREATE TABLE IF NOT EXISTS training_plans (
     sha256      TEXT PRIMARY KEY,
-    status      TEXT NOT NULL CHECK (status IN ('approved', 'rejected', 'pending')),
+    status      TEXT NOT NULL CHECK (status IN ({_PLAN_STATUS_SQL})),
     name        TEXT NOT NULL,
     source      BLOB NOT NULL,
     first_seen  TEXT NOT NULL,
@@ -127,8 +134,9 @@ class NodeDatabase:
 class ReplyCache:
     """Encoded replies of answered train requests, keyed by request id (survives restarts).
 
-    ``fingerprint`` identifies the request's content (without its deadline): a request id
-    reused for a different request is detected instead of answered with a stale reply.
+    ``fingerprint`` identifies the request's content (without its deadline and URLs): a
+    request id reused for a different request is detected instead of answered with a stale
+    reply.
     """
 
     def __init__(self, db: NodeDatabase) -> None:

@@ -10,11 +10,10 @@ copy arriving while the first is still being served gets the same reply when it 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from fedsm.core.messages import (
 )
 from fedsm.core.protocol import decode, encode
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.digests import sha256_hex
 from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache
 from fedsm.node.errors import RequestFailed
 from fedsm.node.executor import TrainingExecutor
@@ -52,11 +52,50 @@ __all__ = ["Node", "request_fingerprint"]
 log = logging.getLogger(__name__)
 
 
+#: Fields of a train request that say when or where, not what: a re-send may change them.
+_LOCATION_FIELDS = ("deadline", "training_plan_url", "params_url")
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every map's keys sorted (so equal content packs to equal bytes)."""
+    if isinstance(value, Mapping):
+        return {k: _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _without_file_urls(aggregator_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``aggregator_args`` minus the location of every file arg (``{"url", "sha256"}``)."""
+    out: dict[str, Any] = {}
+    for name, value in aggregator_args.items():
+        if isinstance(value, Mapping) and "sha256" in value:
+            value = {k: v for k, v in value.items() if k != "url"}
+        out[name] = value
+    return out
+
+
 def request_fingerprint(request: TrainRequest) -> str:
-    """sha256 of a train request's content without its deadline (a re-send may move it)."""
+    """sha256 of what a train request asks for, without when and where it says so.
+
+    Files are named by their digests, so their URLs are left out: the deadline, the plan's and
+    the params' URLs, and the ``url`` of every file arg in ``aggregator_args`` (one that also
+    carries its ``sha256``). A run directory that moved (its repository now at another path
+    or URL) re-sends the same request under new URLs and gets the cached reply.
+    """
+    body = request.to_dict()
+    for name in _LOCATION_FIELDS:
+        body.pop(name, None)
+    body["aggregator_args"] = _without_file_urls(body.get("aggregator_args") or {})
+    return sha256_hex(msgpack.packb(_canonical(body), use_bin_type=True))
+
+
+def _fingerprint_v1(request: TrainRequest) -> str:
+    """The fingerprint older nodes stored (everything but the deadline, as sent): still
+    accepted, so a request answered before an upgrade is answered from the cache after it."""
     body = request.to_dict()
     body.pop("deadline", None)
-    return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).hexdigest()
+    return sha256_hex(msgpack.packb(body, use_bin_type=True))
 
 
 class Node:
@@ -281,7 +320,7 @@ class Node:
         if cached is None:
             return None
         fingerprint, data = cached
-        if fingerprint != request_fingerprint(request):
+        if fingerprint not in (request_fingerprint(request), _fingerprint_v1(request)):
             raise RequestFailed(
                 ErrorNumber.BAD_REQUEST,
                 f"request id {request.request_id} was already used for a different train "

@@ -7,7 +7,6 @@ its source is kept, so an operator can read what was approved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import uuid
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsm.digests import sha256_hex
 from fedsm.errors import ConfigurationError
 from fedsm.node.database import NodeDatabase, utc_now
 from fedsm.node.errors import DatasetNotRegistered, PlanNotRegistered
 
-__all__ = ["PLAN_STATUSES", "DatasetRegistry", "PlanRecord", "ApprovalRegistry", "public_dataset"]
+__all__ = ["DatasetRegistry", "PlanRecord", "ApprovalRegistry", "public_dataset"]
 
-PLAN_STATUSES = ("approved", "rejected", "pending")
 _DATA_TYPES = ("csv", "tensors")
 
 
@@ -231,7 +230,7 @@ class ApprovalRegistry:
 
     def status_of_source(self, source: bytes) -> str:
         """:meth:`status` of the plan whose exact bytes are ``source``."""
-        return self.status(hashlib.sha256(source).hexdigest())
+        return self.status(sha256_hex(source))
 
     def get(self, sha256: str) -> PlanRecord:
         """The record of a plan; raises :class:`PlanNotRegistered`."""
@@ -253,7 +252,7 @@ class ApprovalRegistry:
 
     def record_pending(self, source: bytes, *, name: str, origin: str) -> str:
         """Record a plan seen in a request as pending unless already known; return its status."""
-        digest = hashlib.sha256(source).hexdigest()
+        digest = sha256_hex(source)
         with self._db.write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO training_plans "
@@ -287,7 +286,7 @@ class ApprovalRegistry:
         now = utc_now()
         with self._db.write() as conn:
             if source is not None:
-                sha256 = hashlib.sha256(source).hexdigest()
+                sha256 = sha256_hex(source)
                 conn.execute(
                     "INSERT OR IGNORE INTO training_plans "
                     "(sha256, status, name, source, first_seen, origin) VALUES (?,?,?,?,?,?)",
