@@ -48,10 +48,8 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         aggregator_args=plain_maps,
         tags=id_tuples,
     ),
-    ev.TrainingPlanUploaded: st.builds(
-        ev.TrainingPlanUploaded, url=texts, sha256=sha256s, class_name=texts
-    ),
-    ev.ParamsUploaded: st.builds(ev.ParamsUploaded, round=nonneg, url=texts, sha256=sha256s),
+    ev.TrainingPlanUploaded: st.builds(ev.TrainingPlanUploaded, sha256=sha256s, class_name=texts),
+    ev.ParamsUploaded: st.builds(ev.ParamsUploaded, round=nonneg, sha256=sha256s),
     ev.ApprovalChecked: st.builds(
         ev.ApprovalChecked,
         plan_sha256=sha256s,
@@ -63,17 +61,16 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         round=nonneg,
         nodes=id_tuples,
         request_ids=str_maps,
-        params_url=texts,
         params_sha256=sha256s,
         deadline=floats,
+        aggregator_args=st.dictionaries(ids, plain_maps, max_size=3),
     ),
-    ev.RoundResent: st.builds(ev.RoundResent, round=nonneg, nodes=id_tuples),
+    ev.RoundResent: st.builds(ev.RoundResent, round=nonneg, nodes=id_tuples, deadline=floats),
     ev.ReplyReceived: st.builds(
         ev.ReplyReceived,
         round=nonneg,
         node_id=ids,
         request_id=ids,
-        params_url=texts,
         params_sha256=sha256s,
         sample_size=nonneg,
         metrics=float_maps,
@@ -87,15 +84,12 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
     ev.Aggregated: st.builds(
         ev.Aggregated,
         round=nonneg,
-        params_url=texts,
         params_sha256=sha256s,
         nodes=id_tuples,
         weights=float_maps,
         aggregator=texts,
     ),
-    ev.JobCompleted: st.builds(
-        ev.JobCompleted, round=nonneg, params_url=texts, params_sha256=sha256s
-    ),
+    ev.JobCompleted: st.builds(ev.JobCompleted, round=nonneg, params_sha256=sha256s),
     ev.JobFailed: st.builds(ev.JobFailed, round=nonneg, reason=texts),
     ev.JobCancelled: st.builds(ev.JobCancelled, round=nonneg, reason=texts),
 }
@@ -138,8 +132,8 @@ def job_run(
             aggregator_args={},
             tags=("t",),
         ),
-        ev.TrainingPlanUploaded(url="repo://plan", sha256=digest("plan"), class_name="MyPlan"),
-        ev.ParamsUploaded(round=0, url="repo://p0", sha256=digest("p0")),
+        ev.TrainingPlanUploaded(sha256=digest("plan"), class_name="MyPlan"),
+        ev.ParamsUploaded(round=0, sha256=digest("p0")),
         ev.ApprovalChecked(
             plan_sha256=digest("plan"),
             statuses={n: "approved" for n in names},
@@ -154,9 +148,9 @@ def job_run(
                 round=r,
                 nodes=names,
                 request_ids=rids,
-                params_url=f"repo://p{r - 1}",
                 params_sha256=params,
                 deadline=1000.0 + r,
+                aggregator_args={},
             )
         )
         for n in names:
@@ -170,7 +164,6 @@ def job_run(
                         round=r,
                         node_id=n,
                         request_id=rids[n],
-                        params_url=f"repo://{r}/{n}",
                         params_sha256=digest(f"{r}/{n}"),
                         sample_size=100,
                         metrics={"loss": 0.5},
@@ -183,14 +176,11 @@ def job_run(
         out.append(
             ev.Aggregated(
                 round=r,
-                params_url=f"repo://agg{r}",
                 params_sha256=params,
                 nodes=ok,
                 weights={n: 100.0 for n in ok},
                 aggregator="fedavg",
             )
         )
-    out.append(
-        ev.JobCompleted(round=rounds, params_url=f"repo://agg{rounds}", params_sha256=params)
-    )
+    out.append(ev.JobCompleted(round=rounds, params_sha256=params))
     return out

@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from test_protocol_stateful import NODES, ScriptedNode, lifecycle_approval
+from test_protocol_stateful import NODES, ScriptedNode
 
-from fedsm.core.messages import TrainReply
+from fedsm.core.messages import TrainingPlanStatusReply, TrainingPlanStatusRequest, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
@@ -33,7 +33,7 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
     for node_id, (tensors, samples) in payloads.items():
         up = world.upload(tensors)
         world.reply(node_id, url=up["file"], sha256=up["sha256"], samples=samples)
-    job._driver.collect(timeout_s=1.0)
+    job.step(max_wait_s=1.0)
     job.aggregate()
     events = world.events()
     failed = {e.node_id: e for e in events if type(e).__name__ == "NodeFailed"}
@@ -49,6 +49,10 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
 class ArgsFedAvg(FedAvg):
     """FedAvg that also hands each node a small arg and a per-node file (Scaffold-like)."""
 
+    def __init__(self, other: bool = False) -> None:
+        super().__init__()
+        self.other = other  # compute other args than the first time (a changed strategy)
+
     def create_aggregator_args(
         self, *, round_number, node_ids, global_params_path=None, out_dir=None
     ):
@@ -56,8 +60,8 @@ class ArgsFedAvg(FedAvg):
         small, files = {}, {}
         for node in node_ids:
             path = out_dir / f"correction-{node}-{round_number}.bin"
-            path.write_bytes(f"{node}:{round_number}".encode())
-            small[node] = {"server_lr": 0.5, "round": round_number}
+            path.write_bytes(f"{node}:{round_number}:{self.other}".encode())
+            small[node] = {"server_lr": 0.5 + self.other, "round": round_number}
             files[node] = {"correction": path}
         return small, files
 
@@ -69,14 +73,41 @@ def test_aggregator_args_reach_each_node_and_a_resend_repeats_them(tmp_path: Pat
         args = request.aggregator_args
         assert args["server_lr"] == 0.5 and args["round"] == 1
         _, path = world.repo.download_file(args["correction"]["url"], tmp_path / f"{node_id}.bin")
-        assert path.read_bytes() == f"{node_id}:1".encode()  # each node its own file
-    world.job._driver.send_round(1)  # as after a restore mid-round: re-sent, not new
+        assert path.read_bytes() == f"{node_id}:1:False".encode()  # each node its own file
+    # A restore mid-round (a new process: nothing published yet as far as it knows) re-sends
+    # the very requests RoundSent recorded, args included, even if the strategy would now
+    # compute other args (the restored job aggregates with plain FedAvg: no args at all).
+    world.job.close()
+    for node in world.nodes.values():
+        node.requests.clear()
+    job = Job.restore(tmp_path / "run", reqs=Requests(world.researcher), repository=world.repo)
+    decision = job.step(max_wait_s=0.0)
+    assert [type(e).__name__ for e in decision.events] == ["RoundResent"]
     for node_id, node in world.nodes.items():
         again = node.requests[1]
         assert again.request_id == first[node_id].request_id
         assert again.aggregator_args == first[node_id].aggregator_args
-    world.job.close()
+    job.close()
     world.close()
+
+
+class ApprovingNode(ScriptedNode):
+    """A scripted node that also answers the plan-status request: approved."""
+
+    def _on_message(self, message) -> None:
+        if isinstance(message, TrainingPlanStatusRequest):
+            self.send(
+                TrainingPlanStatusReply(
+                    request_id=message.request_id,
+                    researcher_id=message.researcher_id,
+                    node_id=self.node_id,
+                    job_id=message.job_id,
+                    training_plan_sha256=message.training_plan_sha256,
+                    status="approved",
+                    approval_required=True,
+                )
+            )
+        super()._on_message(message)
 
 
 class Scripted:
@@ -86,7 +117,7 @@ class Scripted:
         self.tmp = tmp_path
         self.broker = MemoryBroker()
         self.repo = LocalRepository(tmp_path / "repository")
-        self.nodes = {n: ScriptedNode(self.broker, n) for n in NODES}
+        self.nodes = {n: ApprovingNode(self.broker, n) for n in NODES}
         self.researcher = MemoryBus(self.broker, "researcher-bad", role="researcher")
         plan = tmp_path / "plan.py"
         BreastCancerPlan().save_code(plan)
@@ -104,8 +135,8 @@ class Scripted:
             durability="never",
             aggregator=aggregator,
         )
-        self.job._record(lifecycle_approval(self.job))
-        self.job._driver.send_round(1)
+        self.job.check_training_plan_is_approved_by_nodes(deadline_s=2.0)
+        self.job.step(max_wait_s=0.0)  # round 1: recorded, then published; no wait
 
     def reply(self, node_id: str, *, url: str, sha256: str, samples: int) -> None:
         request = self.nodes[node_id].requests[1]
@@ -152,7 +183,7 @@ def test_a_reply_naming_one_file_by_another_digest_fails_and_deletes_nothing(
     world.reply("node-b", url=b["file"], sha256=a["sha256"], samples=10)
     # node-c reuses node-a's file and digest with no samples: refused, and a's file stays
     world.reply("node-c", url=a["file"], sha256=a["sha256"], samples=0)
-    job._driver.collect(timeout_s=1.0)
+    job.step(max_wait_s=1.0)
     assert job.params_path(a["sha256"]).exists()
     job.aggregate()
     events = world.events()

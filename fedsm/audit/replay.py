@@ -85,7 +85,7 @@ def summarize(event: ev.Event) -> str:
             f"min {e.min_nodes}, seed {e.seed}"
         )
     if isinstance(e, ev.TrainingPlanUploaded):
-        return f"plan {e.class_name} uploaded sha256 {_short(e.sha256)} {e.url}"
+        return f"plan {e.class_name} sha256 {_short(e.sha256)}"
     if isinstance(e, ev.ParamsUploaded):
         return f"params for round {e.round} uploaded sha256 {_short(e.sha256)}"
     if isinstance(e, ev.ApprovalChecked):
@@ -362,8 +362,8 @@ def _print_state(seq: int, state: JobState, out: TextIO) -> None:
     out.write(f"state after seq {seq}\n")
     out.write(f"  status         {state.status}\n")
     out.write(f"  job            {state.job_id} (researcher {state.researcher_id})\n")
-    out.write(f"  plan           {state.plan_sha256} {state.plan_url or ''}\n")
-    out.write(f"  params         {state.params_sha256} {state.params_url or ''}\n")
+    out.write(f"  plan           {state.plan_sha256}\n")
+    out.write(f"  params         {state.params_sha256}\n")
     out.write(
         f"  round          {state.round} of {state.config.round_limit if state.config else '-'}\n"
     )

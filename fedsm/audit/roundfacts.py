@@ -149,7 +149,6 @@ def round_facts(records: Iterable[Record]) -> list[RoundFacts]:
                 "seq": r.seq,
                 "after_s": after,
                 "params_sha256": e.params_sha256,
-                "params_url": e.params_url,
                 "nodes": list(e.nodes),
                 "weights": dict(e.weights),
                 "aggregator": e.aggregator,

@@ -18,7 +18,7 @@ from fedsm.core.jobstate import JobState
 from fedsm.core.messages import ErrorReply, Message, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
 
-__all__ = ["Verdict", "classify", "train_request_id"]
+__all__ = ["Verdict", "classify", "digest_in_url", "train_request_id"]
 
 
 def train_request_id(job_id: str, round_number: int, node_id: str) -> str:
@@ -30,6 +30,20 @@ def train_request_id(job_id: str, round_number: int, node_id: str) -> str:
     """
     digest = hashlib.sha256(f"{job_id}\x00{round_number}\x00{node_id}".encode()).hexdigest()
     return f"train-{digest[:32]}"
+
+
+def digest_in_url(url: str) -> str | None:
+    """The sha256 a repository URL names (its last path segment), or None.
+
+    Every repository addresses files by digest (``file:///root/<sha256>``,
+    ``https://host/files/<sha256>``). The researcher fetches a reply's parameters from its
+    own repository by digest; the URL only has to name the same file as the digest it came
+    with, wherever that repository was when the node answered.
+    """
+    last = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    if len(last) == 64 and all(c in "0123456789abcdef" for c in last):
+        return last
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ def classify(state: JobState, message: Message) -> Verdict:
     """Decide what a message taken from the bus means for the current round of ``state``."""
     if not isinstance(message, (TrainReply, ErrorReply)):
         return Verdict(None, f"{message.command} is not a training reply")
-    if state.status not in ("round_sent", "collecting"):
+    if not state.status.in_round:
         return Verdict(None, f"no round is being collected (state {state.status})")
     if message.job_id != state.job_id:
         return Verdict(None, f"reply for another job ({message.job_id})")
@@ -78,12 +92,22 @@ def classify(state: JobState, message: Message) -> Verdict:
                 f"job's plan {state.plan_sha256}",
             )
         )
+    if digest_in_url(message.params_url) != message.params_sha256:
+        return Verdict(
+            NodeFailed(
+                round=state.round,
+                node_id=node,
+                request_id=message.request_id,
+                code=int(ErrorNumber.PARAMS_DIGEST_MISMATCH),
+                message=f"{node}'s reply names params {message.params_sha256} but its URL "
+                f"names another file: {message.params_url[:200]}",
+            )
+        )
     try:
         event = ReplyReceived(
             round=state.round,
             node_id=node,
             request_id=message.request_id,
-            params_url=message.params_url,
             params_sha256=message.params_sha256,
             sample_size=message.sample_size,
             metrics=dict(message.metrics),

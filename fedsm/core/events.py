@@ -51,6 +51,11 @@ __all__ = [
 # --------------------------------------------------------------------------- events
 
 
+def _without(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """``data`` without the field ``name`` (an upcaster dropping a retired field)."""
+    return {k: v for k, v in data.items() if k != name}
+
+
 @dataclass(frozen=True)
 class Event:
     """Base of every event. Don't instantiate; use a concrete event class.
@@ -99,20 +104,39 @@ class JobCreated(Event):
 
 @dataclass(frozen=True)
 class TrainingPlanUploaded(Event):
-    """The training plan source is in the repository under this URL and digest."""
+    """The job's training plan source, by digest: the file the job uploads and nodes approve.
 
-    url: str = _f("str")
+    Version 2 drops ``url``: the log names artifacts by digest only (where the repository
+    is, is configuration at resume), so a run directory can move.
+    """
+
+    version: ClassVar[int] = 2
+
     sha256: str = _f("sha256")
     class_name: str = _f("str")
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 also recorded the upload URL, a location of the machine that ran it."""
+        return _without(data, "url")
 
 
 @dataclass(frozen=True)
 class ParamsUploaded(Event):
-    """Parameters are in the repository. The initial parameters are round 0."""
+    """The job's global parameters, by digest. The initial parameters are round 0.
+
+    Version 2 drops ``url`` (see :class:`TrainingPlanUploaded`).
+    """
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
-    url: str = _f("str")
     sha256: str = _f("sha256")
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 also recorded the upload URL."""
+        return _without(data, "url")
 
 
 @dataclass(frozen=True)
@@ -126,22 +150,48 @@ class ApprovalChecked(Event):
 
 @dataclass(frozen=True)
 class RoundSent(Event):
-    """Train requests of a round were published to these nodes."""
+    """A round was decided: its train requests go to these nodes, after this is recorded.
+
+    ``aggregator_args`` are the per-node arguments of the strategy for this round, exactly as
+    the requests carry them except that an argument sent as a file is ``{"sha256": digest}``
+    (its URL is derived from the repository at send time). A request re-sent after a
+    restore is rebuilt from this event, so it is the very request a node may already have
+    answered. Version 2 drops ``params_url`` and adds ``aggregator_args``.
+    """
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
     nodes: tuple[str, ...] = _f("str_tuple")
     request_ids: dict[str, str] = _f("str_map")
-    params_url: str = _f("str")
     params_sha256: str = _f("sha256")
     deadline: float = _f("float")
+    aggregator_args: dict[str, Any] = _f("plain_map")
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 recorded the params URL and no aggregator args (FedAvg sent none)."""
+        return {**_without(data, "params_url"), "aggregator_args": {}}
 
 
 @dataclass(frozen=True)
 class RoundResent(Event):
-    """After a restore, the current round's requests were sent again with the same ids."""
+    """After a restore, the current round's requests go again, same ids, to these nodes.
+
+    ``deadline`` is the round's new reply deadline (a resumed run gives the pending nodes a
+    fresh window); 0.0 in version-1 logs, which kept the round's deadline.
+    """
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
     nodes: tuple[str, ...] = _f("str_tuple")
+    deadline: float = _f("float")
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 did not move the deadline."""
+        return {**data, "deadline": 0.0}
 
 
 @dataclass(frozen=True)
@@ -149,15 +199,15 @@ class ReplyReceived(Event):
     """A node's reply arrived and its params file was downloaded and its digest checked.
 
     Version 2 adds ``training_plan_sha256``: the digest of the plan the node says it ran
-    (None in version-1 logs, which did not record it).
+    (None in version-1 logs, which did not record it). Version 3 drops ``params_url``: the
+    parameters are named by digest.
     """
 
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
 
     round: int = _f("nonneg_int")
     node_id: str = _f("str")
     request_id: str = _f("str")
-    params_url: str = _f("str")
     params_sha256: str = _f("sha256")
     sample_size: int = _f("nonneg_int")
     metrics: dict[str, float] = _f("float_map")
@@ -168,6 +218,11 @@ class ReplyReceived(Event):
     def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
         """Version 1 did not record which plan the node ran."""
         return {**data, "training_plan_sha256": None}
+
+    @staticmethod
+    def upcast_v2_v3(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 2 also recorded the URL the node uploaded to."""
+        return _without(data, "params_url")
 
 
 @dataclass(frozen=True)
@@ -191,23 +246,36 @@ class RoundTimedOut(Event):
 
 @dataclass(frozen=True)
 class Aggregated(Event):
-    """The round's replies were aggregated into new global parameters."""
+    """The round's replies were aggregated into new global parameters (by digest; uploaded
+    after this is recorded). Version 2 drops ``params_url``."""
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
-    params_url: str = _f("str")
     params_sha256: str = _f("sha256")
     nodes: tuple[str, ...] = _f("str_tuple")
     weights: dict[str, float] = _f("float_map")
     aggregator: str = _f("str")
 
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 also recorded the upload URL."""
+        return _without(data, "params_url")
+
 
 @dataclass(frozen=True)
 class JobCompleted(Event):
-    """The job finished; these are its final parameters."""
+    """The job finished; these are its final parameters. Version 2 drops ``params_url``."""
+
+    version: ClassVar[int] = 2
 
     round: int = _f("nonneg_int")
-    params_url: str = _f("str")
     params_sha256: str = _f("sha256")
+
+    @staticmethod
+    def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 also recorded the URL."""
+        return _without(data, "params_url")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from fedsm.core.appendmap import AppendMap, RoundsView, empty, keys_of
@@ -22,23 +23,66 @@ from fedsm.core.events import (
     encode_event,
 )
 
-__all__ = ["ACTIVE_STATES", "STATES", "TERMINAL_STATES", "JobState", "initial_state"]
+__all__ = ["ACTIVE_STATES", "STATES", "TERMINAL_STATES", "JobState", "JobStatus", "initial_state"]
 
-STATES = (
-    "new",
-    "created",
-    "uploaded",
-    "approval_checked",
-    "round_sent",
-    "collecting",
-    "aggregated",
-    "completed",
-    "failed",
-    "cancelled",
-)
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+
+class JobStatus(str, Enum):
+    """The states of a job's lifecycle. A ``str`` enum: ``status == "collecting"`` holds, and
+    it prints as its value. Ask the predicates (``status.terminal``, ``status.in_round``...)
+    rather than comparing with tuples of names."""
+
+    NEW = "new"
+    CREATED = "created"
+    UPLOADED = "uploaded"
+    APPROVAL_CHECKED = "approval_checked"
+    ROUND_SENT = "round_sent"
+    COLLECTING = "collecting"
+    AGGREGATED = "aggregated"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def terminal(self) -> bool:
+        """The job is over: completed, failed or cancelled."""
+        return self in _TERMINAL
+
+    @property
+    def stopped(self) -> bool:
+        """The job failed or was cancelled."""
+        return self is JobStatus.FAILED or self is JobStatus.CANCELLED
+
+    @property
+    def active(self) -> bool:
+        """The job exists and can still fail or be cancelled."""
+        return self is not JobStatus.NEW and self not in _TERMINAL
+
+    @property
+    def in_round(self) -> bool:
+        """A round was sent and has not been aggregated yet (replies are being collected)."""
+        return self is JobStatus.ROUND_SENT or self is JobStatus.COLLECTING
+
+    @property
+    def opening(self) -> bool:
+        """The job's opening events are not all recorded yet (new or created)."""
+        return self is JobStatus.NEW or self is JobStatus.CREATED
+
+    @property
+    def between_rounds(self) -> bool:
+        """A next round may be decided: approval checked, or the last round aggregated."""
+        return self is JobStatus.APPROVAL_CHECKED or self is JobStatus.AGGREGATED
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+#: Every status, in lifecycle order (the ``transitions`` machine's states).
+STATES: tuple[JobStatus, ...] = tuple(JobStatus)
+TERMINAL_STATES: frozenset[JobStatus] = _TERMINAL
 #: States in which a job exists and can still fail or be cancelled.
-ACTIVE_STATES = tuple(s for s in STATES if s != "new" and s not in TERMINAL_STATES)
+ACTIVE_STATES: tuple[JobStatus, ...] = tuple(s for s in STATES if s.active)
 
 
 @dataclass(frozen=True)
@@ -48,20 +92,22 @@ class JobState:
     ``round`` is the current round (0 before the first ``RoundSent``); ``round_nodes`` and
     ``request_ids`` belong to it. ``round_replies``/``round_failures`` are the current
     round's; :attr:`replies`/:attr:`failures` give every round's (round -> node -> event).
-    ``params_url``/``params_sha256`` are the current global parameters.
+    ``params_sha256`` names the current global parameters. ``round_deadline`` is when the
+    current round stops waiting (job clock), ``round_aggregator_args`` what each of its
+    nodes was sent (recorded in ``RoundSent``). ``approvals`` is the last approval check.
     """
 
-    status: str = "new"
+    status: JobStatus = JobStatus.NEW
     job_id: str | None = None
     researcher_id: str | None = None
     config: JobCreated | None = None
-    plan_url: str | None = None
     plan_sha256: str | None = None
-    params_url: str | None = None
     params_sha256: str | None = None
     round: int = 0
     round_nodes: tuple[str, ...] = ()
     request_ids: Mapping[str, str] = field(default_factory=empty)
+    round_deadline: float = 0.0
+    round_aggregator_args: Mapping[str, Any] = field(default_factory=empty)
     round_replies: AppendMap[str, ReplyReceived] = field(default_factory=empty)
     round_failures: AppendMap[str, NodeFailed] = field(default_factory=empty)
     past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=empty)
@@ -82,7 +128,22 @@ class JobState:
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL_STATES
+        """The job is over (completed, failed or cancelled)."""
+        return self.status.terminal
+
+    def approval_refusals(self) -> dict[str, str]:
+        """Nodes of the job that may not run its plan by the last approval check, with their
+        status (every node when no check is recorded). Empty: rounds may be sent."""
+        assert self.config is not None
+        check = self.approvals
+        if check is None or check.plan_sha256 != self.plan_sha256:
+            return {node: "unchecked" for node in self.config.nodes}
+        statuses, required = check.statuses, check.approval_required
+        return {
+            node: statuses.get(node, "unchecked")
+            for node in self.config.nodes
+            if statuses.get(node) != "approved" and required.get(node, True)
+        }
 
     def unanswered_nodes(self) -> tuple[str, ...]:
         """Nodes of the current round that have neither replied nor failed."""
@@ -92,7 +153,7 @@ class JobState:
     def pending_nodes(self) -> tuple[str, ...]:
         """Nodes still awaited in the current round: the unanswered ones, or none once the
         round has timed out (a late reply is not counted) or is no longer being collected."""
-        if self.status not in ("round_sent", "collecting") or self.round in self.timed_out:
+        if not self.status.in_round or self.round in self.timed_out:
             return ()
         return self.unanswered_nodes()
 
@@ -115,17 +176,17 @@ class JobState:
             }
 
         return {
-            "status": self.status,
+            "status": self.status.value,
             "job_id": self.job_id,
             "researcher_id": self.researcher_id,
             "config": ev(self.config),
-            "plan_url": self.plan_url,
             "plan_sha256": self.plan_sha256,
-            "params_url": self.params_url,
             "params_sha256": self.params_sha256,
             "round": self.round,
             "round_nodes": list(self.round_nodes),
             "request_ids": dict(self.request_ids),
+            "round_deadline": self.round_deadline,
+            "round_aggregator_args": dict(self.round_aggregator_args),
             "pending_nodes": list(self.pending_nodes()),
             "replies": rounds(self.replies),
             "failures": rounds(self.failures),

@@ -31,7 +31,6 @@ States::
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,29 +54,37 @@ from fedsm.core.events import (
     RoundTimedOut,
     TrainingPlanUploaded,
 )
-from fedsm.core.jobstate import ACTIVE_STATES, STATES, JobState, initial_state
+from fedsm.core.jobstate import ACTIVE_STATES, STATES, JobState, JobStatus, initial_state
 from fedsm.errors import FedsmError
 
-__all__ = ["TRANSITIONS", "IllegalTransition", "allowed_events", "apply", "build_machine", "replay"]
+__all__ = [
+    "TRANSITIONS",
+    "IllegalTransition",
+    "allowed_events",
+    "apply",
+    "build_machine",
+    "replay",
+]
 
+_S = JobStatus
 #: (event type, source states, destination). The single source of truth.
-TRANSITIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("JobCreated", ("new",), "created"),
-    ("TrainingPlanUploaded", ("created",), "uploaded"),
-    ("ParamsUploaded", ("uploaded",), "uploaded"),
+TRANSITIONS: tuple[tuple[str, tuple[JobStatus, ...], JobStatus], ...] = (
+    ("JobCreated", (_S.NEW,), _S.CREATED),
+    ("TrainingPlanUploaded", (_S.CREATED,), _S.UPLOADED),
+    ("ParamsUploaded", (_S.UPLOADED,), _S.UPLOADED),
     # Initial parameters may be replaced until the first round (the plan is unchanged).
-    ("ParamsUploaded", ("approval_checked",), "approval_checked"),
-    ("ApprovalChecked", ("uploaded", "approval_checked"), "approval_checked"),
-    ("RoundSent", ("approval_checked", "aggregated"), "round_sent"),
-    ("RoundResent", ("round_sent",), "round_sent"),
-    ("RoundResent", ("collecting",), "collecting"),
-    ("ReplyReceived", ("round_sent", "collecting"), "collecting"),
-    ("NodeFailed", ("round_sent", "collecting"), "collecting"),
-    ("RoundTimedOut", ("round_sent", "collecting"), "collecting"),
-    ("Aggregated", ("collecting",), "aggregated"),
-    ("JobCompleted", ("aggregated",), "completed"),
-    ("JobFailed", ACTIVE_STATES, "failed"),
-    ("JobCancelled", ACTIVE_STATES, "cancelled"),
+    ("ParamsUploaded", (_S.APPROVAL_CHECKED,), _S.APPROVAL_CHECKED),
+    ("ApprovalChecked", (_S.UPLOADED, _S.APPROVAL_CHECKED), _S.APPROVAL_CHECKED),
+    ("RoundSent", (_S.APPROVAL_CHECKED, _S.AGGREGATED), _S.ROUND_SENT),
+    ("RoundResent", (_S.ROUND_SENT,), _S.ROUND_SENT),
+    ("RoundResent", (_S.COLLECTING,), _S.COLLECTING),
+    ("ReplyReceived", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
+    ("NodeFailed", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
+    ("RoundTimedOut", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
+    ("Aggregated", (_S.COLLECTING,), _S.AGGREGATED),
+    ("JobCompleted", (_S.AGGREGATED,), _S.COMPLETED),
+    ("JobFailed", ACTIVE_STATES, _S.FAILED),
+    ("JobCancelled", ACTIVE_STATES, _S.CANCELLED),
 )
 
 
@@ -85,7 +92,7 @@ class IllegalTransition(FedsmError):
     """An event that the lifecycle does not allow in the current state (nothing changed)."""
 
     def __init__(self, state: str, event: str, reason: str) -> None:
-        super().__init__(f"{event} is not allowed in state {state!r}: {reason}")
+        super().__init__(f"{event} is not allowed in state {str(state)!r}: {reason}")
         self.state, self.event, self.reason = state, event, reason
 
 
@@ -100,22 +107,22 @@ def build_machine(model: Any = None) -> Machine:
     """
     machine = Machine(
         model=Machine.self_literal if model is None else model,
-        states=list(STATES),
-        initial="new",
+        states=[s.value for s in STATES],
+        initial=JobStatus.NEW.value,
         auto_transitions=False,  # no to_<state>() back doors around the table
     )
     for trigger, sources, dest in TRANSITIONS:
-        machine.add_transition(trigger, list(sources), dest)
+        machine.add_transition(trigger, [s.value for s in sources], dest.value)
     return machine
 
 
-def _derive_table() -> dict[tuple[str, str], str]:
+def _derive_table() -> dict[tuple[JobStatus, str], JobStatus]:
     machine = build_machine()
-    table: dict[tuple[str, str], str] = {}
+    table: dict[tuple[JobStatus, str], JobStatus] = {}
     for trigger, event in machine.events.items():
         for source, transitions in event.transitions.items():
             for transition in transitions:
-                table[(source, trigger)] = transition.dest
+                table[(JobStatus(source), trigger)] = JobStatus(transition.dest)
     return table
 
 
@@ -154,12 +161,12 @@ def _on_job_created(s: JobState, e: JobCreated, values: dict[str, Any]) -> None:
 
 
 def _on_plan_uploaded(s: JobState, e: TrainingPlanUploaded, values: dict[str, Any]) -> None:
-    values["plan_url"], values["plan_sha256"] = e.url, e.sha256
+    values["plan_sha256"] = e.sha256
 
 
 def _on_params_uploaded(s: JobState, e: ParamsUploaded, values: dict[str, Any]) -> None:
     _check(e.round == 0, f"only initial parameters (round 0) are uploaded here, got {e.round}")
-    values["params_url"], values["params_sha256"] = e.url, e.sha256
+    values["params_sha256"] = e.sha256
 
 
 def _on_approval_checked(s: JobState, e: ApprovalChecked, values: dict[str, Any]) -> None:
@@ -184,7 +191,13 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
         e.params_sha256 == s.params_sha256,
         f"sent params {e.params_sha256[:12]}..., but the current params are {s.params_sha256}",
     )
+    strangers = sorted(set(e.aggregator_args).difference(e.nodes))
+    _check(not strangers, f"aggregator args for nodes {strangers} that are not in the round")
+    # Approval is a fact per round: a round goes only to nodes the last check cleared.
+    refused = {n: v for n, v in s.approval_refusals().items() if n in e.nodes}
+    _check(not refused, f"the training plan is not approved on {refused}")
     values["round"], values["round_nodes"], values["request_ids"] = e.round, e.nodes, e.request_ids
+    values["round_deadline"], values["round_aggregator_args"] = e.deadline, e.aggregator_args
     values["round_replies"] = values["round_failures"] = EMPTY
     if s.round > 0:  # archive the finished round's replies and failures
         values["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
@@ -200,6 +213,8 @@ def _on_round_resent(s: JobState, e: RoundResent, values: dict[str, Any]) -> Non
     _check(bool(e.nodes), "nothing re-sent")
     strangers = sorted(set(e.nodes).difference(s.round_nodes))
     _check(not strangers, f"nodes {strangers} are not in round {s.round}")
+    if e.deadline > 0.0:  # 0.0: a version-1 record, which kept the round's deadline
+        values["round_deadline"] = e.deadline
 
 
 def _answered(amap: AppendMap[Any, Any], key: Any) -> bool:
@@ -262,7 +277,7 @@ def _on_aggregated(s: JobState, e: Aggregated, values: dict[str, Any]) -> None:
         len(replied) >= s.config.min_nodes,
         f"{len(replied)} replies, fewer than min_nodes {s.config.min_nodes}",
     )
-    values["params_url"], values["params_sha256"] = e.params_url, e.params_sha256
+    values["params_sha256"] = e.params_sha256
     values["aggregates"] = s.aggregates.plus(e.round, e)
 
 
@@ -333,16 +348,12 @@ def apply(state: JobState, event: Event) -> JobState:
 
 
 def replay(events: Iterable[Event], state: JobState | None = None) -> JobState:
-    """Fold ``events`` into ``state`` (default: the initial state) with :func:`apply`."""
+    """Fold ``events`` into ``state`` (default: the initial state) with :func:`apply`.
+
+    Pure: long replays are fastest with the garbage collector paused, which is the caller's
+    business (:func:`fedsm.log.read.gc_paused`), not the core's.
+    """
     current = initial_state() if state is None else state
-    # The collector would re-traverse the growing per-round maps over and over while
-    # nothing here makes cycles; pausing it makes long replays ~1.5x faster.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for event in events:
-            current = apply(current, event)
-    finally:
-        if was_enabled:
-            gc.enable()
+    for event in events:
+        current = apply(current, event)
     return current

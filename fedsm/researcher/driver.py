@@ -1,9 +1,11 @@
-"""One federated round, driven for a Job: send, collect (with a deadline), aggregate.
+"""The I/O of a Job's commands: what :mod:`fedsm.core.policy` decided, carried out.
 
-Kept apart from :mod:`fedsm.researcher.job` so that the Job stays the seed's surface and this module
-holds the round's I/O: publishing train requests, taking replies from the inbox until every
-node answered or the deadline passed, downloading and checking each node's parameters, and
-streaming them through the aggregator in canonical (sorted node id) order.
+Every method here runs after the events that decided it are in the log, and records what it
+learns through ``job._record`` before it goes on. It asks the nodes about approval, prepares
+a round's aggregator arguments as local files, uploads what a request names (content
+addressed, so an upload after a crash is the same upload), publishes the requests
+``RoundSent`` describes, takes replies until the round's deadline, downloads and checks each
+reply's parameters, and streams them through the aggregator in sorted node order.
 """
 
 from __future__ import annotations
@@ -11,26 +13,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsm.core.collect import classify, train_request_id
+from fedsm.core.collect import classify
 from fedsm.core.events import (
     Aggregated,
-    JobCompleted,
+    ApprovalChecked,
+    JobFailed,
     NodeFailed,
     ReplyReceived,
-    RoundResent,
-    RoundSent,
-    RoundTimedOut,
 )
-from fedsm.core.messages import TrainRequest
+from fedsm.core.messages import TrainingPlanStatusReply, TrainingPlanStatusRequest, TrainRequest
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.core.seeds import derive_seed
+from fedsm.digests import is_sha256, sha256_file
 from fedsm.repository.base import DigestMismatch, RepositoryError
-from fedsm.repository.errors import InvalidRepositoryUrl
-from fedsm.researcher.errors import JobError
+from fedsm.researcher.errors import JobError, JobFailedError
 from fedsm.strategies.fedavg import AggregationError
-from fedsm.training.params import ParamsFileError, load_params
+from fedsm.training.params import ParamsFileError, load_params, save_params
 
 if TYPE_CHECKING:
     from fedsm.researcher.job import Job
@@ -41,147 +42,206 @@ log = logging.getLogger(__name__)
 
 
 class RoundDriver:
-    """Does the I/O of a Job's rounds; every fact goes through ``job._record``."""
+    """Carries out a Job's commands; every fact it learns goes through ``job._record``."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self._collect_until = 0.0  # monotonic deadline of the round being collected
+        self._uploaded: set[str] = set()  # digests known to be in the repository
         self._like: tuple[str, dict[str, Any]] | None = None
 
-    # ------------------------------------------------------------------ send
+    # ------------------------------------------------------------------ uploads
 
-    def send_round(
-        self,
-        round_number: int,
-        args_thr_msg: Mapping[str, Mapping[str, Any]] | None = None,
-        args_thr_files: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        """Publish round ``round_number``; after a restore mid-round, re-send it unchanged."""
+    def ensure_uploaded(self, digests: list[str]) -> None:
+        """Upload the job's local files with these digests unless the repository has them.
+
+        Called before a request names them: a file becomes visible to the nodes only after
+        the event that decided it is recorded, and a restore re-uploads what a crash cut.
+        """
+        job = self.job
+        for sha in digests:
+            if sha in self._uploaded:
+                continue
+            if not job.repository.exists(sha):
+                path = job._files.find(sha)
+                if path is None:
+                    raise JobError(
+                        f"the job's file {sha} is neither in the repository nor under "
+                        f"{job._files.root}; copy the run directory whole, or point the job "
+                        "at the repository that holds it"
+                    )
+                up = job.repository.upload_file(path)
+                if up["sha256"] != sha:
+                    raise DigestMismatch(f"uploaded {path} as {up['sha256']}, expected {sha}")
+            self._uploaded.add(sha)
+
+    # ------------------------------------------------------------------ approval
+
+    def ask_approval(self, deadline_s: float | None) -> ApprovalChecked:
+        """Send ``training-plan-status`` to every node of the job; the event that records it.
+
+        A node that does not answer within the deadline counts as ``no-reply`` and as
+        requiring approval (the safe assumption).
+        """
         job = self.job
         state = job.state
-        deadline_s = state.config.reply_deadline_s
-        if state.status in ("round_sent", "collecting"):
-            if state.round != round_number:
-                raise JobError(f"round {state.round} is being collected, not {round_number}")
-            pending = sorted(state.pending_nodes())
-            if pending:
-                # The aggregator's args are a function of the recorded state, so the re-sent
-                # request is the very request the node may already have answered.
-                agg_args = self._aggregator_args(round_number, None, None)
-                for node in pending:
-                    request = self._request(
-                        node, round_number, agg_args.get(node, {}), job._clock() + deadline_s
-                    )
-                    job.requests.send(node, request)
-                job._record(RoundResent(round=round_number, nodes=tuple(pending)))
-            self._collect_until = time.monotonic() + deadline_s
-            return
-        if state.status not in ("approval_checked", "aggregated"):
-            raise JobError(
-                f"can not start a round in state {state.status!r}"
-                + (
-                    ": run check_training_plan_is_approved_by_nodes() first"
-                    if state.status == "uploaded"
-                    else ""
-                )
-            )
-        nodes = list(state.config.nodes)
-        offline = job.requests.offline_nodes(nodes)
-        if offline:
-            log.warning(
-                "round %d: nodes %s are offline; their requests wait at the broker until they "
-                "reconnect or the reply deadline (%.0f s) passes",
-                round_number,
-                offline,
-                deadline_s,
-            )
-        agg_args = self._aggregator_args(round_number, args_thr_msg, args_thr_files)
-        deadline = job._clock() + deadline_s
-        request_ids = {}
-        for node in nodes:
-            request = self._request(node, round_number, agg_args.get(node, {}), deadline)
-            job.requests.send(node, request)
-            request_ids[node] = request.request_id
-        self._collect_until = time.monotonic() + deadline_s
-        job._record(
-            RoundSent(
-                round=round_number,
-                nodes=tuple(nodes),
-                request_ids=request_ids,
-                params_url=state.params_url,
-                params_sha256=state.params_sha256,
-                deadline=deadline,
-            )
+        config = state.config
+        assert config is not None and state.plan_sha256 is not None
+        self.ensure_uploaded([state.plan_sha256])
+        deadline_s = config.reply_deadline_s if deadline_s is None else deadline_s
+        replies = job.requests.ask(
+            TrainingPlanStatusRequest,
+            config.nodes,
+            deadline_s,
+            job_id=state.job_id,
+            training_plan_url=job.repository.url_for(state.plan_sha256),
+            training_plan_sha256=state.plan_sha256,
+        )
+        statuses: dict[str, str] = {}
+        required: dict[str, bool] = {}
+        for node in config.nodes:
+            reply = replies.get(node)
+            if isinstance(reply, TrainingPlanStatusReply):
+                statuses[node] = reply.status
+                required[node] = reply.approval_required
+            else:
+                statuses[node] = "no-reply"
+                required[node] = True
+        return ApprovalChecked(
+            plan_sha256=state.plan_sha256, statuses=statuses, approval_required=required
         )
 
-    def _aggregator_args(
+    # ------------------------------------------------------------------ a round's args
+
+    def aggregator_args(
         self,
         round_number: int,
         args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
         args_thr_files: Mapping[str, Mapping[str, Any]] | None,
     ) -> dict[str, dict[str, Any]]:
-        """Per node: the aggregator's own args for this round, plus any given explicitly."""
+        """Per node: the strategy's args for this round plus any given explicitly; a file or
+        tensor map becomes ``{"sha256": digest}`` of a local file (uploaded when published)."""
         job = self.job
         state = job.state
+        assert state.params_sha256 is not None
         small, files = job._aggregator.create_aggregator_args(
             round_number=round_number,
-            node_ids=list(state.config.nodes),
+            node_ids=list(job.nodes),
             global_params_path=job.params_path(state.params_sha256),
-            out_dir=job._files / "aggregator",
+            out_dir=job._files.root / "aggregator",
         )
         for node, args in (args_thr_msg or {}).items():
             small.setdefault(node, {}).update(args)
         for node, args in (args_thr_files or {}).items():
             files.setdefault(node, {}).update(args)
-        return job.upload_aggregator_args(small, files)
+        out: dict[str, dict[str, Any]] = {n: dict(small.get(n, {})) for n in job.nodes}
+        for node, heavy in files.items():
+            for name, value in heavy.items():
+                out.setdefault(node, {})[name] = {"sha256": self._keep_file(name, node, value)}
+        return {n: a for n, a in out.items() if a}
 
-    def _request(
-        self, node: str, round_number: int, agg_args: Mapping[str, Any], deadline: float
-    ) -> TrainRequest:
-        state = self.job.state
+    def _keep_file(self, name: str, node: str, value: Any) -> str:
+        """Keep an aggregator arg file (a path, or tensors to save) under the job's files."""
+        root = self.job._files.root
+        tmp = root / "aggregator" / f"{name}-{node}.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, (str, Path)):
+            data = Path(value).read_bytes()
+            tmp.write_bytes(data)
+            sha = sha256_file(tmp)
+        else:
+            sha = save_params(tmp, value)
+        self.job._files.store(tmp, sha, kind="aggregator")
+        return sha
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, round_number: int, nodes: tuple[str, ...]) -> None:
+        """Send the requests ``RoundSent`` recorded for ``round_number`` to ``nodes``."""
+        job = self.job
+        state = job.state
+        assert state.round == round_number and state.plan_sha256 and state.params_sha256
+        args = state.round_aggregator_args
+        file_args = [
+            v["sha256"]
+            for node in nodes
+            for v in dict(args.get(node, {})).values()
+            if isinstance(v, Mapping) and set(v) == {"sha256"} and is_sha256(v["sha256"])
+        ]
+        self.ensure_uploaded([state.plan_sha256, state.params_sha256, *file_args])
+        offline = job.requests.offline_nodes(nodes)
+        if offline:
+            log.warning(
+                "round %d: nodes %s are offline; their requests wait at the broker until they "
+                "reconnect or the reply deadline passes",
+                round_number,
+                offline,
+            )
+        for node in nodes:
+            job.requests.send(node, self.request(node))
+
+    def request(self, node: str) -> TrainRequest:
+        """The train request of ``node`` in the current round, rebuilt from the recorded
+        ``RoundSent`` (and the repository's location, which is configuration)."""
+        job = self.job
+        state = job.state
         config = state.config
+        assert config is not None and state.job_id and state.plan_sha256 and state.params_sha256
+        url_for = job.repository.url_for
+        agg_args = {
+            name: (
+                {"url": url_for(v["sha256"]), "sha256": v["sha256"]}
+                if isinstance(v, Mapping) and set(v) == {"sha256"}
+                else v
+            )
+            for name, v in dict(state.round_aggregator_args.get(node, {})).items()
+        }
         return TrainRequest(
-            request_id=train_request_id(state.job_id, round_number, node),
-            researcher_id=self.job.requests.researcher_id,
+            request_id=state.request_ids[node],
+            researcher_id=job.requests.researcher_id,
             node_id=node,
-            deadline=deadline,
+            deadline=state.round_deadline,
             job_id=state.job_id,
-            round=round_number,
+            round=state.round,
             dataset_id=config.datasets[node],
-            training_plan_url=state.plan_url,
+            training_plan_url=url_for(state.plan_sha256),
             training_plan_sha256=state.plan_sha256,
             training_plan_class=config.training_plan_class,
-            params_url=state.params_url,
+            params_url=url_for(state.params_sha256),
             params_sha256=state.params_sha256,
             training_args=dict(config.training_args),
             model_args=dict(config.model_args),
-            seed=derive_seed(config.seed, round_number, node),
-            aggregator_args=dict(agg_args),
+            seed=derive_seed(config.seed, state.round, node),
+            aggregator_args=agg_args,
         )
 
     # ------------------------------------------------------------------ collect
 
-    def collect(self, timeout_s: float | None = None) -> None:
-        """Take replies until every node of the round answered or the deadline passed.
+    def collect(self, until: float, timeout_s: float | None = None) -> bool:
+        """Take replies until every node of the round answered or ``until`` (job clock) passed;
+        return True if the wait ran to its end (the round's window is used up).
 
-        ``timeout_s`` shortens the wait to that many seconds from now (tests step a round
-        with it); by default the round's reply deadline applies.
+        ``timeout_s`` shortens the wait to that many seconds from now (tests step a round with
+        it); such a shortened wait never counts as the window's end.
         """
         job = self.job
-        if timeout_s is not None:
-            self._collect_until = min(self._collect_until, time.monotonic() + timeout_s)
-        backlog: int | None = None  # messages already queued when the deadline passed
+        window = max(0.0, until - job._clock())
+        stop_at = time.monotonic() + window
+        if timeout_s is not None and timeout_s < window:
+            stop_at, window_end = time.monotonic() + timeout_s, False
+        else:
+            window_end = True
+        backlog: int | None = None  # messages already queued when the wait ended
         while job.state.pending_nodes():
-            remaining = self._collect_until - time.monotonic()
+            remaining = stop_at - time.monotonic()
             if remaining <= 0:
-                # Replies that arrived by the deadline still count, even if handling the
-                # ones before them (download, fsync) took us past it; newer ones do not.
+                # Replies that arrived by the deadline still count, even if handling the ones
+                # before them (download, fsync) took us past it; newer ones do not.
                 backlog = job.requests.queued() if backlog is None else backlog - 1
                 if backlog <= 0:
-                    break
+                    return window_end
             message = job.requests.next_message(max(0.0, remaining))
             if message is None:
-                break
+                continue
             verdict = classify(job.state, message)
             if verdict.event is None:
                 log.debug(
@@ -200,29 +260,20 @@ class RoundDriver:
                     event.code,
                     event.message,
                 )
-        missing = sorted(job.state.pending_nodes())
-        if missing:
-            log.warning("round %d timed out waiting for %s", job.state.round, missing)
-            job._record(RoundTimedOut(round=job.state.round, missing=tuple(missing)))
+        return False
 
     def _fetch(self, event: ReplyReceived) -> ReplyReceived | NodeFailed:
-        """Download a node's parameters, check their digest, and check that they are
-        parameters of this job's model (names, shapes, dtypes of the global parameters) with a
-        positive sample size. A reply failing any of these fails the node, so that one bad
-        reply can never block aggregation (nor every resume after it)."""
+        """Download a node's parameters from this job's repository by digest, and check that
+        they are parameters of this job's model (names, shapes, dtypes of the global
+        parameters) with a positive sample size. A reply failing any of these fails the node,
+        so that one bad reply can never block aggregation (nor every resume after it)."""
         job = self.job
         path = job.params_path(event.params_sha256)
         fetched = False  # only a file this reply brought may be removed again
         try:
-            claimed = job.repository.digest_of_url(event.params_url)
-            if claimed != event.params_sha256:
-                raise DigestMismatch(
-                    f"the reply names digest {event.params_sha256} but its URL is the file "
-                    f"{claimed}"
-                )
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                job.repository.download_file(event.params_url, path)
+                job.repository.download_file(job.repository.url_for(event.params_sha256), path)
                 fetched = True
             if event.sample_size <= 0:
                 raise ParamsFileError(f"the node reported {event.sample_size} training samples")
@@ -230,8 +281,6 @@ class RoundDriver:
             return event
         except DigestMismatch as exc:
             code, text = ErrorNumber.PARAMS_DIGEST_MISMATCH, f"could not fetch params: {exc}"
-        except InvalidRepositoryUrl as exc:
-            code, text = ErrorNumber.BAD_REQUEST, f"params URL is not of this repository: {exc}"
         except RepositoryError as exc:
             code, text = ErrorNumber.REPOSITORY_UNREACHABLE, f"could not fetch params: {exc}"
         except ParamsFileError as exc:
@@ -249,6 +298,7 @@ class RoundDriver:
     def _global_params(self) -> dict[str, Any]:
         """The current global parameters, loaded once per round (the shape every reply needs)."""
         sha = self.job.state.params_sha256
+        assert sha is not None
         if self._like is None or self._like[0] != sha:
             self._like = (sha, load_params(self.job.params_path(sha)))
         return self._like[1]
@@ -256,42 +306,32 @@ class RoundDriver:
     # ------------------------------------------------------------------ aggregate
 
     def aggregate(self) -> str:
-        """FedAvg of the round's replies in sorted node order; fail the job below quorum."""
+        """Aggregate the round's replies in sorted node order; record ``Aggregated``, then
+        upload the result. An aggregation that fails records ``JobFailed`` and raises."""
         job = self.job
         state = job.state
-        if state.status not in ("collecting", "round_sent"):
-            raise JobError(f"nothing to aggregate in state {state.status!r}")
-        replies = state.replies.get(state.round, {})
-        config = state.config
-        if len(replies) < config.min_nodes:
-            failed = sorted(state.failures.get(state.round, {}))
-            missing = sorted(state.timed_out.get(state.round, ()))
-            job._fail(
-                f"round {state.round}: only {len(replies)} of {len(state.round_nodes)} nodes "
-                f"replied, min_nodes is {config.min_nodes} (failed: {failed}, no reply: "
-                f"{missing}); check those nodes (fedsm node start ...) or lower min_nodes"
-            )
+        replies = state.round_replies
         nodes = sorted(replies)
         weights = {n: float(replies[n].sample_size) for n in nodes}
         items = [(n, job.params_path(replies[n].params_sha256), weights[n]) for n in nodes]
-        tmp = job.params_path("aggregate").with_suffix(".tmp")
+        tmp = job._files.root / "params" / "aggregate.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             sha = job._aggregator.aggregate_files(items, tmp)
         except AggregationError as exc:  # replies were checked one by one; a set can still fail
             tmp.unlink(missing_ok=True)
-            job._fail(f"round {state.round}: aggregation failed: {exc}")
-        path = job._store_params(tmp, sha)
-        up = job.repository.upload_file(path)
+            reason = f"round {state.round}: aggregation failed: {exc}"
+            job._record(JobFailed(round=state.round, reason=reason))
+            raise JobFailedError(reason) from exc
+        job._files.store(tmp, sha)
         job._record(
             Aggregated(
                 round=state.round,
-                params_url=up["file"],
                 params_sha256=sha,
                 nodes=tuple(nodes),
                 weights=weights,
                 aggregator=job._aggregator.name,
             )
         )
-        if state.round >= config.round_limit:
-            job._record(JobCompleted(round=state.round, params_url=up["file"], params_sha256=sha))
+        self.ensure_uploaded([sha])
         return sha

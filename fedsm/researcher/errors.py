@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from fedsm.core.lifecycle import IllegalTransition
 from fedsm.errors import FedsmError
 
-__all__ = ["JobError", "JobFailedError", "DataQualityCheckError", "TrainingPlanNotApproved"]
+__all__ = [
+    "DataQualityCheckError",
+    "JobError",
+    "JobFailedError",
+    "RefusedByLifecycle",
+    "TrainingPlanNotApproved",
+]
 
 
 class JobError(FedsmError):
@@ -21,3 +28,9 @@ class DataQualityCheckError(JobError, ValueError):
 
 class TrainingPlanNotApproved(JobError):
     """Nodes that require approval have not approved this plan's exact sha256."""
+
+
+class RefusedByLifecycle(JobError, IllegalTransition):
+    """A Job call the lifecycle does not allow now (a round out of turn, approval asked after
+    the first round...). Raised before anything is sent or recorded: nothing changed. It is
+    both a :class:`JobError` and the core's :class:`~fedsm.core.lifecycle.IllegalTransition`."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedsm.core import policy
 from fedsm.repository.base import Repository
 from fedsm.researcher.datacheck import check_data_quality
 from fedsm.researcher.errors import JobError, JobFailedError
@@ -172,7 +173,7 @@ class Experiment:
     @property
     def finished(self) -> bool:
         """Whether the job completed, failed or was cancelled."""
-        return self.job.state.status in ("completed", "failed", "cancelled")
+        return self.job.state.status.terminal
 
     def final_params_path(self) -> Path:
         """Local file of the current global parameters."""
@@ -211,30 +212,31 @@ class Experiment:
         return statuses
 
     def run_once(self) -> RoundSummary | None:
-        """Run (or finish, after a restore) one round; None when the job is already over."""
-        job = self.job
-        state = job.state
-        if state.status in ("completed", "failed", "cancelled"):
-            return None
-        if state.status == "uploaded":
-            self.check_training_plan_status()
-            state = job.state
-        if state.status == "aggregated" and state.round >= state.config.round_limit:
-            return None
-        if state.status in ("round_sent", "collecting"):
-            round_number = state.round
-            if state.round_complete():
-                return self._aggregate()
-        else:
-            round_number = state.round + 1
-        job.start_nodes_training_round(round_number)
-        return self._aggregate()
+        """Run (or finish, after a restore) one round; None when the job is over.
 
-    def _aggregate(self) -> RoundSummary:
-        self.job.aggregate()
-        summary = self.history()[-1]
-        self._report(summary)
-        return summary
+        Steps the job's round policy (:meth:`Job.step`) until a round is aggregated or the
+        job stops. Raises :class:`TrainingPlanNotApproved` when a node has not approved the
+        plan (after asking the nodes again in this drive) and
+        :class:`~fedsm.researcher.errors.JobFailedError` when the job fails.
+        """
+        job = self.job
+        aggregated = len(job.state.aggregates)
+        while not job.state.terminal:
+            decision = job.step()
+            if any(isinstance(c, policy.Stop) for c in decision.commands):
+                break
+            if len(job.state.aggregates) > aggregated:
+                if job.state.round >= job.state.config.round_limit:
+                    job.step()  # record JobCompleted with the last round
+                summary = self.history()[-1]
+                self._report(summary)
+                return summary
+        if job.state.status.stopped:
+            raise JobFailedError(
+                f"the job {job.state.status.value}: {job.stop_reason()} "
+                f"(see: fedsm replay {job.log_path})"
+            )
+        return None
 
     def run(self, rounds: int | None = None) -> str:
         """Run the remaining rounds (or ``rounds`` more of them, counting a round interrupted
@@ -252,6 +254,7 @@ class Experiment:
                 unit="round",
                 file=sys.stderr,
             )
+        self.job.new_drive()  # approval is asked again when the last answer was not yes
         done = 0
         try:
             while rounds is None or done < rounds:  # run_once returns None at the round limit
@@ -264,7 +267,7 @@ class Experiment:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-        if self.job.state.status in ("failed", "cancelled"):
+        if self.job.state.status.stopped:
             raise JobFailedError(
                 f"the job {self.job.state.status}: {self.job.stop_reason()} "
                 f"(see: fedsm replay {self.job.log_path})"

@@ -1,55 +1,57 @@
-"""The researcher's Job: Fed-BioMed's ``Job`` rebuilt on the event log and the lifecycle.
+"""The researcher's Job: Fed-BioMed's ``Job`` rebuilt on the event log and the round policy.
 
-Every step is recorded as an event before anything relies on it, and every piece of state
-(``training_replies``, the round, the current parameters...) is the fold of the log: the Job
-holds the log, the folded :class:`~fedsm.core.lifecycle.JobState`, and handles to the bus and the
-repository, nothing else. Parameters stay on disk, addressed by digest, under
-``<run_dir>/files``.
+Every piece of state (``training_replies``, the round, the current parameters...) is the fold
+of the log. What to do next is decided by :func:`fedsm.core.policy.decide`, a pure function
+of that state and the clock; the Job records the decision's events, and only then carries
+out its commands (:class:`~fedsm.researcher.driver.RoundDriver` does the I/O). So a request
+is never published, nor a file uploaded, before the event that decides it is durable, and a
+call the lifecycle refuses changes nothing outside the process.
 
-A breakpoint is just (log, seq): :meth:`Job.restore` rebuilds a Job from ``<run_dir>/job.log``
-alone and carries on; a round interrupted mid-way is re-sent under the same request ids,
-which nodes answer from their reply cache.
+The log names artifacts by digest only; the job keeps them under ``<run_dir>/files`` and the
+repository's location is configuration. A breakpoint is just (log, seq): :meth:`Job.restore`
+rebuilds a Job from ``<run_dir>/job.log`` alone, completes an opening cut by a crash, and
+carries on; a round interrupted mid-way is re-sent under the same request ids, which nodes
+answer from their reply cache.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedsm.core import lifecycle
-from fedsm.core.events import (
-    Event,
-    JobFailed,
-    ParamsUploaded,
-    TrainingPlanUploaded,
-)
+from fedsm.core import lifecycle, policy
+from fedsm.core.events import Event, JobCancelled, ParamsUploaded
+from fedsm.core.jobstate import JobState, JobStatus, initial_state
+from fedsm.digests import sha256_file
+from fedsm.log.read import gc_paused, scan
 from fedsm.log.writer import EventLog
 from fedsm.repository.base import Repository
-from fedsm.researcher import approval, breakpoints
+from fedsm.researcher import breakpoints
 from fedsm.researcher import setup as jobsetup
 from fedsm.researcher.datacheck import check_data_quality
 from fedsm.researcher.driver import RoundDriver
 from fedsm.researcher.errors import (
     JobError,
     JobFailedError,
+    RefusedByLifecycle,
+    TrainingPlanNotApproved,
 )
 from fedsm.researcher.plansource import plan_source
 from fedsm.researcher.requests import FederatedDataSet, Requests
 from fedsm.strategies.fedavg import FedAvg
-from fedsm.training import runner
 from fedsm.training.args import TrainingArgs
-from fedsm.training.params import file_sha256, save_params
+from fedsm.training.params import load_params, save_params
 
 __all__ = ["Job", "LOG_NAME"]
 
 log = logging.getLogger(__name__)
 
-LOG_NAME = "job.log"
+LOG_NAME = jobsetup.LOG_NAME
 
 
 def _validate_minimal_arguments(obj: Mapping[str, Any] | None, fields: Iterable[str]) -> bool:
@@ -57,11 +59,23 @@ def _validate_minimal_arguments(obj: Mapping[str, Any] | None, fields: Iterable[
     return obj is not None and all(obj.get(name) is not None for name in fields)
 
 
+def _log_has_records(path: Path) -> bool:
+    """Whether the log at ``path`` holds at least one record (read-only; a missing file or a
+    bare header is a fresh start)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    return bool(scan(path).records)
+
+
 class Job:
     """Trains one model over the nodes of a :class:`FederatedDataSet`, round by round.
 
     The first eight parameters are the seed's; the keyword-only ones are what event
     sourcing needs: ``run_dir`` holds ``job.log`` and the job's files.
+
+    Every setting is checked before anything is written: a refused setting leaves no log and
+    no file. A run directory whose log holds no record (a run killed as it created the log)
+    is a fresh start; one holding a job is continued with :meth:`restore`.
     """
 
     validate_minimal_arguments = staticmethod(_validate_minimal_arguments)
@@ -92,56 +106,66 @@ class Job:
             raise JobError("a Job needs a Requests object (the researcher's bus)")
         if data is None or len(data) == 0:
             raise JobError("a Job needs a FederatedDataSet with at least one node (run a search)")
-        self._reqs = reqs
-        self._repo = repository
-        self._clock = clock
         if isinstance(aggregator, type):  # Experiment(aggregator=FedAvg), as in the seed
             aggregator = aggregator()
-        self._aggregator = aggregator or FedAvg()
-        self._run_dir = Path(run_dir)
-        self._files = Path(keep_files_dir) if keep_files_dir else self._run_dir / "files"
-        self._files.mkdir(parents=True, exist_ok=True)
-        log_path = self._run_dir / LOG_NAME
-        if log_path.exists() and log_path.stat().st_size > 0:
-            raise JobError(f"{log_path} already holds a job: use Job.restore({str(run_dir)!r})")
+        aggregator = aggregator or FedAvg()
         targs = (
             training_args
             if isinstance(training_args, TrainingArgs)
             else TrainingArgs(dict(training_args or {}))
         )
         source, class_name = plan_source(training_plan_class, training_plan_path)
-        self._plan_source = source
-        # Upload first, then record: an event states a fact that has already happened.
-        plan_up, params_up = jobsetup.upload_plan_and_initial_params(
-            self, source, class_name, targs.dict(), dict(model_args or {}), seed
+        # Decide: every setting checked, the opening event built, before anything is written.
+        created = jobsetup.job_created(
+            researcher_id=reqs.researcher_id,
+            data=data,
+            nodes=nodes,
+            plan_class=class_name,
+            training_args=targs.dict(),
+            model_args=dict(model_args or {}),
+            seed=seed,
+            round_limit=round_limit,
+            min_nodes=min_nodes,
+            reply_deadline_s=reply_deadline_s,
+            aggregator=aggregator.name,
+            tags=tags,
         )
-
+        run_dir = Path(run_dir)
+        log_path = run_dir / LOG_NAME
+        if _log_has_records(log_path):
+            raise JobError(
+                f"{log_path} already holds a job: continue it with Job.restore({str(run_dir)!r}"
+                ", ...) or Experiment.resume(...), or choose a new run directory"
+            )
+        self._init_shell(run_dir, keep_files_dir, reqs, repository, aggregator, clock)
+        # Record: the local artifacts first (nobody sees them), then the opening in one append.
+        opening = jobsetup.opening_events(self._files, source, created)
+        run_dir.mkdir(parents=True, exist_ok=True)
         self._log = EventLog.open(log_path, durability=durability)
-        self._state = lifecycle.initial_state()
-        self._driver = RoundDriver(self)
-        self._record(
-            jobsetup.job_created(
-                researcher_id=reqs.researcher_id,
-                data=data,
-                nodes=nodes,
-                plan_class=class_name,
-                training_args=targs.dict(),
-                model_args=dict(model_args or {}),
-                seed=seed,
-                round_limit=round_limit,
-                min_nodes=min_nodes,
-                reply_deadline_s=reply_deadline_s,
-                aggregator=self._aggregator.name,
-                tags=tags,
-            )
-        )
-        self._record(
-            TrainingPlanUploaded(
-                url=plan_up["file"], sha256=plan_up["sha256"], class_name=class_name
-            )
-        )
-        self._record(ParamsUploaded(round=0, url=params_up["file"], sha256=params_up["sha256"]))
+        try:
+            self._record_all(opening)
+        except BaseException:
+            self._log.close()
+            raise
+        self._plan_source = source
         self._data = data
+
+    def _init_shell(
+        self,
+        run_dir: Path,
+        keep_files_dir: str | Path | None,
+        reqs: Requests,
+        repository: Repository,
+        aggregator: FedAvg,
+        clock: Callable[[], float],
+    ) -> None:
+        self._reqs, self._repo, self._clock, self._aggregator = reqs, repository, clock, aggregator
+        self._run_dir = run_dir
+        files_root = Path(keep_files_dir) if keep_files_dir else run_dir / "files"
+        self._files = jobsetup.JobFiles(files_root)
+        self._state: JobState = initial_state()
+        self._progress = policy.Progress()
+        self._driver = RoundDriver(self)
 
     # ------------------------------------------------------------------ restore
 
@@ -154,41 +178,57 @@ class Job:
         repository: Repository,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
+        keep_files_dir: str | Path | None = None,
     ) -> Job:
-        """Rebuild a Job from ``<run_dir>/job.log`` alone, ready to carry on."""
+        """Rebuild a Job from ``<run_dir>/job.log`` alone, ready to carry on.
+
+        A log cut inside the job's opening is completed from the job's files (the same job,
+        started again); a log that holds no record raises :class:`JobError` saying to start
+        the job with ``Job(...)``. On any failure the log is closed (its lock released), so
+        a retry in the same process works.
+        """
         run_dir = Path(run_dir)
         log_path = run_dir / LOG_NAME
         if not log_path.exists():
             raise JobError(f"no job log at {log_path}")
         job = cls.__new__(cls)
-        job._reqs, job._repo, job._clock = reqs, repository, clock
-        job._aggregator = FedAvg()  # the only aggregator a log can name for now
-        job._run_dir, job._files = run_dir, run_dir / "files"
-        job._files.mkdir(parents=True, exist_ok=True)
+        job._init_shell(run_dir, keep_files_dir, reqs, repository, FedAvg(), clock)
         job._log = EventLog.open(log_path, durability=durability)
-        if job._log.recovery is not None:
-            log.warning("recovered the job log: %s", job._log.recovery)
-        job._state = lifecycle.replay(job._log.events())
-        job._driver = RoundDriver(job)
-        state = job._state
         try:
-            jobsetup.check_restorable(state, log_path, reqs.researcher_id, job._aggregator.name)
-        except JobError:
+            job._restore_from_log(log_path)
+        except BaseException:
             job._log.close()
             raise
-        plan_path = job._files / "training_plan.py"
-        if not plan_path.exists() or file_sha256(plan_path) != state.plan_sha256:
-            job._repo.download_file(state.plan_url, plan_path)
-        job._plan_source = plan_path.read_text(encoding="utf-8")
-        config = state.config
-        job._data = FederatedDataSet({n: {"dataset_id": d} for n, d in config.datasets.items()})
         return job
+
+    def _restore_from_log(self, log_path: Path) -> None:
+        if self._log.recovery is not None:
+            log.warning("recovered the job log: %s", self._log.recovery)
+        with gc_paused():
+            self._state = lifecycle.replay(self._log.events())
+        state = self._state
+        jobsetup.check_restorable(state, log_path, self._reqs.researcher_id, self._aggregator.name)
+        missing = jobsetup.complete_opening(state, self._files, log_path)
+        if missing:
+            log.warning("completing the job's opening cut short in %s", log_path)
+            self._record_all(missing)
+            state = self._state
+        plan = self._files.plan
+        if not plan.is_file() or sha256_file(plan) != state.plan_sha256:
+            assert state.plan_sha256 is not None
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            self._repo.download_file(self._repo.url_for(state.plan_sha256), plan)
+        self._plan_source = plan.read_bytes().decode("utf-8")
+        config = state.config
+        assert config is not None
+        self._data = FederatedDataSet({n: {"dataset_id": d} for n, d in config.datasets.items()})
 
     # ------------------------------------------------------------------ the seed's surface
 
     @property
     def id(self) -> str:
         """The job id (``job-<hex>``), from ``JobCreated``."""
+        assert self._state.job_id is not None
         return self._state.job_id
 
     @property
@@ -199,10 +239,10 @@ class Job:
     @property
     def nodes(self) -> list[str]:
         """The nodes this job trains on (sorted)."""
-        return list(self._state.config.nodes)
+        return list(self._config.nodes)
 
     @property
-    def state(self) -> lifecycle.JobState:
+    def state(self) -> JobState:
         """The lifecycle state: the fold of the log so far."""
         return self._state
 
@@ -219,43 +259,46 @@ class Job:
     @property
     def training_plan_name(self) -> str:
         """The training plan's class name."""
-        return self._state.config.training_plan_class
+        return self._config.training_plan_class
 
     @property
     def training_plan_file(self) -> Path:
         """The local copy of the plan source that was uploaded (and approved by sha256)."""
-        return self._files / "training_plan.py"
+        return self._files.plan
 
     @functools.cached_property
     def training_plan(self) -> type:
         """The plan class, imported from the exact source that was uploaded."""
-        return runner.load_plan_class(self._plan_source, self.training_plan_name)
+        from fedsm.training.loader import load_plan_class
+
+        return load_plan_class(self._plan_source, self.training_plan_name)
 
     @property
     def training_args(self) -> TrainingArgs:
         """The training arguments every node receives."""
-        return TrainingArgs(dict(self._state.config.training_args))
+        return TrainingArgs(dict(self._config.training_args))
 
     @property
     def model_args(self) -> dict[str, Any]:
         """The model arguments every node receives."""
-        return dict(self._state.config.model_args)
+        return dict(self._config.model_args)
 
     @property
     def aggregator_args(self) -> dict[str, Any]:
         """The aggregator's arguments recorded at creation (empty for FedAvg)."""
-        return dict(self._state.config.aggregator_args)
+        return dict(self._config.aggregator_args)
 
     @property
     def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Per round, per node: what the node sent (from the log), with the local params path."""
         out: dict[int, dict[str, dict[str, Any]]] = {}
+        datasets = self._config.datasets
         for rnd, replies in self._state.replies.items():
             out[rnd] = {
                 node: {
                     "node_id": node,
-                    "dataset_id": self._state.config.datasets.get(node, ""),
-                    "params_url": r.params_url,
+                    "dataset_id": datasets.get(node, ""),
+                    "params_url": self._repo.url_for(r.params_sha256),
                     "params_sha256": r.params_sha256,
                     "params_path": self.params_path(r.params_sha256),
                     "sample_size": r.sample_size,
@@ -269,15 +312,16 @@ class Job:
     @property
     def params_sha256(self) -> str:
         """Digest of the current global parameters."""
+        assert self._state.params_sha256 is not None
         return self._state.params_sha256
 
     def params_path(self, sha256: str) -> Path:
         """Where parameters with this digest are (or will be) kept locally."""
-        return self._files / "params" / f"{sha256}.safetensors"
+        return self._files.params(sha256)
 
     def waiting_for_nodes(self, responses: Mapping[str, Any] | None = None) -> bool:
         """Whether nodes of the current round have neither replied nor failed yet."""
-        if self._state.status not in ("round_sent", "collecting"):
+        if not self._state.status.in_round:
             return False
         if responses is None:
             return bool(self._state.pending_nodes())
@@ -292,40 +336,26 @@ class Job:
     ) -> dict[str, str]:
         """Ask every node whether it approved this plan's sha256; record and return the answers.
 
-        Statuses: approved, rejected, pending, unknown, or ``no-reply``.
+        Statuses: approved, rejected, pending, unknown, or ``no-reply``. Allowed until the
+        first round is sent (raises ``IllegalTransition`` after, having asked nobody).
         """
-        event = approval.ask_nodes(self._reqs, self._state, deadline_s)
+        self._check_allowed("ApprovalChecked")
+        event = self._driver.ask_approval(deadline_s)
         self._record(event)
+        self._progress = replace(self._progress, approval_asked=True)
         return dict(event.statuses)
 
     def require_approval(self) -> None:
         """Raise :class:`TrainingPlanNotApproved` unless every node may run this plan."""
-        approval.require(self._state.approvals)
-
-    def upload_aggregator_args(
-        self,
-        args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
-        args_thr_files: Mapping[str, Mapping[str, Any]] | None,
-    ) -> dict[str, dict[str, Any]]:
-        """Per node: the small args as they are, the heavy ones uploaded.
-
-        A heavy arg (a file path, or a tensor map saved as safetensors) becomes
-        ``{"url": ..., "sha256": ...}`` in the node's message, so that Scaffold-style
-        per-node state travels through the repository, never the bus.
-        """
-        out: dict[str, dict[str, Any]] = {
-            n: dict((args_thr_msg or {}).get(n, {})) for n in self.nodes
-        }
-        for node, heavy in (args_thr_files or {}).items():
-            for name, value in heavy.items():
-                if isinstance(value, (str, Path)):
-                    path = Path(value)
-                else:
-                    tmp = self._files / f"aggregator_{name}_{node}.tmp"
-                    path = self._store_params(tmp, save_params(tmp, value))
-                up = self._repo.upload_file(path)
-                out.setdefault(node, {})[name] = {"url": up["file"], "sha256": up["sha256"]}
-        return out
+        if self._state.approvals is None:
+            raise JobError("check_training_plan_is_approved_by_nodes() has not been run")
+        refused = self._state.approval_refusals()
+        if refused:
+            sha = self._state.plan_sha256
+            raise TrainingPlanNotApproved(
+                f"training plan {sha} is not approved on {refused}; on each node run: "
+                f"fedsm node plan approve --dir NODE_DIR --sha256 {sha}"
+            )
 
     def start_nodes_training_round(
         self,
@@ -333,39 +363,134 @@ class Job:
         aggregator_args_thr_msg: Mapping[str, Mapping[str, Any]] | None = None,
         aggregator_args_thr_files: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Send round ``round`` (or re-send it after a restore) and collect until done.
+        """Send round ``round`` (or finish it after a restore) and collect until it ends.
 
         Returns the round's replies. The round ends when every node replied or failed, or at
-        the reply deadline (recorded as ``RoundTimedOut``).
+        the reply deadline (recorded as ``RoundTimedOut``). A round the lifecycle does not
+        allow raises (``IllegalTransition``, ``TrainingPlanNotApproved``) before any request
+        is published or anything recorded.
         """
-        self._driver.send_round(round, aggregator_args_thr_msg, aggregator_args_thr_files)
-        self._driver.collect()
+        state = self._state
+        if state.status.in_round:
+            if round != state.round:
+                raise JobError(f"round {state.round} is being collected, not {round}")
+        else:
+            self._start_round(round, aggregator_args_thr_msg, aggregator_args_thr_files)
+        while self._state.status.in_round and not self._state.round_complete():
+            self.step()
         return self.training_replies.get(round, {})
 
     def aggregate(self) -> str:
-        """Aggregate the current round (or fail the job if too few replied); return the digest."""
-        return self._driver.aggregate()
+        """Aggregate the current round once it is over; return the new parameters' digest.
+
+        Raises :class:`JobError` (nothing recorded) while nodes are still awaited, and
+        :class:`JobFailedError` (recorded as ``JobFailed``) when the round ended with fewer
+        replies than ``min_nodes``. After the last round the job is completed.
+        """
+        state = self._state
+        if not state.status.in_round:
+            raise JobError(f"nothing to aggregate in state {state.status.value!r}")
+        if not state.round_complete():
+            raise JobError(
+                f"round {state.round} is still waiting for {list(state.pending_nodes())}: "
+                "collect it first (start_nodes_training_round) or let its deadline pass"
+            )
+        self.step()  # JobFailed below quorum, or Aggregated
+        if self._state.status is JobStatus.AGGREGATED:
+            if self._state.round >= self._config.round_limit:
+                self.step()  # JobCompleted
+            return self.params_sha256
+        raise JobFailedError(self.stop_reason() or "the job failed")
 
     def update_parameters(
         self, params: Mapping[str, Any] | None = None, filename: str | Path | None = None
     ) -> str:
-        """Save (if given tensors) and upload initial parameters; return their URL.
+        """Replace the initial parameters (tensors or a safetensors file); return their URL.
 
-        Only before the first round: afterwards parameters come from aggregation.
+        Only before the first round: afterwards parameters come from aggregation. They are
+        checked against the plan's model (names, shapes, dtypes), kept by digest, recorded,
+        and uploaded when a request first names them.
         """
-        if self._state.status not in ("uploaded", "approval_checked") or self._state.round:
-            raise JobError("parameters can be replaced only before the first round")
+        self._check_allowed("ParamsUploaded")
         if (params is None) == (filename is None):
             raise JobError("give exactly one of params or filename")
-        if params is not None:
-            tmp = self._files / "update_params.tmp"
-            sha = save_params(tmp, params)
-            path = self._store_params(tmp, sha)
+        like = load_params(self.params_path(self.params_sha256))
+        tmp = self._files.root / "params" / "update_params.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if params is None:
+            tensors = load_params(Path(filename), like=like)  # type: ignore[arg-type]
         else:
-            path = Path(filename)  # type: ignore[arg-type]
-        up = self._repo.upload_file(path)
-        self._record(ParamsUploaded(round=0, url=up["file"], sha256=up["sha256"]))
-        return up["file"]
+            tensors = dict(params)
+        sha = save_params(tmp, tensors)
+        load_params(tmp, like=like)
+        self._files.store(tmp, sha)
+        self._record(ParamsUploaded(round=0, sha256=sha))
+        return self._repo.url_for(sha)
+
+    def step(self, max_wait_s: float | None = None) -> policy.Decision:
+        """Take one step of the round policy: record what it decides, then carry it out.
+
+        Returns the decision taken. ``max_wait_s`` bounds how long a ``Collect`` waits for
+        replies in this step (default: until the round's deadline); a shortened wait never
+        closes the round. Raises :class:`TrainingPlanNotApproved` when the plan is not
+        approved on every node (after asking them once in this drive), and
+        :class:`JobFailedError` when the step failed the job. A finished job's step is a
+        ``Stop`` with ``finished`` set.
+        """
+        decision = policy.decide(self._state, self._clock(), self._progress)
+        self._record_all(decision.events)
+        for command in decision.commands:
+            self._carry_out(command, max_wait_s)
+        return decision
+
+    def _carry_out(self, command: policy.Command, max_wait_s: float | None = None) -> None:
+        driver = self._driver
+        if isinstance(command, policy.CheckApproval):
+            self._record(driver.ask_approval(None))
+            self._progress = replace(self._progress, approval_asked=True)
+        elif isinstance(command, policy.StartRound):
+            self._start_round(command.round, None, None, max_wait_s)
+        elif isinstance(command, policy.Publish):
+            driver.publish(command.round, command.nodes)
+            self._progress = replace(self._progress, published_round=command.round)
+        elif isinstance(command, policy.Collect):
+            if driver.collect(command.until, max_wait_s):
+                self._progress = replace(self._progress, waited_round=command.round)
+        elif isinstance(command, policy.Aggregate):
+            driver.aggregate()
+        elif isinstance(command, policy.Stop):
+            if command.needs_approval:
+                raise TrainingPlanNotApproved(command.reason)
+        else:  # pragma: no cover - the policy's commands are a closed set
+            raise AssertionError(f"unknown command {command!r}")
+
+    def _start_round(
+        self,
+        round_number: int,
+        args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
+        args_thr_files: Mapping[str, Mapping[str, Any]] | None,
+        max_wait_s: float | None = None,
+    ) -> None:
+        """Decide round ``round_number``, record it, then publish it and collect."""
+        if self._state.status.between_rounds and self._state.approval_refusals():
+            self.require_approval()  # raises with the operators' command; nothing was sent
+        # Checked first with no args: an illegal round prepares nothing.
+        probe = policy.round_sent(self._state, round_number, self._clock())
+        self._check_event(probe.events[0])
+        args = self._driver.aggregator_args(round_number, args_thr_msg, args_thr_files)
+        decision = policy.round_sent(self._state, round_number, self._clock(), args)
+        self._record_all(decision.events)
+        for command in decision.commands:
+            self._carry_out(command, max_wait_s)
+
+    def new_drive(self) -> None:
+        """Start a new drive of the job (``Experiment.run`` does): the nodes are asked again
+        about approval when the last answer was not all-approved."""
+        self._progress = replace(self._progress, approval_asked=False)
+
+    def cancel(self, reason: str = "cancelled by the researcher") -> None:
+        """Stop the job for good (``JobCancelled``)."""
+        self._record(JobCancelled(round=self._state.round, reason=reason))
 
     def save_state(self, breakpoint_path: str | Path | None = None) -> dict[str, Any]:
         """A breakpoint: the log's path and its last seq. No other file is needed to restore.
@@ -386,7 +511,7 @@ class Job:
 
     def stop_reason(self) -> str | None:
         """Why the job failed or was cancelled (from its last event), or None."""
-        if self._state.status not in ("failed", "cancelled"):
+        if not self._state.status.stopped:
             return None
         last = None
         for record in self._log.records(from_seq=self._log.last_seq):
@@ -405,18 +530,41 @@ class Job:
 
     # ------------------------------------------------------------------ internals
 
+    @property
+    def _config(self) -> Any:
+        config = self._state.config
+        assert config is not None
+        return config
+
+    def _check_event(self, event: Event) -> None:
+        """Raise :class:`RefusedByLifecycle` if the lifecycle refuses ``event`` now."""
+        try:
+            lifecycle.apply(self._state, event)
+        except lifecycle.IllegalTransition as exc:
+            raise RefusedByLifecycle(exc.state, exc.event, exc.reason) from None
+
+    def _check_allowed(self, event_type: str) -> None:
+        """Raise :class:`RefusedByLifecycle` unless the table allows ``event_type`` now."""
+        if event_type not in lifecycle.allowed_events(self._state.status):
+            allowed = ", ".join(lifecycle.allowed_events(self._state.status)) or "none"
+            raise RefusedByLifecycle(self._state.status, event_type, f"allowed events: {allowed}")
+
     def _record(self, event: Event) -> None:
         """Check ``event`` against the lifecycle, append it, and only then adopt the new state."""
         new_state = lifecycle.apply(self._state, event)
         self._log.append(event, ts=self._clock())
         self._state = new_state
 
-    def _store_params(self, tmp: Path, sha256: str) -> Path:
-        final = self.params_path(sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        return final
-
-    def _fail(self, reason: str) -> None:
-        self._record(JobFailed(round=self._state.round, reason=reason))
-        raise JobFailedError(reason)
+    def _record_all(self, events: Iterable[Event]) -> None:
+        """Check ``events`` in order against the lifecycle, then append them as one write."""
+        events = list(events)
+        if not events:
+            return
+        state = self._state
+        for event in events:
+            state = lifecycle.apply(state, event)
+        if len(events) == 1:
+            self._log.append(events[0], ts=self._clock())
+        else:
+            self._log.append_all(events, ts=self._clock())
+        self._state = state
