@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
-from strategies_events import job_run
+from hypothesis import event as note
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies_events import any_event, job_run
 
 from fedsm.core import events as ev
 from fedsm.log.format import HEADER_SIZE
@@ -334,3 +338,225 @@ def test_append_all_writes_events_as_one_chained_run(tmp_path) -> None:
     assert [r.event.round for r in records] == [0, 1, 2, 3]
     with EventLog.open(path) as log_, pytest.raises(LogError):
         log_.append_all([], ts=1.0)
+
+
+# --------------------------------------------------------------------------- undecodable events
+
+
+def _payloads(data: bytes, offsets: list[int]) -> list[dict[str, object]]:
+    """The payload maps of the records at ``offsets`` (record starts, then the end)."""
+    import msgpack
+
+    return [
+        msgpack.unpackb(data[start + 8 : end], raw=False)
+        for start, end in zip(offsets, offsets[1:], strict=False)
+    ]
+
+
+def _chained(header: bytes, payloads: list[dict[str, object]]) -> tuple[bytes, list[int]]:
+    """A log of ``payloads`` (their type, v, ts and data) with seq and prev made right: every
+    frame, checksum and chain link is valid whatever the events say. Returns the bytes and the
+    record offsets."""
+    import hashlib
+
+    import msgpack
+
+    from fedsm.log.format import encode_frame, genesis_hash
+
+    out, offsets, prev = [header], [], genesis_hash(header)
+    size = len(header)
+    for seq, payload in enumerate(payloads, start=1):
+        record = {"seq": seq, "type": payload["type"], "v": payload["v"], "ts": payload["ts"],
+                  "prev": prev, "data": payload["data"]}  # fmt: skip
+        frame = encode_frame(msgpack.packb(record, use_bin_type=True))
+        prev = hashlib.blake2b(frame, digest_size=32).digest()
+        offsets.append(size)
+        out.append(frame)
+        size += len(frame)
+    return b"".join(out), offsets
+
+
+BAD_EVENTS = {
+    "wrong field type": {"type": "JobFailed", "v": 1, "data": {"round": "one", "reason": "x"}},
+    "missing field": {"type": "JobFailed", "v": 1, "data": {"round": 1}},
+    "unknown type": {"type": "NoSuchEvent", "v": 1, "data": {}},
+    "future version": {"type": "JobFailed", "v": 99, "data": {"round": 1, "reason": "x"}},
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_EVENTS))
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_a_sound_frame_whose_event_does_not_decode_is_corruption(
+    tmp_path: Path, bad: str, where: str
+) -> None:
+    """Checksum and chain right, event wrong: not a torn tail. Every reader refuses it at
+    its offset and seq, open leaves the file as it is, repair moves it and the rest aside."""
+    path = tmp_path / "job.log"
+    offsets = _write(path)
+    good = path.read_bytes()
+    payloads = _payloads(good, offsets)
+    seq = 5 if where == "middle" else len(payloads)
+    payloads[seq - 1] = {**BAD_EVENTS[bad], "ts": 7.0}
+    data, starts = _chained(good[:HEADER_SIZE], payloads)
+    # The records around it are what the writer itself would write.
+    assert data[: starts[seq - 1]] == good[: offsets[seq - 1]]
+    path.write_bytes(data)
+    offset = starts[seq - 1]
+
+    with pytest.raises(LogCorrupted) as info:
+        EventLog.open(path)
+    assert (info.value.offset, info.value.seq) == (offset, seq)
+    assert "does not decode" in info.value.what
+    assert path.read_bytes() == data, "refusing must not modify the log"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "job.log.lock"]
+    with pytest.raises(LogCorrupted) as scanned:
+        scan(path)
+    assert (scanned.value.offset, scanned.value.seq) == (offset, seq)
+    findings = verify(path)
+    assert [(f.offset, f.seq, f.error) for f in findings] == [(offset, seq, True)]
+    assert "does not decode" in findings[0].what
+    assert path.read_bytes() == data
+
+    with EventLog.open(path, repair=True) as log:
+        assert log.last_seq == seq - 1
+        assert list(log.events()) == EVENTS[: seq - 1]
+        recovery = log.recovery
+        assert recovery is not None and recovery.offset == offset
+        assert recovery.last_good_seq == seq - 1 and "does not decode" in recovery.reason
+        assert recovery.sidecar == path.with_name(f"job.log.corrupt-{offset}")
+        assert recovery.sidecar.read_bytes() == data[offset:]
+        assert log.append(ev.JobFailed(round=1, reason="repaired"), ts=9.0) == seq
+    assert path.read_bytes()[:offset] == data[:offset]
+    assert [r.event for r in scan(path).records] == [
+        *EVENTS[: seq - 1],
+        ev.JobFailed(round=1, reason="repaired"),
+    ]
+    assert verify(path) == []
+
+
+def test_the_first_read_after_open_hands_out_the_records_open_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restoring a job opens the log and reads it: the file is read and decoded once."""
+    import fedsm.log.writer as writer
+
+    path = tmp_path / "job.log"
+    _write(path)
+    calls: list[int] = []
+    real = writer.read_log
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "read_log", counting)
+    with EventLog.open(path) as log:
+        assert len(calls) == 1
+        assert list(log.events()) == EVENTS
+        assert len(calls) == 1, "the first read uses the records open decoded"
+        assert [r.seq for r in log.records(from_seq=4)] == list(range(4, len(EVENTS) + 1))
+        assert len(calls) == 2, "they are handed out once"
+    with EventLog.open(path) as log:
+        assert [r.seq for r in log.records(from_seq=len(EVENTS))] == [len(EVENTS)]
+        assert [r.seq for r in log.records(from_seq=len(EVENTS) + 5)] == []
+    with EventLog.open(path) as log:
+        log.append(ev.JobFailed(round=1, reason="x"), ts=1.0)  # drops them: stale
+        assert list(log.events()) == [*EVENTS, ev.JobFailed(round=1, reason="x")]
+    with EventLog.open(path) as log:
+        records = list(log.records())
+    assert [(r.seq, r.offset, r.hash, r.event) for r in records] == [
+        (r.seq, r.offset, r.hash, r.event) for r in scan(path).records
+    ]
+
+
+# --------------------------------------------------------------------------- every reader agrees
+
+
+def _outcome(read: object) -> tuple[object, ...]:
+    try:
+        return ("read", read())  # type: ignore[operator]
+    except LogCorrupted as exc:
+        return ("corrupted", exc.offset, exc.seq)
+    except LogFormatError:
+        return ("not a log",)
+
+
+def _rows(records: list[object]) -> list[tuple[object, ...]]:
+    return [(r.seq, r.ts, r.event, r.offset, r.hash) for r in records]  # type: ignore[attr-defined]
+
+
+@given(events=st.lists(any_event, min_size=1, max_size=5), data=st.data())
+def test_every_reader_agrees_on_a_damaged_log(events: list[ev.Event], data: st.DataObject) -> None:
+    """Truncated at any byte, with any bit flipped, or with a record whose event does not
+    decode, a log reads the same through `scan`, `EventLog.open` + `records()` and `verify`:
+    the same good records and torn tail, or the same refusal at the same offset and seq,
+    which `verify` reports as its first finding."""
+    with tempfile.TemporaryDirectory(prefix="fedsm-log-") as tmp:
+        directory = Path(tmp)
+        source = directory / "source.log"
+        with EventLog.open(source, durability="never") as log:
+            for i, event in enumerate(events):
+                log.append(event, ts=1000.0 + i)
+        intact = source.read_bytes()
+        starts = [r.offset for r in scan(source).records] + [len(intact)]
+        kind = data.draw(st.sampled_from(["truncate", "flip", "bad event"]), label="kind")
+        where = data.draw(st.sampled_from(["record"] * 4 + ["header"]), label="where")
+        if where == "header" and kind != "bad event":
+            at = data.draw(st.integers(0, HEADER_SIZE - 1), label="header byte")
+        else:  # somewhere in a record: pick the record, then the byte
+            index = data.draw(st.integers(0, len(events) - 1), label="record")
+            size = starts[index + 1] - starts[index]
+            at = starts[index] + data.draw(st.integers(0, size - 1), label="byte of it")
+        if kind == "truncate":
+            # An empty file is not damage: opening it creates a new log.
+            damaged = intact[: max(at, 1)]
+        elif kind == "flip":
+            flipped = bytearray(intact)
+            flipped[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+            damaged = bytes(flipped)
+        else:  # a sound frame, checksum and chain whose event does not decode
+            payloads = _payloads(intact, starts)
+            bad = data.draw(st.sampled_from(sorted(BAD_EVENTS)), label="bad event")
+            payloads[index] = {**BAD_EVENTS[bad], "ts": 1.0}
+            damaged = _chained(intact[:HEADER_SIZE], payloads)[0]
+        path = directory / "job.log"
+        path.write_bytes(damaged)
+
+        def read_scan() -> tuple[object, ...]:
+            view = scan(path)
+            return _rows(view.records), view.torn and (view.torn.offset, view.torn.last_good_seq)
+
+        scanned = _outcome(read_scan)
+        copy = directory / "copy.log"
+        copy.write_bytes(damaged)
+
+        def read_open() -> tuple[object, ...]:
+            with EventLog.open(copy, repair=False) as log:  # refuses here or never
+                torn = log.recovery and (log.recovery.offset, log.recovery.last_good_seq)
+                try:
+                    return _rows(list(log.records())), torn
+                except LogError as exc:
+                    raise AssertionError(f"open took a log records() refuses: {exc}") from exc
+
+        opened = _outcome(read_open)
+        findings = verify(path)
+        assert path.read_bytes() == damaged, "readers must not modify the log"
+
+        assert opened == scanned
+        note(f"{scanned[0]}{', torn tail' if scanned[0] == 'read' and scanned[1][1] else ''}")
+        errors = [f for f in findings if f.error]
+        assert bool(errors) == (scanned[0] != "read")
+        if scanned[0] == "read":
+            _rows_read, torn = scanned[1]
+            assert findings == [] if torn is None else len(findings) == 1
+            if torn is not None:
+                assert (findings[0].offset, findings[0].seq - 1) == torn
+                assert copy.read_bytes() == damaged[: torn[0]]
+                assert copy.with_name(f"copy.log.torn-{torn[0]}").read_bytes() == damaged[torn[0] :]
+            else:
+                assert copy.read_bytes() == damaged
+        else:
+            assert findings[0].error, "the first finding is where the others refuse"
+            if scanned[0] == "corrupted":
+                assert (findings[0].offset, findings[0].seq) == scanned[1:]
+            assert copy.read_bytes() == damaged, "a refused open must not modify the log"

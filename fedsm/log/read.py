@@ -1,7 +1,6 @@
-"""Reading an event log without writing it: the log's errors and records, :func:`scan`
-(every good record, read-only, no lock: the log may be live) and :func:`verify` (every
-finding). See :mod:`fedsm.log.writer` for the format and the writer; everything here is re-exported
-there.
+"""Reading an event log: the log's errors and records, :func:`read_log` (the one reader every
+other goes through), :func:`scan` (every good record, read-only, no lock: the log may be live)
+and :func:`verify` (every finding). See :mod:`fedsm.log.writer` for the format and the writer.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from msgpack import unpackb as unpackb_
 
@@ -133,56 +131,145 @@ class LogScan:
         return self.records[-1].seq if self.records else 0
 
 
-# --------------------------------------------------------------------------- scanning
+# --------------------------------------------------------------------------- the reader core
 
 
 @dataclass(frozen=True)
-class ScanStop:
-    """Why a scan stopped before the end of the data."""
+class Problem:
+    """Something wrong that :func:`read_log` found at ``offset``.
+
+    ``seq`` is the seq expected there (the record's own seq for a record whose frame reads,
+    when :func:`read_log` goes on past damage). ``torn`` marks a torn tail: a short or
+    checksum-failing frame with no valid frame after it, what a crash mid-write leaves.
+    """
 
     offset: int
     seq: int
     what: str
-    frame_damaged: bool  # short or checksum-failing: a torn write if nothing valid follows
+    torn: bool = False
 
 
-def walk_records(
-    data: bytes, genesis: bytes, stop_out: list[ScanStop]
-) -> Iterator[tuple[int, int, dict[str, Any], bytes]]:
-    """Yield ``(offset, end, payload, hash)`` of each good record in order; on the first problem
-    append a :class:`ScanStop` to ``stop_out`` and end."""
-    offset, seq, prev, size = HEADER_SIZE, 1, genesis, len(data)
+def read_log(
+    data: bytes, genesis: bytes, *, from_seq: int = 1, keep_going: bool = False
+) -> tuple[list[Record], list[Problem]]:
+    """The one reader of a log's records: ``(good records, problems)``.
+
+    Walks the frames after the header, checking each one's framing, checksum and payload
+    shape, its seq, its ``prev`` against the chain, and that its event decodes; returns the
+    records from ``from_seq`` on (records before it are checked but not decoded). Every
+    reader goes through here: :func:`scan`, :func:`verify`, and the writer's
+    :meth:`~fedsm.log.writer.EventLog.open` and ``records``.
+
+    By default it stops at the first problem: ``problems`` is empty or holds that one, and
+    ``records`` are the good records before it. With ``keep_going`` (what :func:`verify`
+    does) it goes on past damage: after a bad frame it resumes at the next valid frame and
+    carries on from the seq and ``prev`` that frame names (the records in between are lost
+    and can't be checked against), so one bad record yields one problem, not a cascade; a
+    record that fails its seq, chain or event checks is reported and read past.
+
+    Replay reads every record of a log through here, so the loop is inlined: the generic
+    path spends more time in calls, slices and tuples than in checksums and msgpack. Any
+    record the inline checks doubt goes through :func:`~fedsm.log.format.read_frame`, which
+    names the problem exactly; problems are off the fast path.
+    """
     view = memoryview(data)
+    size = len(data)
+    offset, seq, prev = HEADER_SIZE, 1, genesis
+    records: list[Record] = []
+    problems: list[Problem] = []
+    add = records.append
+    unpack_frame, crc32, unpackb = FRAME.unpack_from, zlib.crc32, unpackb_
+    new_hash = hashlib.blake2b(digest_size=32).copy
+    decoders = fast_decoders()
+    new, set_dict = object.__new__, object.__setattr__
     while offset < size:
-        try:
-            payload, end, digest = read_frame(view, offset)
-        except FrameError as exc:
-            stop_out.append(ScanStop(offset, seq, exc.what, exc.frame_damaged))
-            return
-        if payload["seq"] != seq:
-            what = f"sequence broken: expected seq {seq}, found seq {payload['seq']}"
-            stop_out.append(ScanStop(offset, seq, what, False))
-            return
-        if payload["prev"] != prev:
-            what = "hash chain broken: prev is not the hash of the record before"
-            stop_out.append(ScanStop(offset, seq, what, False))
-            return
-        yield offset, end, payload, digest
-        offset, seq, prev = end, seq + 1, digest
-
-
-def is_torn_tail(data: bytes, stop: ScanStop) -> bool:
-    """True if the problem at ``stop`` is a torn tail: a damaged frame with no valid frame
-    after it."""
-    return stop.frame_damaged and find_next_frame(memoryview(data), stop.offset) is None
-
-
-def to_record(path: Path, offset: int, payload: dict[str, Any], digest: bytes) -> Record:
-    try:
-        event = decode_event(payload["type"], payload["v"], payload["data"])
-    except EventDecodeError as exc:
-        raise LogCorrupted(path, offset, payload["seq"], f"event does not decode: {exc}") from None
-    return Record(payload["seq"], payload["ts"], event, offset, digest)
+        try:  # the fast path; anything it doubts goes to read_frame below
+            length, crc = unpack_frame(view, offset)
+            end = offset + 8 + length
+            frame = view[offset:end]
+            payload = None
+            if (
+                length <= MAX_RECORD_BYTES
+                and end <= size
+                and crc32(frame[8:], crc32(frame[:4])) == crc
+            ):
+                payload = unpackb(frame[8:])
+                found, type_name, version = payload["seq"], payload["type"], payload["v"]
+                ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+                if not (
+                    len(payload) == 6
+                    and type(found) is int
+                    and type(type_name) is str
+                    and type(version) is int
+                    and type(ts) is float
+                    and type(record_prev) is bytes
+                    and type(event_data) is dict
+                ):
+                    payload = None
+        except Exception:  # short frame, not msgpack, not a map, a missing key
+            payload = None
+        if payload is None:
+            try:
+                payload, end, _digest = read_frame(view, offset)
+            except FrameError as exc:
+                following = (
+                    find_next_frame(view, offset) if exc.frame_damaged or keep_going else None
+                )
+                torn = exc.frame_damaged and following is None
+                problems.append(Problem(offset, seq, exc.what, torn))
+                if not keep_going or following is None:
+                    break
+                # Carry on from whatever the next valid frame says.
+                payload = read_frame(view, following)[0]
+                offset, seq, prev = following, payload["seq"], payload["prev"]
+                continue
+            found, type_name, version = payload["seq"], payload["type"], payload["v"]
+            ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
+            frame = view[offset:end]
+        if found != seq or record_prev != prev:
+            if found != seq:
+                what = f"sequence broken: expected seq {seq}, found seq {found}"
+                if not keep_going:
+                    problems.append(Problem(offset, seq, what))
+                    break
+                problems.append(Problem(offset, found, what))
+                seq = found
+            if record_prev != prev:
+                what = "hash chain broken: prev is not the hash of the record before"
+                problems.append(Problem(offset, seq, what))
+                if not keep_going:
+                    break
+        hasher = new_hash()  # a copy of a fresh hasher is cheaper than the constructor
+        hasher.update(frame)
+        prev = hasher.digest()
+        if seq >= from_seq:
+            decoder = decoders.get(type_name)
+            event = None
+            if decoder is not None and decoder[0] == version:
+                try:
+                    event = decoder[1](event_data)
+                except EventDecodeError:
+                    event = None
+            if event is None:  # an older schema version, or an error to name precisely
+                try:
+                    event = decode_event(type_name, version, event_data)
+                except EventDecodeError as exc:
+                    problems.append(Problem(offset, seq, f"event does not decode: {exc}"))
+                    if not keep_going:
+                        break
+            if event is not None:
+                # Record is frozen: fill its __dict__ directly instead of paying __init__'s
+                # object.__setattr__ per field.
+                record = new(Record)
+                set_dict(
+                    record,
+                    "__dict__",
+                    {"seq": seq, "ts": ts, "event": event, "offset": offset, "hash": prev},
+                )
+                add(record)
+        offset = end
+        seq += 1
+    return records, problems
 
 
 def read_header(path: Path, data: bytes) -> bytes:
@@ -222,182 +309,64 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def collect_records(
-    path: Path, data: bytes, genesis: bytes, from_seq: int, stop_out: list[ScanStop]
-) -> list[Record]:
-    """Every good record of ``data`` from ``from_seq`` on, decoded; on the first problem append
-    a :class:`ScanStop` to ``stop_out`` and stop. Raises :class:`LogCorrupted` for a record
-    whose frame and chain are sound but whose event does not decode.
-
-    The same checks as :func:`walk_records` + :func:`to_record`, inlined: replay reads every
-    record of a log through here, and the generic path spends more time in calls, slices and
-    tuples than in checksums and msgpack. Any record the inline checks doubt goes through
-    :func:`~fedsm.log.format.read_frame`, which names the problem exactly.
-    """
-    view = memoryview(data)
-    size = len(data)
-    offset, seq, prev = HEADER_SIZE, 1, genesis
-    records: list[Record] = []
-    add = records.append
-    unpack_frame, crc32, unpackb = FRAME.unpack_from, zlib.crc32, unpackb_
-    new_hash = hashlib.blake2b(digest_size=32).copy
-    decoders = fast_decoders()
-    new, set_dict = object.__new__, object.__setattr__
-    while offset < size:
-        try:  # the fast path; anything it doubts goes to read_frame below
-            length, crc = unpack_frame(view, offset)
-            end = offset + 8 + length
-            frame = view[offset:end]
-            payload = None
-            if (
-                length <= MAX_RECORD_BYTES
-                and end <= size
-                and crc32(frame[8:], crc32(frame[:4])) == crc
-            ):
-                payload = unpackb(frame[8:])
-                found, type_name, version = payload["seq"], payload["type"], payload["v"]
-                ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
-                if not (
-                    len(payload) == 6
-                    and type(found) is int
-                    and type(type_name) is str
-                    and type(version) is int
-                    and type(ts) is float
-                    and type(record_prev) is bytes
-                    and type(event_data) is dict
-                ):
-                    payload = None
-        except Exception:  # short frame, not msgpack, not a map, a missing key
-            payload = None
-        if payload is None:
-            try:
-                payload, end, _digest = read_frame(view, offset)
-            except FrameError as exc:
-                stop_out.append(ScanStop(offset, seq, exc.what, exc.frame_damaged))
-                return records
-            found, type_name, version = payload["seq"], payload["type"], payload["v"]
-            ts, record_prev, event_data = payload["ts"], payload["prev"], payload["data"]
-            frame = view[offset:end]
-        if found != seq:
-            what = f"sequence broken: expected seq {seq}, found seq {found}"
-            stop_out.append(ScanStop(offset, seq, what, False))
-            return records
-        if record_prev != prev:
-            what = "hash chain broken: prev is not the hash of the record before"
-            stop_out.append(ScanStop(offset, seq, what, False))
-            return records
-        hasher = new_hash()  # a copy of a fresh hasher is cheaper than the constructor
-        hasher.update(frame)
-        prev = hasher.digest()
-        if seq >= from_seq:
-            decoder = decoders.get(type_name)
-            event = None
-            if decoder is not None and decoder[0] == version:
-                try:
-                    event = decoder[1](event_data)
-                except EventDecodeError:
-                    event = None
-            if event is None:  # an older schema version, or an error to name precisely
-                try:
-                    event = decode_event(type_name, version, event_data)
-                except EventDecodeError as exc:
-                    what = f"event does not decode: {exc}"
-                    raise LogCorrupted(path, offset, seq, what) from None
-            # Record is frozen: fill its __dict__ directly instead of paying __init__'s
-            # object.__setattr__ per field.
-            record = new(Record)
-            set_dict(
-                record,
-                "__dict__",
-                {"seq": seq, "ts": ts, "event": event, "offset": offset, "hash": prev},
-            )
-            add(record)
-        offset = end
-        seq += 1
-    return records
+def read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise LogNotFound(f"no event log at {path}") from None
 
 
 def scan(path: str | os.PathLike[str], *, from_seq: int = 1) -> LogScan:
     """Read a log without locking or modifying it (it may be live): every good record from
     ``from_seq`` on, and the torn tail, if any, that a writer opening it would move aside.
+    Records before ``from_seq`` are checked (frame, checksum, seq, chain) but not decoded.
 
-    Raises :class:`LogCorrupted` for damage before the tail, :class:`LogFormatError` for a
-    file that is not a log, :class:`LogNotFound` if there is no file.
+    Raises :class:`LogCorrupted` for damage before the tail (a record whose event does not
+    decode included), :class:`LogFormatError` for a file that is not a log,
+    :class:`LogNotFound` if there is no file.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LogNotFound(f"no event log at {path}") from None
+    data = read_file(path)
     log_id = read_header(path, data)
-    stops: list[ScanStop] = []
     with gc_paused():
-        records = collect_records(path, data, genesis_hash(data[:HEADER_SIZE]), from_seq, stops)
+        records, problems = read_log(data, genesis_hash(data[:HEADER_SIZE]), from_seq=from_seq)
     torn = None
-    if stops:
-        stop = stops[0]
-        if not is_torn_tail(data, stop):
-            raise LogCorrupted(path, stop.offset, stop.seq, stop.what)
-        torn = TornTail(stop.offset, len(data) - stop.offset, None, stop.seq - 1, stop.what)
+    if problems:
+        problem = problems[0]
+        if not problem.torn:
+            raise LogCorrupted(path, problem.offset, problem.seq, problem.what)
+        torn = TornTail(
+            problem.offset, len(data) - problem.offset, None, problem.seq - 1, problem.what
+        )
     return LogScan(path, log_id, records, torn)
 
 
 def verify(path: str | os.PathLike[str]) -> list[Finding]:
     """Check framing, checksums, sequence, hash chain and event decoding of a whole log,
     without modifying it. Returns every finding (empty: the log is sound). A torn tail is a
-    finding with ``error=False``. Scanning goes on past damage by looking for the next valid
-    frame, so one bad record yields one finding, not a cascade.
+    finding with ``error=False``. Reading goes on past damage by looking for the next valid
+    frame, so one bad record yields one finding, not a cascade (see :func:`read_log`).
+
+    The first finding is where :func:`scan` and :meth:`~fedsm.log.writer.EventLog.open`
+    stop: it is an error exactly when they refuse the log.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LogNotFound(f"no event log at {path}") from None
+    data = read_file(path)
     try:
         check_header(data)
     except FrameError as exc:
         return [Finding(0, 0, f"header: {exc.what}")]
-    view = memoryview(data)
+    with gc_paused():
+        _records, problems = read_log(data, genesis_hash(data[:HEADER_SIZE]), keep_going=True)
+    del _records
     findings: list[Finding] = []
-    offset, seq = HEADER_SIZE, 1
-    prev: bytes | None = genesis_hash(data[:HEADER_SIZE])
-    while offset < len(data):
-        try:
-            payload, end, digest = read_frame(view, offset)
-        except FrameError as exc:
-            following = find_next_frame(view, offset)
-            if following is None and exc.frame_damaged:
-                findings.append(
-                    Finding(
-                        offset,
-                        seq,
-                        f"torn tail of {len(data) - offset} bytes ({exc.what}); a writer "
-                        f"opening the log moves it to {path.name}.torn-{offset}",
-                        error=False,
-                    )
-                )
-                break
-            findings.append(Finding(offset, seq, exc.what))
-            if following is None:
-                break
-            # The records in between are lost; the next one's seq and prev can't be checked
-            # against them, so carry on from whatever it says.
-            offset, seq, prev = following, -1, None
-            continue
-        found = payload["seq"]
-        if seq != -1 and found != seq:
-            findings.append(
-                Finding(offset, found, f"sequence broken: expected seq {seq}, found seq {found}")
+    for problem in problems:
+        if problem.torn:
+            what = (
+                f"torn tail of {len(data) - problem.offset} bytes ({problem.what}); a writer "
+                f"opening the log moves it to {path.name}.torn-{problem.offset}"
             )
-        if prev is not None and payload["prev"] != prev:
-            findings.append(
-                Finding(
-                    offset, found, "hash chain broken: prev is not the hash of the record before"
-                )
-            )
-        try:
-            decode_event(payload["type"], payload["v"], payload["data"])
-        except EventDecodeError as exc:
-            findings.append(Finding(offset, found, f"event does not decode: {exc}"))
-        offset, seq, prev = end, found + 1, digest
+            findings.append(Finding(problem.offset, problem.seq, what, error=False))
+        else:
+            findings.append(Finding(problem.offset, problem.seq, problem.what))
     return findings

@@ -15,13 +15,16 @@ flips (every burst up to 32 bits), runs at memory speed, and tamper evidence is 
 the header, which holds the random log id), so a record altered, removed, reordered or spliced
 in from another log breaks the chain even when its checksum is recomputed.
 
-Opening scans the whole file. A short, checksum-failing record at the tail, with no valid
-record after it, is a torn write: its bytes are moved to a sidecar ``<log>.torn-<offset>``
-(nothing is thrown away), the log is truncated to the last good record and fsynced, and
-:attr:`EventLog.recovery` says what happened. Anything else (a bad record followed by valid
-ones, a checksum-valid record that does not decode, a break in the sequence or the chain) is
-corruption: :meth:`EventLog.open` refuses with :class:`LogCorrupted` naming offset and seq,
-unless ``repair=True`` moves everything from the first bad byte to ``<log>.corrupt-<offset>``.
+Opening reads the whole file, checking every record and decoding its event with the same
+reader as :func:`scan` (the records are kept for the first :meth:`EventLog.records`). A short,
+checksum-failing record at the tail, with no valid record after it, is a torn write: its
+bytes are moved to a sidecar ``<log>.torn-<offset>`` (nothing is thrown away), the log is
+truncated to the last good record and fsynced, and :attr:`EventLog.recovery` says what
+happened. Anything else (a bad record followed by valid ones, a checksum-valid record whose
+event does not decode, a break in the sequence or the chain) is corruption:
+:meth:`EventLog.open` refuses with :class:`LogCorrupted` naming offset and seq, leaving the
+file untouched, unless ``repair=True`` moves everything from the first bad byte to
+``<log>.corrupt-<offset>``. Nothing is ever appended after a bad record.
 
 One writer per log, enforced with ``fcntl.flock`` on ``<log>.lock``, which holds the writer's
 PID so a second writer is told who holds it. The lock file is left in place on close
@@ -53,13 +56,10 @@ from fedsm.log.read import (
     LogError,
     LogNotFound,
     Record,
-    ScanStop,
     TornTail,
-    collect_records,
     gc_paused,
-    is_torn_tail,
     read_header,
-    walk_records,
+    read_log,
 )
 
 __all__ = ["DURABILITIES", "EventLog"]
@@ -99,6 +99,7 @@ class EventLog:
         batch_events: int,
         batch_interval_ms: float,
         recovery: TornTail | None,
+        opened: list[Record] | None = None,
     ) -> None:
         self._path = path
         self._fd: int | None = fd
@@ -112,6 +113,9 @@ class EventLog:
         self._batch_events = batch_events
         self._batch_interval_s = batch_interval_ms / 1000.0
         self.recovery = recovery
+        # The records `open` read, handed out once by the first `records()` call if nothing
+        # was appended meanwhile (then dropped: appending or closing drops them too).
+        self._opened = opened
         # Frames written to the OS on flush (batch, never); a bytearray grows in place.
         self._pending = bytearray()
         self._pending_count = 0
@@ -136,10 +140,10 @@ class EventLog:
     ) -> EventLog:
         """Open (creating it if ``create``) the log at ``path`` for writing.
 
-        Takes the writer lock (:class:`LogLocked` if held), scans the file, moves a torn tail
-        aside (see :attr:`recovery`) and refuses a corrupted log with :class:`LogCorrupted`
-        unless ``repair``. ``log_id`` (16 bytes) is only used when the log is created;
-        it defaults to 16 random bytes.
+        Takes the writer lock (:class:`LogLocked` if held), reads and decodes every record
+        (:func:`~fedsm.log.read.read_log`), moves a torn tail aside (see :attr:`recovery`)
+        and refuses a corrupted log with :class:`LogCorrupted` unless ``repair``. ``log_id``
+        (16 bytes) is only used when the log is created; it defaults to 16 random bytes.
         """
         if durability not in DURABILITIES:
             raise LogError(f"durability must be one of {DURABILITIES}, got {durability!r}")
@@ -184,22 +188,26 @@ class EventLog:
             data = path.read_bytes()
             found_id = read_header(path, data)
             genesis = genesis_hash(data[:HEADER_SIZE])
-            stops: list[ScanStop] = []
-            end, last_seq, last_hash = HEADER_SIZE, 0, genesis
-            for _offset, frame_end, payload, digest in walk_records(data, genesis, stops):
-                end, last_seq, last_hash = frame_end, payload["seq"], digest
-            recovery = None
-            if stops:
-                stop = stops[0]
-                if is_torn_tail(data, stop):
-                    kind, reason = "torn", stop.what
+            # Every record is checked and decoded, by the same reader as `scan`; they are
+            # kept for the first `records()` call (restoring a job reads them right away).
+            with gc_paused():
+                records, problems = read_log(data, genesis)
+            if records:
+                last_seq, last_hash = records[-1].seq, records[-1].hash
+            else:
+                last_seq, last_hash = 0, genesis
+            end, recovery = len(data), None
+            if problems:
+                problem = problems[0]
+                if problem.torn:
+                    kind, reason = "torn", problem.what
                 elif repair:
-                    kind, reason = "corrupt", f"repaired: {stop.what}"
+                    kind, reason = "corrupt", f"repaired: {problem.what}"
                 else:
-                    raise LogCorrupted(path, stop.offset, stop.seq, stop.what)
-                sidecar = move_aside(path, fd, data, stop.offset, kind)
-                recovery = TornTail(stop.offset, len(data) - stop.offset, sidecar, last_seq, reason)
-                end = stop.offset
+                    raise LogCorrupted(path, problem.offset, problem.seq, problem.what)
+                end = problem.offset
+                sidecar = move_aside(path, fd, data, end, kind)
+                recovery = TornTail(end, len(data) - end, sidecar, last_seq, reason)
             os.lseek(fd, end, os.SEEK_SET)
         except BaseException:
             os.close(fd)
@@ -217,6 +225,7 @@ class EventLog:
             batch_events,
             batch_interval_ms,
             recovery,
+            records,
         )
 
     # ----------------------------------------------------------------- properties
@@ -260,6 +269,7 @@ class EventLog:
                 fd = self._check_writable()  # raises the precise error
             seq = self._last_seq + 1
             frame = self._encoder.frame(seq, event, ts, self._last_hash)
+            self._opened = None
             try:
                 if self._durability == "always":
                     write_all(fd, frame)
@@ -303,6 +313,7 @@ class EventLog:
             raise LogError(f"ts must be a finite number, got {ts!r}")
         with self._lock:
             fd = self._check_writable()
+            self._opened = None
             seq, prev = self._last_seq, self._last_hash
             frames = bytearray()
             for event in events:
@@ -358,19 +369,30 @@ class EventLog:
     # ----------------------------------------------------------------- reading
 
     def records(self, from_seq: int = 1) -> Iterator[Record]:
-        """Every record from ``from_seq`` on (buffered ones are written out first)."""
+        """Every record from ``from_seq`` on (buffered ones are written out first).
+
+        The first call after :meth:`open`, before any append, hands out the records `open`
+        read and decoded instead of reading the file again.
+        """
         with self._lock:
             fd = self._check_writable()
-            self._flush_locked(fd, sync=False)
-            data = os.pread(fd, self._end, 0)
-        stops: list[ScanStop] = []
-        # The same fast reader as `scan` (a restore reads the whole log through here).
+            kept, self._opened = self._opened, None
+            if kept is not None and (kept[-1].seq if kept else 0) != self._last_seq:
+                kept = None  # not reached: appending drops them
+            if kept is None:
+                self._flush_locked(fd, sync=False)
+                data = os.pread(fd, self._end, 0)
+        if kept is not None:
+            yield from kept[max(from_seq, 1) - 1 :]  # they are seqs 1, 2, ... in order
+            return
+        # The same reader as `scan` and `open`.
         with gc_paused():
-            records = collect_records(self._path, data, self._genesis, from_seq, stops)
+            records, problems = read_log(data, self._genesis, from_seq=from_seq)
+        del data
         yield from records
-        if stops:
-            stop = stops[0]
-            raise LogCorrupted(self._path, stop.offset, stop.seq, stop.what)
+        if problems:
+            problem = problems[0]
+            raise LogCorrupted(self._path, problem.offset, problem.seq, problem.what)
 
     def events(self, from_seq: int = 1) -> Iterator[Event]:
         """The events of :meth:`records`."""
@@ -384,6 +406,7 @@ class EventLog:
         with self._lock:
             if self._fd is None:
                 return
+            self._opened = None
             try:
                 if self._broken is None:
                     self._flush_locked(self._fd, sync=self._durability != "never")
