@@ -3,7 +3,10 @@ started here, `fedsm repo serve`, three `fedsm node start` processes) with ident
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +125,74 @@ def test_mqtt_run_killed_mid_round_resumes_to_the_same_parameters(
     assert resumed.final_params_sha256 == clean.final_params_sha256
     stored = json.loads((tmp_path / "m" / "demo.json").read_text())
     assert stored["transport"] == "mqtt"  # it really ran (and resumed) over the broker
+
+
+# --------------------------------------------------------------------------- the run's files
+
+
+def test_an_unreadable_demo_json_is_a_clear_error(tmp_path: Path) -> None:
+    from fedsm.cli import main as cli_main
+    from fedsm.cli.demo.run import DemoFileError
+
+    stored = tmp_path / "demo.json"
+    for content in (b"", b"{not json", b'{"nodes": 3, "colour": "blue"}', b"[1, 2]"):
+        stored.write_bytes(content)
+        with pytest.raises(DemoFileError) as caught:
+            run_demo(tmp_path, DemoConfig(nodes=3, rounds=1), say=lambda s: None)
+        assert caught.value.path == stored
+        assert "new directory" in str(caught.value)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["demo", "--run-dir", str(tmp_path), "--rounds", "1"])
+    assert code == 2
+    assert err.getvalue().startswith(f"fedsm: error: {stored}: ")
+    assert not (tmp_path / "researcher").exists()  # nothing was started
+
+
+def test_settings_files_are_replaced_whole(tmp_path: Path) -> None:
+    from fedsm.cli.demo.run import read_json, write_json_atomic
+
+    target = tmp_path / "x.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 2})
+    assert read_json(target, "") == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temporary file left
+
+
+def test_empty_caches_are_recomputed(memory_run, tmp_path: Path) -> None:
+    """results.json and local.json are caches of what the log and the data say: an empty one
+    (an older version's torn write) is computed again, without training the federation."""
+    run_dir, result, _ = memory_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "results.json").write_bytes(b"")
+    (copy / "local.json").write_bytes(b"")
+    log_bytes = (copy / "researcher" / "job.log").read_bytes()
+    again = run_demo(copy, DemoConfig(nodes=3, rounds=ROUNDS, seed=7), say=lambda s: None)
+    assert again.final_params_sha256 == result.final_params_sha256
+    assert again.local_accuracy == result.local_accuracy
+    assert again.log == str(copy.resolve() / "researcher" / "job.log")
+    assert json.loads((copy / "results.json").read_text())["final_params_sha256"] == (
+        result.final_params_sha256
+    )
+    assert json.loads((copy / "local.json").read_text())["local_accuracy"] == result.local_accuracy
+    assert (copy / "researcher" / "job.log").read_bytes() == log_bytes  # nothing appended
+
+
+def test_an_empty_mqtt_json_is_recomputed_before_the_job_starts_only(
+    memory_run, tmp_path: Path
+) -> None:
+    from fedsm.cli.demo.mqtt import _repository_port
+    from fedsm.cli.demo.run import DemoFileError
+
+    settings = tmp_path / "mqtt.json"
+    settings.write_bytes(b"")
+    port = _repository_port(tmp_path)  # no job log yet: a new port
+    assert json.loads(settings.read_text()) == {"repository_port": port}
+    assert _repository_port(tmp_path) == port  # kept
+    run_dir, _, _ = memory_run
+    (tmp_path / "researcher").mkdir()
+    shutil.copy(run_dir / "researcher" / "job.log", tmp_path / "researcher" / "job.log")
+    settings.write_bytes(b"")
+    with pytest.raises(DemoFileError, match="repository_port"):
+        _repository_port(tmp_path)  # the log may name the old port's URLs

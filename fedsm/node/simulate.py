@@ -3,7 +3,10 @@
 :func:`start_memory_nodes` does what K operators would do with the command line (init a node
 directory, register a CSV dataset, approve the plan) and starts the nodes. Re-running it on
 the same base directory re-opens the existing nodes (a resumed run finds its nodes, their
-datasets and their reply caches as they were).
+datasets and their reply caches as they were). Each set-up step is checked by its outcome and
+done only if missing, so a node directory left half-made by a killed run is completed; a
+dataset registered at a path that no longer holds it (the run directory moved) is registered
+again where the CSV is now.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsm.errors import ConfigurationError
 from fedsm.node.executor import InProcessTrainingExecutor, TrainingExecutor
 from fedsm.node.node import Node
-from fedsm.node.settings import SETTINGS_FILE, init_node_dir, load_settings
+from fedsm.node.settings import SETTINGS_FILE, NodeSettings, init_node_dir, load_settings
 from fedsm.repository.base import Repository
 from fedsm.transport import MemoryBroker, MemoryBus
 
@@ -84,10 +88,7 @@ def start_memory_nodes(
         for k, csv in enumerate(datasets, start=1):
             node_id = f"node-{k}"
             node_dir = Path(base_dir) / node_id
-            if (node_dir / SETTINGS_FILE).exists():
-                settings = load_settings(node_dir, env={})
-            else:
-                settings = init_node_dir(node_dir, node_id)
+            settings = _open_or_init(node_dir, node_id)
             bus = MemoryBus(broker, settings.node_id, role="node")
             node = Node(
                 node_dir,
@@ -99,7 +100,11 @@ def start_memory_nodes(
             )
             nodes.append(node)
             dataset_id = f"dataset-{settings.node_id}"
-            if not any(d["dataset_id"] == dataset_id for d in node.datasets.list()):
+            ours = [d for d in node.datasets.list() if d["dataset_id"] == dataset_id]
+            if ours and Path(ours[0]["path"]) != Path(csv).resolve():
+                node.datasets.remove(dataset_id)  # moved: registered again below
+                ours = []
+            if not ours:
                 register_csv_dataset(
                     node,
                     csv,
@@ -119,3 +124,20 @@ def start_memory_nodes(
             node.stop()
         raise
     return nodes
+
+
+def _open_or_init(node_dir: Path, node_id: str) -> NodeSettings:
+    """The settings of the simulated node in ``node_dir``, initialising it if it is not yet
+    (or if its ``node.toml`` is empty: a write cut short before the node ever ran)."""
+    settings_path = node_dir / SETTINGS_FILE
+    if settings_path.is_file() and not settings_path.read_bytes().strip():
+        settings_path.unlink()
+    if not settings_path.exists():
+        return init_node_dir(node_dir, node_id)
+    settings = load_settings(node_dir, env={})
+    if settings.node_id != node_id:
+        raise ConfigurationError(
+            f"{settings_path} holds node {settings.node_id!r}, not {node_id!r}: "
+            f"{node_dir} belongs to another set-up; give the nodes a directory of their own"
+        )
+    return settings

@@ -9,9 +9,16 @@ audited::
     RUN_DIR/nodes/       one directory per node: registry, approvals, reply cache
     RUN_DIR/researcher/  job.log and the job's files
     RUN_DIR/results.json the final lines, once the run has finished
+    RUN_DIR/demo.json    the run's settings (a rerun uses them)
+    RUN_DIR/local.json   the centralised baseline's accuracy (a cache)
+    RUN_DIR/mqtt.json    the repository server's port (``--transport mqtt``)
 
 Running the demo again on the same directory resumes an unfinished run, or prints a
-finished run's results without training anything.
+finished run's results without training anything. A run can be killed at any point (while
+splitting the data, setting up nodes, or anywhere in the job's log) and the directory moved:
+rerunning the demo on it finishes what was left and ends on the same final parameters. The
+JSON files are replaced atomically; the job's log decides whether the job resumes (it does
+once the log holds a record).
 """
 
 from __future__ import annotations
@@ -20,18 +27,29 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from fedsm.data import breast_cancer_csv, partition_csv, split_holdout
+from fedsm.errors import ConfigurationError
+from fedsm.log import LogNotFound, scan
 from fedsm.researcher.experiment import Experiment
 from fedsm.researcher.job import LOG_NAME
 from fedsm.training import runner
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.localjob import LocalJob
 
-__all__ = ["DemoConfig", "DemoResult", "prepare", "run_demo"]
+__all__ = [
+    "DemoConfig",
+    "DemoFileError",
+    "DemoResult",
+    "log_has_records",
+    "prepare",
+    "read_json",
+    "run_demo",
+    "write_json_atomic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +66,84 @@ DEMO_TRAINING_ARGS = {
 }
 DEMO_MODEL_ARGS: dict[str, Any] = {}
 PLAN_CLASS = "BreastCancerPlan"
+
+
+class DemoFileError(ConfigurationError):
+    """A file of a demo run directory is empty, unreadable or not what this version wrote;
+    the message names the file and what to do."""
+
+    def __init__(self, path: Path, problem: str, remedy: str) -> None:
+        super().__init__(f"{path}: {problem}. {remedy}")
+        self.path, self.problem, self.remedy = Path(path), problem, remedy
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that a kill or crash leaves the old file or the new
+    one, never a part: a temporary file in the same directory, fsync, rename, fsync the
+    directory."""
+    path = Path(path)
+    data = (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_json(path: Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`DemoFileError` (with ``remedy``) if the file is
+    empty, unreadable or not a JSON object. A missing file raises FileNotFoundError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise DemoFileError(path, f"can not be read ({exc.strerror or exc})", remedy) from None
+    if not data.strip():
+        raise DemoFileError(path, "is empty (written by an older version or cut short)", remedy)
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DemoFileError(path, f"is not valid JSON ({exc})", remedy) from None
+    if not isinstance(obj, dict):
+        raise DemoFileError(path, f"holds a {type(obj).__name__}, not a JSON object", remedy)
+    return obj
+
+
+def log_has_records(log_path: Path) -> bool:
+    """Whether the job log at ``log_path`` holds at least one record (read-only).
+
+    A missing log, or one with a header only (a run killed right after creating it), is a
+    fresh start. A torn last record does not count; a damaged log raises its
+    :class:`~fedsm.log.LogError` (the message says what to do).
+    """
+    try:
+        return bool(scan(log_path).records)
+    except LogNotFound:
+        return False
 
 
 @dataclass(frozen=True)
@@ -91,14 +187,16 @@ def prepare(run_dir: Path, config: DemoConfig) -> dict[str, Any]:
         train_csv, test_csv = split_holdout(
             breast_cancer_csv(), data_dir, fraction=0.2, seed=config.seed
         )
-    node_csvs = sorted(data_dir.glob("node-*.csv"))
-    if len(node_csvs) != config.nodes:
+    # Every file is written whole (temporary file and rename) and the split is deterministic,
+    # so a split cut short by a kill is simply made again.
+    node_csvs = [data_dir / f"node_{i}.csv" for i in range(config.nodes)]
+    if not all(p.exists() for p in node_csvs):
         node_csvs = partition_csv(
             train_csv, config.nodes, data_dir, iid=config.iid, seed=config.seed
         )
     if not plan_path.exists():
         plan_path.parent.mkdir(parents=True, exist_ok=True)
-        BreastCancerPlan().save_code(plan_path)
+        BreastCancerPlan().save_code(plan_path)  # atomically
     return {"train": train_csv, "test": test_csv, "nodes": node_csvs, "plan": plan_path}
 
 
@@ -122,8 +220,12 @@ def _accuracy(plan_path: Path, params_path: Path, test_csv: Path) -> float:
 def local_baseline(run_dir: Path, files: dict[str, Any], config: DemoConfig) -> float:
     """Accuracy of the centralised baseline (LocalJob on the pooled training data), cached."""
     cache = run_dir / "local.json"
-    if cache.exists():
-        return float(json.loads(cache.read_text())["local_accuracy"])
+    try:
+        return float(read_json(cache, "")["local_accuracy"])
+    except FileNotFoundError:
+        pass
+    except (DemoFileError, KeyError, TypeError, ValueError) as exc:
+        log.warning("recomputing the centralised baseline: %s", exc)
     args = dict(DEMO_TRAINING_ARGS)
     args["epochs"] = int(args.get("epochs", 1)) * config.rounds
     job = LocalJob(
@@ -136,7 +238,7 @@ def local_baseline(run_dir: Path, files: dict[str, Any], config: DemoConfig) -> 
     )
     job.run()
     accuracy = _accuracy(files["plan"], job.params_path, files["test"])
-    cache.write_text(json.dumps({"local_accuracy": accuracy}))
+    write_json_atomic(cache, {"local_accuracy": accuracy})
     return accuracy
 
 
@@ -152,12 +254,13 @@ def run_demo(
     run_dir.mkdir(parents=True, exist_ok=True)
     config = _load_or_store_config(run_dir, config)
     results = run_dir / "results.json"
-    if results.exists():
-        say(f"{run_dir} holds a finished run; its results:")
-        return DemoResult(**json.loads(results.read_text()))
-    files = prepare(run_dir, config)
     log_path = run_dir / "researcher" / LOG_NAME
-    resuming = log_path.exists() and log_path.stat().st_size > 0
+    finished = _finished_result(results, run_dir, log_path)
+    if finished is not None:
+        say(f"{run_dir} holds a finished run; its results:")
+        return finished
+    files = prepare(run_dir, config)
+    resuming = log_has_records(log_path)
     if config.transport == "memory":
         from fedsm.cli.demo.memory import memory_world as world
     elif config.transport == "mqtt":
@@ -203,18 +306,48 @@ def run_demo(
         # `fedsm replay --verify --repo DIR` reads it directly (same content-addressed layout).
         repository=str(run_dir / "repository"),
     )
-    tmp = results.with_suffix(".tmp")  # atomic: a kill here must not leave half a file
-    tmp.write_text(json.dumps(asdict(result), indent=1))
-    os.replace(tmp, results)
+    write_json_atomic(results, asdict(result))
     return result
+
+
+def _finished_result(results: Path, run_dir: Path, log_path: Path) -> DemoResult | None:
+    """The stored results of a finished run, or None. An unreadable results.json is a cache
+    of what the log and the repository hold: it is recomputed (the finished job resumes to
+    its end without training)."""
+    try:
+        stored = read_json(results, "")
+        result = DemoResult(**stored)
+    except FileNotFoundError:
+        return None
+    except (DemoFileError, TypeError) as exc:
+        log.warning("%s is unreadable (%s); recomputing the results from the log", results, exc)
+        return None
+    # Paths as of now: the run directory may have been moved since it finished.
+    return DemoResult(
+        federated_accuracy=result.federated_accuracy,
+        local_accuracy=result.local_accuracy,
+        final_params_sha256=result.final_params_sha256,
+        log=str(log_path),
+        repository=str(run_dir / "repository"),
+    )
 
 
 def _load_or_store_config(run_dir: Path, config: DemoConfig) -> DemoConfig:
     stored = run_dir / "demo.json"
-    if stored.exists():
-        previous = DemoConfig(**json.loads(stored.read_text()))
-        if previous != config:
-            log.warning("using the settings stored in %s for this run: %s", stored, previous)
-        return previous
-    stored.write_text(json.dumps(asdict(config), indent=1))
-    return config
+    remedy = (
+        f"It holds this run's settings ({', '.join(f.name for f in fields(DemoConfig))}). "
+        f"Write them back as a JSON object if you know them, or start the demo in a new "
+        f"directory"
+    )
+    try:
+        data = read_json(stored, remedy)
+    except FileNotFoundError:
+        write_json_atomic(stored, asdict(config))
+        return config
+    try:
+        previous = DemoConfig(**data)
+    except TypeError as exc:
+        raise DemoFileError(stored, f"does not hold demo settings ({exc})", remedy) from None
+    if previous != config:
+        log.warning("using the settings stored in %s for this run: %s", stored, previous)
+    return previous
