@@ -13,9 +13,10 @@ The one implementation behind ``fedsm replay`` and ``tools/replay.py``:
   ``--repo`` those two are listed as "not checked": they neither pass nor fail. Exit 0 only
   if every check that ran holds, else 1 with one line per finding (seq, expected, found).
 
-A torn tail is reported, not an error. Without ``--verify`` it is also recovered (moved to
-the sidecar file by opening the log as its writer) unless a writer holds the log: then it
-may be a write in progress and is left alone. ``--verify`` never modifies the file.
+Audit tools never write to what they read: no lock file, no repair, no sidecar, no header;
+they work on read-only media and on a log another process is writing. A torn tail is
+reported, not an error, and not repaired (the job's writer moves it aside when it next opens
+the log). ``LOG`` may also be a run directory (``job.log`` or ``researcher/job.log`` in it).
 
 Verification is a list of checks, ``Check = (path) -> list[Finding]``; :data:`CHECKS` holds
 the defaults and :func:`verify_all` takes more (an audit adds a repository check).
@@ -36,8 +37,7 @@ from fedsm.core import events as ev
 from fedsm.core.jobstate import JobState, initial_state
 from fedsm.core.lifecycle import IllegalTransition, apply
 from fedsm.errors import FedsmError
-from fedsm.log.read import Finding, LogError, LogLocked, Record, TornTail, scan, verify
-from fedsm.log.writer import EventLog
+from fedsm.log.read import Finding, LogError, Record, TornTail, scan, verify
 
 __all__ = [
     "CHECKS",
@@ -132,28 +132,34 @@ def _time(ts: float) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | Path, *, recover: bool = True) -> tuple[list[Record], TornTail | None, str]:
-    """The log's good records, its torn tail (if any) and a note on what was done about it.
+#: Where a run directory keeps its job log: a Job's run_dir, or the demo's run directory.
+LOG_PLACES = ("job.log", "researcher/job.log")
 
-    With ``recover``, a torn tail is moved aside by opening the log as its writer; a log
-    another process is writing is only read.
+
+def resolve_log(path: str | Path) -> Path:
+    """The job log ``path`` names: the file itself, or the log of a run directory.
+
+    Raises :class:`ReplayError` with one clear line for a directory without a log.
     """
     path = Path(path)
+    if path.is_dir():
+        for place in LOG_PLACES:
+            if (path / place).is_file():
+                return path / place
+        raise ReplayError(f"{path} is a directory without a job log ({' or '.join(LOG_PLACES)})")
+    return path
+
+
+def load(path: str | Path) -> tuple[list[Record], TornTail | None, str]:
+    """The log's good records, its torn tail (if any) and a note saying it was left alone.
+
+    Read-only: nothing is locked, moved or written, whoever may be writing the log.
+    """
+    view = scan(resolve_log(path))
     note = ""
-    torn: TornTail | None = None
-    if recover:
-        try:
-            with EventLog.open(path, create=False, durability="never") as log:
-                torn = log.recovery
-            if torn is not None:
-                note = f"recovered: bytes moved to {torn.sidecar}"
-        except LogLocked as exc:
-            note = f"not recovered: the log is live (written by process {exc.pid})"
-    view = scan(path)
     if view.torn is not None:
-        torn = view.torn
-        note = note or "not recovered (read-only)"
-    return view.records, torn, note
+        note = "reported, not repaired (the job's writer moves it aside when it next opens the log)"
+    return view.records, view.torn, note
 
 
 def fold(
@@ -212,8 +218,9 @@ CHECKS: tuple[Check, ...] = (check_log, check_lifecycle, check_plan)
 def verify_all(path: str | Path, checks: Iterable[Check] = CHECKS) -> list[Finding]:
     """Run ``checks`` on the log at ``path``; every finding, in check order."""
     findings: list[Finding] = []
+    log_path = resolve_log(path)
     for check in checks:
-        findings.extend(check(Path(path)))
+        findings.extend(check(log_path))
     return findings
 
 
@@ -222,7 +229,9 @@ def verify_all(path: str | Path, checks: Iterable[Check] = CHECKS) -> list[Findi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``replay`` arguments (shared by ``fedsm replay`` and ``tools/replay.py``)."""
-    parser.add_argument("log", type=Path, help="the job's event log (e.g. RUN_DIR/job.log)")
+    parser.add_argument(
+        "log", type=Path, help="the job's event log (RUN_DIR/job.log) or its run directory"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--at", type=int, metavar="SEQ", help="print the job state after SEQ")
     mode.add_argument("--round", type=int, metavar="N", help="print round N in detail")
@@ -246,13 +255,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     """Carry out parsed ``replay`` arguments; return the exit code."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    args.log = resolve_log(args.log)
     if args.verify:
         return _run_verify(
             args.log, args.json, out, getattr(args, "repo", None), getattr(args, "token", None)
         )
     if getattr(args, "repo", None):
         raise ReplayError("--repo is only used with --verify")
-    records, torn, note = load(args.log, recover=True)
+    records, torn, note = load(args.log)
     if torn is not None:
         print(
             f"fedsm replay: torn tail at offset {torn.offset} ({torn.length} bytes, "

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsm.audit.replay import resolve_log
 from fedsm.audit.roundfacts import round_facts
 from fedsm.core import events as ev
 from fedsm.errors import FedsmError
@@ -271,6 +272,7 @@ def write_report(log: str | Path, out: str | Path) -> Path:
     suffix = out.suffix.lower()
     if suffix not in (".html", ".htm", ".png"):
         raise ReportError(f"{out}: the report is written as .html or .png, not {suffix!r}")
+    log = resolve_log(log)  # a run directory names its log
     data = report_data(scan(log).records)
     png = render_png(data)
     out.parent.mkdir(parents=True, exist_ok=True)

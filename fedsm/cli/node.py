@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsm.errors import ConfigurationError
+from fedsm.node.database import PLAN_STATUSES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan = cmds.add_parser("plan", help="training plans and their approval")
     plan_cmds = plan.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
     p = with_dir(plan_cmds.add_parser("list", help="list known plans"))
-    p.add_argument("--status", choices=("approved", "rejected", "pending"))
+    p.add_argument("--status", choices=PLAN_STATUSES)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan_list)
     p = with_dir(plan_cmds.add_parser("show", help="print a plan's record and source"))

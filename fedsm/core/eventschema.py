@@ -22,10 +22,18 @@ from fedsm.errors import FedsmError
 if TYPE_CHECKING:
     from fedsm.core.events import Event
 
-__all__ = ["APPROVAL_STATUSES", "EventDecodeError", "kind_field", "spec_of"]
+__all__ = [
+    "APPROVAL_STATUSES",
+    "NODE_APPROVAL_STATUSES",
+    "EventDecodeError",
+    "kind_field",
+    "spec_of",
+]
 
-#: Values of ``ApprovalChecked.statuses``.
-APPROVAL_STATUSES = frozenset({"approved", "rejected", "pending", "unknown", "no-reply"})
+#: What a node answers about a plan's approval (``TrainingPlanStatusReply.status``).
+NODE_APPROVAL_STATUSES = frozenset({"approved", "rejected", "pending", "unknown"})
+#: Values of ``ApprovalChecked.statuses``: a node's answer, or ``no-reply`` when none came.
+APPROVAL_STATUSES = NODE_APPROVAL_STATUSES | {"no-reply"}
 
 _MAX_STR = 4096
 _MAX_TEXT = 64 * 1024

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from fedsm.core.eventschema import NODE_APPROVAL_STATUSES
 from fedsm.core.fields import make_checkers
 from fedsm.core.fields import short as _short
 from fedsm.core.protocol_errors import ErrorNumber, MessageDecodeError
@@ -206,7 +207,7 @@ class TrainingPlanStatusReply(Reply):
     status: str = _f("str")
     approval_required: bool = _f("bool")
 
-    STATUSES: ClassVar[frozenset[str]] = frozenset({"approved", "rejected", "pending", "unknown"})
+    STATUSES: ClassVar[frozenset[str]] = NODE_APPROVAL_STATUSES
 
     def __post_init__(self) -> None:
         super().__post_init__()
