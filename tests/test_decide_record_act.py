@@ -193,17 +193,17 @@ def _train_requests_handled(world) -> int:
 def test_a_round_out_of_turn_publishes_nothing_and_records_nothing(world, tmp_path: Path) -> None:
     job = _job(world, tmp_path)
     try:
-        seq = job._log.last_seq
+        seq = job.last_seq
         with pytest.raises(RefusedByLifecycle):  # before the approval check
             job.start_nodes_training_round(1)
         job.check_training_plan_is_approved_by_nodes()
-        seq = job._log.last_seq
+        seq = job.last_seq
         for wrong in (2, 3, 0):
             with pytest.raises(IllegalTransition, match="RoundSent"):
                 job.start_nodes_training_round(wrong)
             with pytest.raises(JobError):  # the same error is a JobError too
                 job.start_nodes_training_round(wrong)
-        assert job._log.last_seq == seq and job.state.round == 0
+        assert job.last_seq == seq and job.state.round == 0
         assert _train_requests_handled(world) == 0, "a node trained a round the log never had"
         job.start_nodes_training_round(1)
         assert _train_requests_handled(world) == 3
@@ -224,10 +224,10 @@ def test_aggregate_while_nodes_are_pending_changes_nothing(world, tmp_path: Path
             job.aggregate()
         job.step(max_wait_s=0.0)  # round 1 recorded and published; no reply taken yet
         assert job.state.status == "round_sent" and job.state.pending_nodes()
-        seq = job._log.last_seq
+        seq = job.last_seq
         with pytest.raises(JobError, match="still waiting"):
             job.aggregate()
-        assert job._log.last_seq == seq and job.state.status == "round_sent"
+        assert job.last_seq == seq and job.state.status == "round_sent"
         job.start_nodes_training_round(1)  # collect the round to its end
         digest = job.aggregate()
         assert job.state.status == "aggregated" and digest == job.params_sha256

@@ -60,6 +60,11 @@ class JobViews:
         return self._state
 
     @property
+    def last_seq(self) -> int:
+        """Seq of the last event recorded in the job's log (a breakpoint is (log, seq))."""
+        return self._log.last_seq
+
+    @property
     def log_path(self) -> Path:
         """The job's event log."""
         return self._log.path
