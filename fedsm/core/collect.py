@@ -9,7 +9,6 @@ are all ignored here, so no reply is ever counted twice.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from fedsm.core.events import NodeFailed, ReplyReceived
@@ -17,6 +16,7 @@ from fedsm.core.eventschema import EventDecodeError
 from fedsm.core.jobstate import JobState
 from fedsm.core.messages import ErrorReply, Message, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.digests import sha256_hex
 
 __all__ = ["Verdict", "classify", "digest_in_url", "train_request_id"]
 
@@ -28,7 +28,7 @@ def train_request_id(job_id: str, round_number: int, node_id: str) -> str:
     is re-sent under the same id after a restore: the node answers it from its reply cache
     instead of training twice.
     """
-    digest = hashlib.sha256(f"{job_id}\x00{round_number}\x00{node_id}".encode()).hexdigest()
+    digest = sha256_hex(f"{job_id}\x00{round_number}\x00{node_id}")
     return f"train-{digest[:32]}"
 
 

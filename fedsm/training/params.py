@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedsm.digests import sha256_file, sha256_hex
+from fedsm.digests import sha256_hex
 from fedsm.errors import FedsmError
 
 __all__ = ["MAX_PARAMS_BYTES", "ParamsFileError", "load_params", "save_params"]
@@ -103,10 +103,6 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# TODO(remove): alias for researcher/audit until they import fedsm.digests
-file_sha256 = sha256_file
 
 
 def load_params(
