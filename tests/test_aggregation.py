@@ -8,8 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fedsm.digests import sha256_file as file_sha256
 from fedsm.strategies.fedavg import AggregationError, FedAvg, FedAvgAccumulator, fedavg
-from fedsm.training.params import ParamsFileError, file_sha256, load_params, save_params
+from fedsm.training.params import ParamsFileError, load_params, save_params
 
 
 def _update(seed: int) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fedsm.data import breast_cancer_csv, split_holdout
+from fedsm.digests import sha256_file as file_sha256
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.localjob import LocalJob, LocalJobError, localJob
-from fedsm.training.params import file_sha256, load_params
+from fedsm.training.params import load_params
 from fedsm.training.plan import TorchTrainingPlan
 
 
