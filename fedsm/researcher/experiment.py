@@ -61,8 +61,10 @@ class Experiment:
         The researcher's transport and file repository (memory bus and local directory for
         the embedded default, MQTT and HTTP across machines).
     require_approval:
-        Refuse to start rounds unless every node that requires approval has approved the
-        plan's exact sha256 (nodes enforce it anyway; this fails early with the fix).
+        Make :meth:`check_training_plan_status` raise when a node has not approved the plan.
+        Rounds themselves always need it: the lifecycle refuses to send a round unless the
+        last recorded approval check cleared every node (nodes enforce it too), and
+        :meth:`run` asks the nodes again, once per call, while the answer is not yes.
     """
 
     def __init__(
