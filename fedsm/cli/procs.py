@@ -3,6 +3,7 @@ for the line that says it is ready (with a deadline), and stop it for sure."""
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -25,10 +26,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the child, before exec: ask Linux to send SIGTERM when the parent dies, so that a
     researcher killed with SIGKILL does not leave node or repository processes behind (they
-    would hold the client ids and the port a resumed run needs)."""
+    would hold the client ids and the port a resumed run needs).
+
+    Linux sends it when the thread that started the child ends, so start long-lived children
+    from a thread that lives as long as they should. A parent killed between the fork and the
+    prctl is noticed here (the child has been re-parented): the child ends at once."""
     try:
         import ctypes
 
@@ -36,7 +41,9 @@ def _die_with_parent() -> None:
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the children outlive a killed parent
-        pass
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Child:
@@ -53,7 +60,11 @@ class Child:
             stderr=None,
             text=True,
             env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=(
+                functools.partial(_die_with_parent, os.getpid())
+                if sys.platform.startswith("linux")
+                else None
+            ),
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
