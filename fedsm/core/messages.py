@@ -23,6 +23,8 @@ __all__ = [
     "BROADCAST",
     "MESSAGE_TYPES",
     "ErrorReply",
+    "JobEndReply",
+    "JobEndRequest",
     "ListReply",
     "ListRequest",
     "LogMessage",
@@ -43,6 +45,7 @@ __all__ = [
 BROADCAST = "*"
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
 MAX_STR = 4096
 MAX_TEXT = 64 * 1024
 MAX_ITEMS = 10_000
@@ -62,6 +65,22 @@ def _check_id(name: str, value: Any) -> str:
     return value
 
 
+def _check_head(name: str, value: Any) -> dict[str, Any]:
+    """A log head: ``{"seq": n, "hash": <64 hex>}``, the researcher's log as it stood."""
+    if type(value) is not dict or set(value) != {"seq", "hash"}:
+        raise MessageDecodeError(f"expected a log head {{seq, hash}}, got {_short(value)}", name)
+    seq, digest = value["seq"], value["hash"]
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise MessageDecodeError(f"expected a head seq >= 0, got {_short(seq)}", name)
+    if type(digest) is not str or not _HEX64_RE.fullmatch(digest):
+        raise MessageDecodeError(f"expected a 64 hex digit head hash, got {_short(digest)}", name)
+    return value
+
+
+def _check_opt_head(name: str, value: Any) -> dict[str, Any] | None:
+    return None if value is None else _check_head(name, value)
+
+
 def _check_target(name: str, value: Any) -> str:
     if value == BROADCAST:
         return value
@@ -79,6 +98,8 @@ _SHARED = make_checkers(
 _CHECKERS = {
     "id": _check_id,
     "target": _check_target,
+    "head": _check_head,
+    "opt_head": _check_opt_head,
     **{
         kind: _SHARED[kind]
         for kind in (
@@ -191,10 +212,14 @@ class SearchReply(Reply):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingPlanStatusRequest(Request):
+    """``log_head``: the researcher's job log as it stood when this was sent (the node keeps
+    it as a witness; see :mod:`fedsm.core.witness`)."""
+
     command: ClassVar[str] = "training-plan-status"
     job_id: str = _f("id")
     training_plan_url: str = _f("str")
     training_plan_sha256: str = _f("sha256")
+    log_head: dict[str, Any] | None = _f("opt_head", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +257,10 @@ class TrainRequest(Request):
     model_args: dict[str, Any] = _f("map")
     seed: int = _f("nonneg_int")
     aggregator_args: dict[str, Any] = _f("map", default_factory=dict)
+    #: The researcher's job log as it stood when this was sent (after the RoundSent or
+    #: RoundResent deciding it): the node keeps it as a witness. Not part of the request's
+    #: identity (a re-send carries a later head).
+    log_head: dict[str, Any] | None = _f("opt_head", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +301,26 @@ class ErrorReply(Reply):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JobEndRequest(Request):
+    """The job ended (``status``: completed, failed or cancelled); ``log_head`` is its final
+    head. Nodes record it as a witness and answer; it asks nothing else of them."""
+
+    command: ClassVar[str] = "job-end"
+    job_id: str = _f("id")
+    status: str = _f("str")
+    log_head: dict[str, Any] = _f("head")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEndReply(Reply):
+    """The node recorded the final head of ``job_id`` at ``seq``."""
+
+    command: ClassVar[str] = "job-end-reply"
+    job_id: str = _f("id")
+    seq: int = _f("nonneg_int")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LogMessage(Reply):
     command: ClassVar[str] = "log"
     level: str = _f("str")
@@ -291,6 +340,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         TrainingPlanStatusReply,
         TrainRequest,
         TrainReply,
+        JobEndRequest,
+        JobEndReply,
         ErrorReply,
         LogMessage,
     )

@@ -33,7 +33,7 @@ States and decisions::
     round n over, replies <  min_nodes        -> JobFailed
     aggregated n < round_limit                -> StartRound(n + 1)
     aggregated n == round_limit               -> JobCompleted
-    completed, failed, cancelled              -> Stop
+    completed, failed, cancelled              -> AnnounceEnd (once per process), Stop
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from fedsm.core.jobstate import JobState, JobStatus
 
 __all__ = [
     "Aggregate",
+    "AnnounceEnd",
     "CheckApproval",
     "Collect",
     "Command",
@@ -113,6 +114,14 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class AnnounceEnd:
+    """Send the job's final log head to every node (``job-end``), which they keep as a
+    witness. Idempotent: a restored process announces again."""
+
+    status: str
+
+
+@dataclass(frozen=True)
 class Stop:
     """Nothing to do: the job is over (``finished``) or waits for someone (the reason says
     who: operators to approve the plan, or the opening to be completed)."""
@@ -122,7 +131,7 @@ class Stop:
     needs_approval: bool = False
 
 
-Command = CheckApproval | StartRound | Publish | Collect | Aggregate | Stop
+Command = CheckApproval | StartRound | Publish | Collect | Aggregate | AnnounceEnd | Stop
 
 
 @dataclass(frozen=True)
@@ -141,12 +150,14 @@ class Progress:
     ``approval_asked``: this drive asked the nodes about approval (a new drive, such as a new
     call of ``Experiment.run``, asks again when the last answer was not all-approved);
     ``waited_round``: the round whose whole reply window this process waited out (so a clock
-    that does not reach the recorded deadline can not keep a round open for ever).
+    that does not reach the recorded deadline can not keep a round open for ever);
+    ``end_announced``: this process sent the nodes the final head of a finished job.
     """
 
     published_round: int = 0
     approval_asked: bool = False
     waited_round: int = 0
+    end_announced: bool = False
 
 
 # --------------------------------------------------------------------------- decisions
@@ -156,7 +167,10 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
     """The next step of the job in ``state`` at time ``now`` (the job's clock)."""
     status = state.status
     if status.terminal:
-        return _stop(f"the job is {status.value}", finished=True)
+        stop = Stop(f"the job is {status.value}", finished=True)
+        if not progress.end_announced and state.config is not None:
+            return Decision(commands=(AnnounceEnd(status.value), stop))
+        return Decision(commands=(stop,))
     if status.opening:
         return _stop("the job's opening events are not all recorded (restore completes them)")
     config = state.config

@@ -239,6 +239,12 @@ class EventLog:
         return self._log_id
 
     @property
+    def head(self) -> tuple[int, bytes]:
+        """``(seq, chain hash)`` of the last record (``(0, genesis)`` for an empty log): what
+        the log commits to so far, for witnesses to keep."""
+        return self._last_seq, self._last_hash
+
+    @property
     def last_seq(self) -> int:
         """Seq of the last appended record (0 for an empty log)."""
         return self._last_seq

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 
 #: Fields of a train request that say when or where, not what: a re-send may change them.
-_LOCATION_FIELDS = ("deadline", "training_plan_url", "params_url")
+#: Fields that say when and where, not what: a re-sent request may carry others. The log
+#: head moves with every record the researcher appends before re-sending.
+_LOCATION_FIELDS = ("deadline", "training_plan_url", "params_url", "log_head")
 
 
 def _canonical(value: Any) -> Any:
@@ -79,8 +81,8 @@ def request_fingerprint(request: TrainRequest) -> str:
     """sha256 of what a train request asks for, without when and where it says so.
 
     Files are named by their digests, so their URLs are left out: the deadline, the plan's and
-    the params' URLs, and the ``url`` of every file arg in ``aggregator_args`` (one that also
-    carries its ``sha256``). A run directory that moved (its repository now at another path
+    the params' URLs, the researcher's log head, and the ``url`` of every file arg in
+    ``aggregator_args`` (one that also carries its ``sha256``). A run directory that moved (its repository now at another path
     or URL) re-sends the same request under new URLs and gets the cached reply.
     """
     body = request.to_dict()
@@ -95,6 +97,7 @@ def _fingerprint_v1(request: TrainRequest) -> str:
     accepted, so a request answered before an upgrade is answered from the cache after it."""
     body = request.to_dict()
     body.pop("deadline", None)
+    body.pop("log_head", None)  # not a field of the protocol then
     return sha256_hex(msgpack.packb(body, use_bin_type=True))
 
 

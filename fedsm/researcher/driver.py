@@ -24,7 +24,13 @@ from fedsm.core.events import (
     NodeFailed,
     ReplyReceived,
 )
-from fedsm.core.messages import TrainingPlanStatusReply, TrainingPlanStatusRequest, TrainRequest
+from fedsm.core.messages import (
+    JobEndReply,
+    JobEndRequest,
+    TrainingPlanStatusReply,
+    TrainingPlanStatusRequest,
+    TrainRequest,
+)
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.core.seeds import derive_seed
 from fedsm.digests import is_sha256, sha256_file
@@ -39,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["RoundDriver"]
 
 log = logging.getLogger(__name__)
+
+#: How long the end of a job waits for nodes to acknowledge its final head.
+END_WAIT_S = 5.0
 
 
 class RoundDriver:
@@ -95,6 +104,7 @@ class RoundDriver:
             job_id=state.job_id,
             training_plan_url=job.repository.url_for(state.plan_sha256),
             training_plan_sha256=state.plan_sha256,
+            log_head=job.log_head,
         )
         statuses: dict[str, str] = {}
         required: dict[str, bool] = {}
@@ -212,6 +222,7 @@ class RoundDriver:
             model_args=dict(config.model_args),
             seed=derive_seed(config.seed, state.round, node),
             aggregator_args=agg_args,
+            log_head=job.log_head,
         )
 
     # ------------------------------------------------------------------ collect
@@ -302,6 +313,37 @@ class RoundDriver:
         if self._like is None or self._like[0] != sha:
             self._like = (sha, load_params(self.job.params_path(sha)))
         return self._like[1]
+
+    # ------------------------------------------------------------------ the end
+
+    def announce_end(self, status: str) -> list[str]:
+        """Send every node the job's final log head (``job-end``); return the nodes that did
+        not acknowledge it within a short wait. Nothing is recorded: the head is the log's
+        last record, and recording the answers would move it."""
+        job = self.job
+        config = job.state.config
+        assert config is not None and job.state.params_sha256 is not None
+        # The final parameters are uploaded after the event naming them; a process killed in
+        # between uploads them here, on its way out (no later request would).
+        self.ensure_uploaded([job.state.params_sha256])
+        wait_s = min(config.reply_deadline_s, END_WAIT_S)
+        replies = job.requests.ask(
+            JobEndRequest,
+            config.nodes,
+            wait_s,
+            job_id=job.state.job_id,
+            status=status,
+            log_head=job.log_head,
+        )
+        missing = sorted(n for n in config.nodes if not isinstance(replies.get(n), JobEndReply))
+        if missing:
+            log.warning(
+                "nodes %s did not acknowledge the job's final head (seq %d); their witness "
+                "files end earlier",
+                missing,
+                job.last_seq,
+            )
+        return missing
 
     # ------------------------------------------------------------------ aggregate
 

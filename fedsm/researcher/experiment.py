@@ -223,7 +223,7 @@ class Experiment:
         """
         job = self.job
         aggregated = len(job.state.aggregates)
-        while not job.state.terminal:
+        while True:  # a finished job's step announces its final head to the nodes, then stops
             decision = job.step()
             if any(isinstance(c, policy.Stop) for c in decision.commands):
                 break

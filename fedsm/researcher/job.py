@@ -291,7 +291,9 @@ class Job(JobViews):
         if self._state.status is JobStatus.AGGREGATED:
             if self._state.round >= self._config.round_limit:
                 self.step()  # JobCompleted
+                self.step()  # the final head, to the nodes
             return self.params_sha256
+        self.step()  # the failed job's final head, to the nodes
         raise JobFailedError(self.stop_reason() or "the job failed")
 
     def update_parameters(
@@ -350,6 +352,9 @@ class Job(JobViews):
                 self._progress = replace(self._progress, waited_round=command.round)
         elif isinstance(command, policy.Aggregate):
             driver.aggregate()
+        elif isinstance(command, policy.AnnounceEnd):
+            driver.announce_end(command.status)
+            self._progress = replace(self._progress, end_announced=True)
         elif isinstance(command, policy.Stop):
             if command.needs_approval:
                 raise TrainingPlanNotApproved(command.reason)

@@ -60,6 +60,13 @@ class JobViews:
         return self._state
 
     @property
+    def log_head(self) -> dict[str, Any]:
+        """The log's head, ``{"seq": n, "hash": hex}``: what every request carries for the
+        nodes to witness (``fedsm replay --verify --witness`` checks the log against them)."""
+        seq, digest = self._log.head
+        return {"seq": seq, "hash": digest.hex()}
+
+    @property
     def last_seq(self) -> int:
         """Seq of the last event recorded in the job's log (a breakpoint is (log, seq))."""
         return self._log.last_seq
