@@ -82,8 +82,9 @@ def request_fingerprint(request: TrainRequest) -> str:
 
     Files are named by their digests, so their URLs are left out: the deadline, the plan's and
     the params' URLs, the researcher's log head, and the ``url`` of every file arg in
-    ``aggregator_args`` (one that also carries its ``sha256``). A run directory that moved (its repository now at another path
-    or URL) re-sends the same request under new URLs and gets the cached reply.
+    ``aggregator_args`` (one that also carries its ``sha256``). A run directory that moved
+    (its repository now at another path or URL) re-sends the same request under new URLs and
+    gets the cached reply.
     """
     body = request.to_dict()
     for name in _LOCATION_FIELDS:
