@@ -126,8 +126,30 @@ def test_the_audit_reads_every_artifact_and_recomputes_every_round(demo_run: Pat
     assert replies | aggregates <= fetched
 
 
+def test_the_log_names_artifacts_by_digest_only(demo_run: Path) -> None:
+    records = scan(_log(demo_run)).records
+    for r in records:
+        data = ev.encode_event(r.event)["data"]
+        assert not {"url", "params_url"} & set(data), r.event.type_name
+        assert type(r.event).version == ev.EVENT_TYPES[r.event.type_name].version
+    raw = _log(demo_run).read_bytes()
+    assert b"file://" not in raw and str(demo_run).encode() not in raw
+    plan = _record(records, ev.TrainingPlanUploaded).event
+    assert (_repo(demo_run) / plan.sha256).is_file()
+
+
+def test_a_moved_run_directory_audits(run_copy: Path, demo_run: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere" / "moved-run"
+    moved.parent.mkdir()
+    shutil.move(run_copy, moved)
+    assert not run_copy.exists() and str(demo_run) not in str(moved)
+    assert _audit(moved) == []
+    code, text = _replay(str(_log(moved)), "--verify", "--repo", str(_repo(moved)))
+    assert code == 0 and "not checked" not in text, text
+
+
 def test_a_server_repository_is_audited_by_digest_not_by_recorded_url(demo_run: Path) -> None:
-    # The log names file:// URLs; the auditor is given an http server of the same store.
+    # The log names artifacts by digest; the auditor is given an http server of the store.
     with RepositoryServer(_repo(demo_run), host="127.0.0.1", port=0, token="t0k") as server:
         code, text = _replay(
             str(_log(demo_run)), "--verify", "--repo", server.url, "--token", "t0k"
@@ -219,7 +241,7 @@ def test_two_records_swapped(run_copy: Path) -> None:
 def test_an_aggregate_replaced_by_another_valid_file_is_caught_by_recomputation(
     run_copy: Path,
 ) -> None:
-    log, repo = _log(run_copy), LocalRepository(_repo(run_copy))
+    log = _log(run_copy)
     records = scan(log).records
     aggregated = _record(records, ev.Aggregated, round=2)
     # A valid params file of the right shape that is in the repository: a node's update.
@@ -230,9 +252,7 @@ def test_an_aggregate_replaced_by_another_valid_file_is_caught_by_recomputation(
         out = []
         for ts, event in items:
             if getattr(event, "params_sha256", None) == original:
-                event = dataclasses.replace(
-                    event, params_sha256=forged, params_url=repo.url_for(forged)
-                )
+                event = dataclasses.replace(event, params_sha256=forged)
             out.append((ts, event))
         return out
 
@@ -390,6 +410,7 @@ def test_round_shows_who_was_asked_and_who_answered_when(demo_run: Path) -> None
         assert reply["weight"] == aggregated.event.weights[node]
         assert reply["metrics"] == dict(event.event.metrics)
     assert data["aggregate"]["params_sha256"] == aggregated.event.params_sha256
+    assert "params_url" not in data["aggregate"]
     code, text = _replay(str(_log(demo_run)), "--round", "2")
     assert code == 0 and aggregated.event.params_sha256 in text
     assert all(node in text for node in sent.event.nodes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar
 
@@ -84,20 +85,24 @@ def test_unknown_type_missing_and_extra_fields_name_the_problem() -> None:
 )
 def test_digests_must_be_64_lowercase_hex(bad: Any) -> None:
     with pytest.raises(EventDecodeError) as info:
-        ev.ParamsUploaded(round=0, url="u", sha256=bad)
+        ev.ParamsUploaded(round=0, sha256=bad)
     assert info.value.field == "sha256"
-    data = {"round": 0, "url": "u", "sha256": bad}
+    data = {"round": 0, "sha256": bad}
     with pytest.raises(EventDecodeError) as info:
-        ev.decode_event("ParamsUploaded", 1, data)
+        ev.decode_event("ParamsUploaded", 2, data)
+    assert info.value.field == "sha256"
+    # A version-1 record (with its url) is upcast first, then checked the same way.
+    with pytest.raises(EventDecodeError) as info:
+        ev.decode_event("ParamsUploaded", 1, {**data, "url": "u"})
     assert info.value.field == "sha256"
 
 
 def test_construction_validates_like_decoding() -> None:
     with pytest.raises(EventDecodeError) as info:
-        ev.ReplyReceived(1, "n", "r", "u", digest("x"), -1, {}, {})
+        ev.ReplyReceived(1, "n", "r", digest("x"), -1, {}, {})
     assert info.value.field == "sample_size"
     with pytest.raises(EventDecodeError) as info:
-        ev.Aggregated(1, "u", digest("x"), ("a",), {"a": float("nan")}, "fedavg")
+        ev.Aggregated(1, digest("x"), ("a",), {"a": float("nan")}, "fedavg")
     assert info.value.field == "weights.a"
     with pytest.raises(EventDecodeError, match="statuses"):
         ev.ApprovalChecked(digest("p"), {"n": "maybe"}, {"n": True})
@@ -106,7 +111,7 @@ def test_construction_validates_like_decoding() -> None:
 def test_lists_become_tuples_and_int_metrics_floats() -> None:
     event = ev.RoundTimedOut(round=2, missing=["a", "b"])  # type: ignore[arg-type]
     assert event.missing == ("a", "b")
-    reply = ev.ReplyReceived(1, "n", "r", "u", digest("x"), 3, {"loss": 1}, {})
+    reply = ev.ReplyReceived(1, "n", "r", digest("x"), 3, {"loss": 1}, {})
     assert type(reply.metrics["loss"]) is float
     assert _wire_round_trip(reply) == reply
 
@@ -180,13 +185,186 @@ def test_decode_event_does_not_keep_the_callers_map() -> None:
 
 
 def test_a_version_1_reply_is_upcast_with_no_plan_digest() -> None:
-    v2 = ev.ReplyReceived(1, "n", "r", "u", digest("x"), 3, {"loss": 1.0}, {}, digest("plan"))
-    data = ev.encode_event(v2)["data"]
-    assert data["training_plan_sha256"] == digest("plan")
-    v1_data = {k: v for k, v in data.items() if k != "training_plan_sha256"}
+    v3 = ev.ReplyReceived(1, "n", "r", digest("x"), 3, {"loss": 1.0}, {}, digest("plan"))
+    data = ev.encode_event(v3)["data"]
+    assert data["training_plan_sha256"] == digest("plan") and "params_url" not in data
+    v2_data = {**data, "params_url": "file:///repo/" + digest("x")}
+    v1_data = {k: v for k, v in v2_data.items() if k != "training_plan_sha256"}
     old = ev.decode_event("ReplyReceived", 1, v1_data)
     assert old.training_plan_sha256 is None
-    assert dataclasses.replace(old, training_plan_sha256=digest("plan")) == v2
+    assert dataclasses.replace(old, training_plan_sha256=digest("plan")) == v3
+    assert ev.decode_event("ReplyReceived", 2, v2_data) == v3  # v2 -> v3 drops the url
     with pytest.raises(EventDecodeError) as info:
         ev.decode_event("ReplyReceived", 2, v1_data)  # a v2 record must carry the field
     assert info.value.field == "training_plan_sha256"
+    with pytest.raises(EventDecodeError) as info:
+        ev.decode_event("ReplyReceived", 3, v2_data)  # a v3 record names no url
+    assert info.value.field == "params_url"
+
+
+URL = "file:///somewhere/else/repository/"
+
+#: (type, version of the old record, old record as the log holds it, the event it decodes to)
+_OLD_RECORDS: list[tuple[str, int, dict[str, Any], ev.Event]] = [
+    (
+        "TrainingPlanUploaded",
+        1,
+        {"url": URL + digest("plan"), "sha256": digest("plan"), "class_name": "Plan"},
+        ev.TrainingPlanUploaded(sha256=digest("plan"), class_name="Plan"),
+    ),
+    (
+        "ParamsUploaded",
+        1,
+        {"round": 0, "url": URL + digest("p0"), "sha256": digest("p0")},
+        ev.ParamsUploaded(round=0, sha256=digest("p0")),
+    ),
+    (
+        "RoundSent",
+        1,
+        {
+            "round": 2,
+            "nodes": ["a", "b"],
+            "request_ids": {"a": "qa", "b": "qb"},
+            "params_url": URL + digest("p1"),
+            "params_sha256": digest("p1"),
+            "deadline": 1234.5,
+        },
+        ev.RoundSent(
+            round=2,
+            nodes=("a", "b"),
+            request_ids={"a": "qa", "b": "qb"},
+            params_sha256=digest("p1"),
+            deadline=1234.5,
+            aggregator_args={},
+        ),
+    ),
+    (
+        "RoundResent",
+        1,
+        {"round": 2, "nodes": ["b"]},
+        ev.RoundResent(round=2, nodes=("b",), deadline=0.0),
+    ),
+    (
+        "ReplyReceived",
+        1,
+        {
+            "round": 2,
+            "node_id": "a",
+            "request_id": "qa",
+            "params_url": URL + digest("2/a"),
+            "params_sha256": digest("2/a"),
+            "sample_size": 7,
+            "metrics": {"loss": 0.25},
+            "timing": {"training_s": 1.5},
+        },
+        ev.ReplyReceived(
+            round=2,
+            node_id="a",
+            request_id="qa",
+            params_sha256=digest("2/a"),
+            sample_size=7,
+            metrics={"loss": 0.25},
+            timing={"training_s": 1.5},
+            training_plan_sha256=None,
+        ),
+    ),
+    (
+        "Aggregated",
+        1,
+        {
+            "round": 2,
+            "params_url": URL + digest("agg2"),
+            "params_sha256": digest("agg2"),
+            "nodes": ["a"],
+            "weights": {"a": 7.0},
+            "aggregator": "fedavg",
+        },
+        ev.Aggregated(
+            round=2,
+            params_sha256=digest("agg2"),
+            nodes=("a",),
+            weights={"a": 7.0},
+            aggregator="fedavg",
+        ),
+    ),
+    (
+        "JobCompleted",
+        1,
+        {"round": 2, "params_url": URL + digest("agg2"), "params_sha256": digest("agg2")},
+        ev.JobCompleted(round=2, params_sha256=digest("agg2")),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("type_name", "version", "old", "expected"), _OLD_RECORDS, ids=[r[0] for r in _OLD_RECORDS]
+)
+def test_an_old_record_with_a_url_is_upcast_to_the_digest_only_event(
+    type_name: str, version: int, old: dict[str, Any], expected: ev.Event
+) -> None:
+    kept = copy.deepcopy(old)
+    decoded = ev.decode_event(type_name, version, old)
+    assert decoded == expected and type(decoded) is type(expected)
+    assert old == kept, "upcasting must not modify the record read"
+    assert type(decoded).version > version
+    encoded = ev.encode_event(decoded)
+    assert encoded["v"] == type(decoded).version
+    assert not {"url", "params_url"} & set(encoded["data"]), "a url survived the upcast"
+    assert _wire_round_trip(decoded) == decoded
+    # The current version names no url: a record that does is refused, naming the field.
+    url_field = next((k for k in ("url", "params_url") if k in old), None)
+    if url_field is not None:
+        with pytest.raises(EventDecodeError) as info:
+            ev.decode_event(type_name, type(decoded).version, {**encoded["data"], url_field: "u"})
+        assert info.value.field == url_field
+
+
+def test_the_old_records_cover_every_type_whose_schema_changed() -> None:
+    covered = {r[0] for r in _OLD_RECORDS}
+    assert covered == {
+        "TrainingPlanUploaded",
+        "ParamsUploaded",
+        "RoundSent",
+        "RoundResent",
+        "ReplyReceived",
+        "Aggregated",
+        "JobCompleted",
+    }
+    assert {name for name, cls in ev.EVENT_TYPES.items() if cls.version > 1} == covered
+
+
+_V1_OF: dict[type[ev.Event], Any] = {
+    # v1 record of a current event, for the events a v1 record can express.
+    ev.TrainingPlanUploaded: lambda d: {**d, "url": URL + d["sha256"]},
+    ev.ParamsUploaded: lambda d: {**d, "url": URL + d["sha256"]},
+    ev.RoundSent: lambda d: {
+        **{k: v for k, v in d.items() if k != "aggregator_args"},
+        "params_url": URL + d["params_sha256"],
+    },
+    ev.RoundResent: lambda d: {k: v for k, v in d.items() if k != "deadline"},
+    ev.ReplyReceived: lambda d: {
+        **{k: v for k, v in d.items() if k != "training_plan_sha256"},
+        "params_url": URL + d["params_sha256"],
+    },
+    ev.Aggregated: lambda d: {**d, "params_url": URL + d["params_sha256"]},
+    ev.JobCompleted: lambda d: {**d, "params_url": URL + d["params_sha256"]},
+}
+
+_V1_EXPRESSIBLE: dict[type[ev.Event], Any] = {
+    ev.RoundSent: lambda e: dataclasses.replace(e, aggregator_args={}),
+    ev.RoundResent: lambda e: dataclasses.replace(e, deadline=0.0),
+    ev.ReplyReceived: lambda e: dataclasses.replace(e, training_plan_sha256=None),
+}
+
+
+@pytest.mark.parametrize("cls", list(_V1_OF), ids=lambda c: c.__name__)
+@given(data=st.data())
+def test_any_version_1_record_decodes_to_the_current_event(
+    cls: type[ev.Event], data: st.DataObject
+) -> None:
+    event = data.draw(events_of(cls))
+    event = _V1_EXPRESSIBLE.get(cls, lambda e: e)(event)
+    current = ev.encode_event(event)["data"]
+    v1 = msgpack.unpackb(msgpack.packb(_V1_OF[cls](current), use_bin_type=True), raw=False)
+    decoded = ev.decode_event(cls.type_name, 1, v1)
+    assert decoded == event and type(decoded) is cls

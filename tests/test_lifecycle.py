@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from strategies_events import any_event, digest, job_run
 
 from fedsm.core import events as ev
 from fedsm.core import lifecycle as lc
+from fedsm.core import policy
+from fedsm.core.jobstate import ACTIVE_STATES, TERMINAL_STATES, JobStatus
 from fedsm.log.writer import EventLog
 
 
@@ -44,7 +49,12 @@ def test_a_whole_run_replays_to_completed() -> None:
 def test_the_fast_table_is_the_transitions_machine() -> None:
     machine = lc.build_machine()
     for status in lc.STATES:
-        assert set(machine.get_triggers(status)) == set(lc.allowed_events(status)), status
+        assert isinstance(status, JobStatus)
+        # The machine names its states by value; the table is keyed by JobStatus members.
+        assert set(machine.get_triggers(status.value)) == set(lc.allowed_events(status)), status
+    assert [s.value for s in lc.STATES] == list(machine.states)
+    for _trigger, sources, dest in lc.TRANSITIONS:
+        assert isinstance(dest, JobStatus) and all(isinstance(s, JobStatus) for s in sources)
 
 
 def test_the_machine_and_apply_agree_on_a_run() -> None:
@@ -54,6 +64,7 @@ def test_the_machine_and_apply_agree_on_a_run() -> None:
         state = lc.apply(state, event)
         assert machine.trigger(event.type_name) is True
         assert machine.state == state.status
+        assert isinstance(state.status, JobStatus)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +75,17 @@ def test_the_machine_and_apply_agree_on_a_run() -> None:
         ("RoundSent", 1, {"nodes": ("node-0", "stranger")}, "not nodes of this job"),
         ("RoundSent", 1, {"params_sha256": digest("other")}, "current params"),
         ("RoundSent", 1, {"request_ids": {}}, "request_ids"),
+        (
+            "RoundSent",
+            1,
+            {
+                "nodes": ("node-0",),
+                "request_ids": {"node-0": "req-1-node-0"},
+                "aggregator_args": {"node-1": {"mu": 0.1}},
+            },
+            "not in the round",
+        ),
+        ("RoundSent", 2, {"aggregator_args": {"stranger": {"mu": 0.1}}}, "not in the round"),
         ("ReplyReceived", 1, {"round": 2}, "not the current round"),
         ("ReplyReceived", 1, {"node_id": "stranger"}, "not in round"),
         ("ReplyReceived", 1, {"request_id": "forged"}, "request id"),
@@ -113,7 +135,7 @@ def test_timeout_closes_the_round_and_aggregation_needs_min_nodes() -> None:
     events = job_run(rounds=1, nodes=3, min_nodes=2)
     state, index = _until(events, "ReplyReceived", 2)  # node-0 replied
     with pytest.raises(lc.IllegalTransition, match="have not answered"):
-        agg = ev.Aggregated(1, "u", digest("a"), ("node-0",), {"node-0": 1.0}, "fedavg")
+        agg = ev.Aggregated(1, digest("a"), ("node-0",), {"node-0": 1.0}, "fedavg")
         lc.apply(state, agg)
     with pytest.raises(lc.IllegalTransition, match="unanswered"):
         lc.apply(state, ev.RoundTimedOut(round=1, missing=("node-1",)))
@@ -131,11 +153,162 @@ def test_timeout_closes_the_round_and_aggregation_needs_min_nodes() -> None:
 def test_resend_after_restore_keeps_the_round() -> None:
     events = job_run(rounds=1, nodes=3)
     state, index = _until(events, "ReplyReceived", 2)
-    again = lc.apply(state, ev.RoundResent(round=1, nodes=("node-1", "node-2")))
+    assert state.round_deadline == 1001.0  # job_run's round 1 deadline
+    again = lc.apply(state, ev.RoundResent(round=1, nodes=("node-1", "node-2"), deadline=2000.0))
     assert again.status == state.status == "collecting"
     assert again.request_ids == state.request_ids
+    assert again.round_nodes == state.round_nodes and again.round == state.round
+    # A fresh window for the re-sent requests...
+    assert again.round_deadline == 2000.0 and state.round_deadline == 1001.0
+    assert again.round_aggregator_args == state.round_aggregator_args
+    # ...and a version-1 record (deadline 0.0 after upcasting) kept the round's deadline.
+    v1 = ev.decode_event("RoundResent", 1, {"round": 1, "nodes": ["node-1", "node-2"]})
+    kept = lc.apply(state, v1)
+    assert kept.round_deadline == 1001.0 and kept.request_ids == state.request_ids
     with pytest.raises(lc.IllegalTransition, match="not in round"):
-        lc.apply(state, ev.RoundResent(round=1, nodes=("stranger",)))
+        lc.apply(state, ev.RoundResent(round=1, nodes=("stranger",), deadline=2000.0))
+    sent, _ = _until(events, "ReplyReceived", 1)
+    assert sent.status == "round_sent"
+    resent = lc.apply(sent, ev.RoundResent(round=1, nodes=("node-0",), deadline=1500.0))
+    assert resent.status == "round_sent" and resent.round_deadline == 1500.0
+
+
+def test_round_sent_records_the_deadline_and_the_aggregator_args() -> None:
+    events = job_run(rounds=2, nodes=3)
+    state, index = _until(events, "RoundSent", 2)
+    args = {"node-0": {"mu": 0.5}, "node-2": {"correction": {"sha256": digest("c2")}}}
+    sent = events[index]
+    assert isinstance(sent, ev.RoundSent)
+    after = lc.apply(state, dataclasses.replace(sent, aggregator_args=args, deadline=77.0))
+    assert after.status == "round_sent" and after.round == 2
+    assert after.round_deadline == 77.0
+    assert after.round_aggregator_args == args
+    assert after.to_dict()["round_aggregator_args"] == args
+    assert after.to_dict()["round_deadline"] == 77.0
+    # Without args, the next round's args are empty again, not the previous round's.
+    third = lc.replay(events)
+    assert dict(third.round_aggregator_args) == {}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "required", "refused"),
+    [
+        ({"node-1": "rejected"}, {}, {"node-1": "rejected"}),
+        (
+            {"node-1": "pending", "node-2": "no-reply"},
+            {},
+            {"node-1": "pending", "node-2": "no-reply"},
+        ),
+        ({"node-1": "rejected"}, {"node-1": False}, {}),  # the node does not require approval
+        ({"node-1": "unknown"}, {"node-1": True}, {"node-1": "unknown"}),
+    ],
+)
+def test_a_round_goes_only_to_nodes_the_last_approval_check_cleared(
+    statuses: dict[str, str], required: dict[str, bool], refused: dict[str, str]
+) -> None:
+    events = job_run(rounds=1, nodes=3)
+    state, index = _until(events, "ApprovalChecked")
+    check = events[index]
+    assert isinstance(check, ev.ApprovalChecked)
+    check = dataclasses.replace(
+        check,
+        statuses={**check.statuses, **statuses},
+        approval_required={**check.approval_required, **required},
+    )
+    checked = lc.apply(state, check)
+    assert checked.approval_refusals() == refused
+    sent = events[index + 1]
+    assert isinstance(sent, ev.RoundSent)
+    if not refused:
+        assert lc.apply(checked, sent).status == "round_sent"
+        return
+    before = checked.to_dict()
+    with pytest.raises(lc.IllegalTransition, match="not approved") as info:
+        lc.apply(checked, sent)
+    assert all(node in str(info.value) for node in refused)
+    assert info.value.state == "approval_checked" and info.value.event == "RoundSent"
+    assert checked.to_dict() == before
+    # A round to the cleared nodes only is allowed: approval is a fact per round.
+    cleared = tuple(n for n in sent.nodes if n not in refused)
+    fewer = dataclasses.replace(
+        sent, nodes=cleared, request_ids={n: sent.request_ids[n] for n in cleared}
+    )
+    assert lc.apply(checked, fewer).round_nodes == cleared
+    # A later check that approves everyone clears the round again.
+    everyone = dataclasses.replace(check, statuses={n: "approved" for n in sent.nodes})
+    again = lc.apply(checked, everyone)
+    assert again.approval_refusals() == {}
+    assert lc.apply(again, sent).status == "round_sent"
+
+
+def test_without_a_check_of_this_plan_every_node_is_unchecked() -> None:
+    events = job_run(rounds=1, nodes=2)
+    state, index = _until(events, "ApprovalChecked")
+    assert state.status == "uploaded" and state.approvals is None
+    assert state.approval_refusals() == {"node-0": "unchecked", "node-1": "unchecked"}
+    check = events[index]
+    assert isinstance(check, ev.ApprovalChecked)
+    assert lc.apply(state, check).approval_refusals() == {}
+    # The plan can't change after upload, so a check of another plan is refused outright;
+    # approval_refusals treats a state holding one (built by hand) as no check at all.
+    other = dataclasses.replace(check, plan_sha256=digest("other"))
+    with pytest.raises(lc.IllegalTransition, match="plan"):
+        lc.apply(state, other)
+    stale = dataclasses.replace(lc.apply(state, check), approvals=other)
+    assert stale.approval_refusals() == {"node-0": "unchecked", "node-1": "unchecked"}
+
+
+def test_status_is_a_string_enum_with_predicates() -> None:
+    assert JobStatus.COLLECTING == "collecting" and str(JobStatus.COLLECTING) == "collecting"
+    assert f"{JobStatus.ROUND_SENT}" == "round_sent"
+    assert lc.initial_state().status is JobStatus.NEW
+    expected = {
+        "terminal": {"completed", "failed", "cancelled"},
+        "stopped": {"failed", "cancelled"},
+        "active": {
+            "created",
+            "uploaded",
+            "approval_checked",
+            "round_sent",
+            "collecting",
+            "aggregated",
+        },
+        "in_round": {"round_sent", "collecting"},
+        "opening": {"new", "created"},
+        "between_rounds": {"approval_checked", "aggregated"},
+    }
+    for predicate, members in expected.items():
+        assert {s.value for s in JobStatus if getattr(s, predicate)} == members, predicate
+    assert set(TERMINAL_STATES) == {JobStatus(s) for s in expected["terminal"]}
+    assert set(ACTIVE_STATES) == {JobStatus(s) for s in expected["active"]}
+    # Every state a run goes through is a JobStatus, and to_dict gives plain strings.
+    state = lc.initial_state()
+    for event in job_run(rounds=1, nodes=2):
+        state = lc.apply(state, event)
+        assert type(state.status) is JobStatus
+        assert type(state.to_dict()["status"]) is str
+
+
+def test_replay_leaves_the_garbage_collector_alone() -> None:
+    events = job_run(rounds=2, nodes=3)
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        seen: list[bool] = []
+
+        def watched() -> Iterator[ev.Event]:
+            for event in events:
+                seen.append(gc.isenabled())
+                yield event
+
+        assert lc.replay(watched()).status == "completed"
+        assert not gc.isenabled()
+        gc.enable()
+        seen.clear()
+        assert lc.replay(watched()).status == "completed"
+        assert gc.isenabled() and all(seen) and len(seen) == len(events)
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def test_a_thousand_node_round_folds_and_states_stay_persistent() -> None:
@@ -198,6 +371,7 @@ class LifecycleAgainstTheLog(RuleBasedStateMachine):
         self.log = EventLog.open(self.dir / "job.log", durability="never")
         self.state = lc.initial_state()
         self.refused = 0
+        self.deadline = 0.0  # the round's deadline by the last RoundSent / RoundResent
 
     def teardown(self) -> None:
         self.log.close()
@@ -206,6 +380,11 @@ class LifecycleAgainstTheLog(RuleBasedStateMachine):
     def _candidates(self, data: st.DataObject) -> list[ev.Event]:
         s = self.state
         r = s.round
+        statuses = {
+            n: data.draw(st.sampled_from(["approved", "approved", "approved", "rejected"]))
+            for n in NODES
+        }
+        required = {n: data.draw(st.booleans()) for n in NODES if statuses[n] != "approved"}
         out: list[ev.Event] = [
             ev.JobCreated(
                 "job",
@@ -223,28 +402,49 @@ class LifecycleAgainstTheLog(RuleBasedStateMachine):
                 {},
                 (),
             ),
-            ev.TrainingPlanUploaded("u", PLAN, "Plan"),
-            ev.ParamsUploaded(0, "u0", P0),
+            ev.TrainingPlanUploaded(PLAN, "Plan"),
+            ev.ParamsUploaded(0, P0),
             ev.ApprovalChecked(PLAN, {n: "approved" for n in NODES}, {}),
+            ev.ApprovalChecked(PLAN, statuses, required),
         ]
         nodes = tuple(data.draw(st.lists(st.sampled_from(NODES), min_size=1, unique=True)))
         rnd = data.draw(st.sampled_from([r + 1, r + 1, r, r + 2]))
+        args_for = data.draw(st.lists(st.sampled_from(NODES + ("z",)), unique=True, max_size=2))
         out.append(
             ev.RoundSent(
-                rnd, nodes, {n: f"q{rnd}{n}" for n in nodes}, "u", s.params_sha256 or P0, 1.0
+                rnd,
+                nodes,
+                {n: f"q{rnd}{n}" for n in nodes},
+                s.params_sha256 or P0,
+                data.draw(st.sampled_from([1.0, 50.0])),
+                data.draw(
+                    st.sampled_from([{}, {n: {"mu": 0.5} for n in args_for if n in nodes}])
+                    | st.just({n: {"mu": 0.5} for n in args_for})  # maybe a node not sent to
+                ),
             )
         )
         for n in NODES:
             rid = data.draw(st.sampled_from([f"q{r}{n}", "forged"]))
-            out.append(ev.ReplyReceived(r, n, rid, "u", digest(f"{r}{n}"), 10, {}, {}))
+            out.append(ev.ReplyReceived(r, n, rid, digest(f"{r}{n}"), 10, {}, {}))
             out.append(ev.NodeFailed(r, n, rid, 500, "x"))
         out.append(ev.RoundTimedOut(r, s.unanswered_nodes() or ("a",)))
-        out.append(ev.RoundResent(r, s.round_nodes or ("a",)))
-        replied = tuple(sorted(s.round_replies))
         out.append(
-            ev.Aggregated(r, "u", digest(f"agg{r}"), replied, {n: 10.0 for n in replied}, "f")
+            ev.RoundResent(r, s.round_nodes or ("a",), data.draw(st.sampled_from([0.0, 9.0 + r])))
         )
-        out.append(ev.JobCompleted(r, "u", s.params_sha256 or P0))
+        replied = tuple(sorted(s.round_replies))
+        out.append(ev.Aggregated(r, digest(f"agg{r}"), replied, {n: 10.0 for n in replied}, "f"))
+        out.append(ev.JobCompleted(r, s.params_sha256 or P0))
+        # What the researcher's round policy decides here (its events must be allowed too).
+        now = data.draw(st.sampled_from([0.0, 20.0, 100.0]))
+        progress = policy.Progress(
+            published_round=data.draw(st.sampled_from([0, r])),
+            approval_asked=data.draw(st.booleans()),
+            waited_round=data.draw(st.sampled_from([0, r])),
+        )
+        out.extend(policy.decide(s, now, progress).events)
+        if s.status.between_rounds:
+            args = {n: {"mu": 0.5} for n in args_for if n in NODES}
+            out.extend(policy.round_sent(s, r + 1, now, args).events)
         return out
 
     @rule(data=st.data())
@@ -271,10 +471,26 @@ class LifecycleAgainstTheLog(RuleBasedStateMachine):
             return
         self.log.append(event, ts=float(self.log.last_seq))
         self.state = new
+        if isinstance(event, ev.RoundSent):
+            self.deadline = event.deadline
+            assert set(event.aggregator_args) <= set(event.nodes)
+        elif isinstance(event, ev.RoundResent) and event.deadline > 0.0:
+            self.deadline = event.deadline
 
     @invariant()
     def replaying_the_log_gives_the_live_state(self) -> None:
         assert lc.replay(self.log.events()) == self.state
+
+    @invariant()
+    def a_round_in_flight_went_only_to_cleared_nodes_with_their_args(self) -> None:
+        s = self.state
+        assert type(s.status) is JobStatus
+        if s.config is None or s.round == 0:
+            return
+        assert s.round_deadline == self.deadline
+        assert set(s.round_aggregator_args) <= set(s.round_nodes)
+        if s.status.in_round:  # no approval check can come after a round was sent
+            assert not set(s.approval_refusals()) & set(s.round_nodes)
 
 
 LifecycleAgainstTheLog.TestCase.settings = settings(

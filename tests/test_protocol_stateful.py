@@ -3,8 +3,11 @@
 Scripted nodes (test doubles on real MemoryBus endpoints, so every message is encoded,
 validated and delivered like any other) answer train requests when the machine says so:
 correctly, with an error, twice, a round late, for another job, or not at all. The real Job
-collects, times rounds out and aggregates. After every step: replaying the written log gives
-the live state, and no (round, node) is ever counted twice.
+collects, times rounds out and aggregates, taking its steps from the round policy
+(:mod:`fedsm.core.policy`) on a clock the machine moves; the researcher may also be restarted
+mid-round (a restore re-sends the round's requests, same ids, with a fresh deadline). After
+every step: replaying the written log gives the live state, and no (round, node) is ever
+counted twice.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fedsm.core import lifecycle
+from fedsm.core import lifecycle, policy
+from fedsm.core.events import RoundResent, RoundTimedOut
 from fedsm.core.messages import ErrorReply, Message, TrainReply, TrainRequest
 from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
@@ -32,6 +36,7 @@ from fedsm.transport import MemoryBroker, MemoryBus
 
 NODES = ("node-a", "node-b", "node-c")
 ROUNDS = 3
+DEADLINE_S = 30.0
 
 
 class ScriptedNode:
@@ -65,6 +70,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         plan = self.tmp / "plan.py"
         BreastCancerPlan().save_code(plan)
         data = FederatedDataSet({n: {"dataset_id": f"ds-{n}"} for n in NODES})
+        self.now = 1_000.0  # the job's clock: rounds end when the machine moves it
         self.job = Job(
             reqs=Requests(self.researcher),
             training_plan_class="BreastCancerPlan",
@@ -75,27 +81,25 @@ class ProtocolMachine(RuleBasedStateMachine):
             repository=self.repo,
             round_limit=ROUNDS,
             min_nodes=2,
-            reply_deadline_s=30,
+            reply_deadline_s=DEADLINE_S,
             durability="never",
+            clock=self._clock,
         )
         self.job._record(lifecycle_approval(self.job))
         self.failed = False
         self.acted_in_round = 0  # collect only once nodes had their say in this round
         self.counter = 0
+        self.restarts = 0
 
     def teardown(self) -> None:
         # Every round ends: whatever the nodes did, a round still open is closed by its
         # deadline (RoundTimedOut) and then aggregated or the job fails below quorum.
         if self._open_round():
-            self.job._driver.collect(timeout_s=0.0)
-            assert not self.job.state.pending_nodes()
-            assert self.job.state.round_complete()
-            try:
-                self.job.aggregate()
-            except JobFailedError:
-                pass
+            self._end_round()
             assert self.job.state.status in ("aggregated", "completed", "failed")
         event(f"ended {self.job.state.status} in round {self.job.state.round}")
+        if self.restarts:
+            event("restarted mid-round")
         self.job.close()
         self.researcher.close()
         for node in [*self.nodes.values(), self.stranger]:
@@ -127,21 +131,92 @@ class ProtocolMachine(RuleBasedStateMachine):
             timing={},
         )
 
+    def _clock(self) -> float:
+        return self.now
+
     def _open_round(self) -> bool:
-        return self.job.state.status in ("round_sent", "collecting")
+        return self.job.state.status.in_round
+
+    def _act(self, decision: policy.Decision) -> None:
+        """Carry out a policy decision as the Job does (record its events, then its commands),
+        except ``Collect``: the machine decides when replies are taken."""
+        self.job._record_all(decision.events)
+        for command in decision.commands:
+            if not isinstance(command, policy.Collect):
+                self.job._carry_out(command)
+
+    def _end_round(self) -> None:
+        """The round's deadline passes: take what arrived, time out the silent nodes, then
+        aggregate (or fail below quorum)."""
+        state = self.job.state
+        self.now = max(self.now, state.round_deadline)
+        self.job._driver.collect(state.round_deadline, timeout_s=0.0)
+        state = self.job.state
+        if state.pending_nodes():
+            decision = self.job.step()
+            assert decision.events == (
+                RoundTimedOut(round=state.round, missing=state.unanswered_nodes()),
+            )
+        assert not self.job.state.pending_nodes()
+        assert self.job.state.round_complete()
+        try:
+            self.job.aggregate()
+        except JobFailedError:
+            self.failed = True
 
     # ---------------------------------------------------------------- rules
 
     @precondition(
         lambda self: (
             not self.failed
-            and self.job.state.status in ("approval_checked", "aggregated")
+            and self.job.state.status.between_rounds
             and self.job.state.round < ROUNDS
         )
     )
     @rule()
     def send_round(self) -> None:
-        self.job._driver.send_round(self.job.state.round + 1)
+        round_number = self.job.state.round + 1
+        decided = policy.decide(self.job.state, self.now, self.job._progress)
+        assert decided == policy.Decision(commands=(policy.StartRound(round_number),))
+        self._act(policy.round_sent(self.job.state, round_number, self.now))
+        state = self.job.state
+        assert state.round == round_number and state.round_deadline == self.now + DEADLINE_S
+        for node in NODES:  # published after it was recorded, exactly as recorded
+            request = self.nodes[node].requests[round_number]
+            assert request.request_id == state.request_ids[node]
+            assert request.params_sha256 == state.params_sha256
+
+    @precondition(lambda self: self._open_round() and bool(self.job.state.pending_nodes()))
+    @rule(later=st.sampled_from([0.0, 10.0]))
+    def researcher_restarts(self, later: float) -> None:
+        """The researcher process is replaced mid-round: the restored Job re-sends the pending
+        nodes' requests, same ids, and gives them a fresh window."""
+        before = self.job.state
+        reqs = self.job.requests
+        self.job.close()
+        self.now += later
+        self.job = Job.restore(
+            self.tmp / "run",
+            reqs=reqs,
+            repository=self.repo,
+            durability="never",
+            clock=self._clock,
+        )
+        self.restarts += 1
+        assert self.job.state == before
+        pending = before.pending_nodes()
+        decision = policy.decide(self.job.state, self.now, self.job._progress)
+        deadline = self.now + DEADLINE_S
+        assert decision.events == (
+            RoundResent(round=before.round, nodes=pending, deadline=deadline),
+        )
+        self._act(decision)
+        state = self.job.state
+        assert state.round_deadline == deadline and state.request_ids == before.request_ids
+        for node in pending:  # the very request the node may already have answered
+            request = self.nodes[node].requests[before.round]
+            assert request.request_id == before.request_ids[node]
+            assert request.params_sha256 == before.params_sha256
 
     @precondition(lambda self: self._open_round())
     @rule(node=st.sampled_from(NODES), error=st.booleans())
@@ -210,15 +285,19 @@ class ProtocolMachine(RuleBasedStateMachine):
             )
         )
 
+    @precondition(lambda self: self._open_round())
+    @rule()
+    def collect_a_while(self) -> None:
+        """Take the replies that arrived; the round stays open (its deadline is not reached)."""
+        state = self.job.state
+        window_over = self.job._driver.collect(state.round_deadline, timeout_s=0.01)
+        assert not window_over
+        assert self.job.state.status.in_round and self.job.state.round == state.round
+
     @precondition(lambda self: self._open_round() and self.acted_in_round == self.job.state.round)
     @rule()
     def collect_and_maybe_time_out(self) -> None:
-        self.job._driver.collect(timeout_s=0.01)
-        if not self.job.state.pending_nodes():
-            try:
-                self.job.aggregate()
-            except JobFailedError:
-                self.failed = True
+        self._end_round()
 
     # ---------------------------------------------------------------- invariants
 

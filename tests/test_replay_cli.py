@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from strategies_events import job_run
+from strategies_events import digest, job_run
 
 from fedsm.log.read import scan
 from fedsm.log.writer import EventLog
@@ -43,17 +43,27 @@ def test_timeline_prints_seq_time_state_and_summary(log_path: Path) -> None:
     assert first[0] == "1" and first[1].startswith("2023-11-14T22:13:20") and first[2] == "created"
     assert last[0] == str(len(EVENTS)) and last[2] == "completed"
     assert "round 2 reply from node-1" in result.stdout
+    # Artifacts are named by digest only: the plan's line has its class and short digest.
+    plan_line = lines[1].split(None, 3)
+    assert plan_line[3] == f"plan MyPlan sha256 {digest('plan')[:12]}"
+    assert "repo://" not in result.stdout and "file://" not in result.stdout
 
 
 def test_at_prints_the_state_after_a_seq_as_text_and_json(log_path: Path) -> None:
     text = _fedsm(str(log_path), "--at", "6")
     assert text.returncode == 0, text.stderr
     assert "status         collecting" in text.stdout
+    # The state names the plan and the parameters by digest, with no URL after them.
+    assert f"  plan           {digest('plan')}\n" in text.stdout
+    assert f"  params         {digest('p0')}\n" in text.stdout
     as_json = _fedsm(str(log_path), "--at", "6", "--json")
     state = json.loads(as_json.stdout)
     assert state["seq"] == 6 and state["status"] == "collecting" and state["round"] == 1
     assert sorted(state["replies"]["1"]) == ["node-0"]
     assert state["pending_nodes"] == ["node-1", "node-2"]
+    assert state["plan_sha256"] == digest("plan") and state["params_sha256"] == digest("p0")
+    assert "plan_url" not in state and "params_url" not in state
+    assert state["round_deadline"] == 1001.0 and state["round_aggregator_args"] == {}
     beyond = _fedsm(str(log_path), "--at", "999")
     assert beyond.returncode == 2 and "ends at seq" in beyond.stderr
 
@@ -108,23 +118,33 @@ def test_verify_reports_a_lifecycle_violation(tmp_path: Path) -> None:
     assert "seq 4: lifecycle: RoundSent is not allowed in state 'uploaded'" in result.stdout
 
 
-def test_a_torn_tail_is_reported_not_an_error_and_recovered(log_path: Path) -> None:
+def test_a_torn_tail_is_reported_not_an_error_and_left_to_the_writer(log_path: Path) -> None:
     data = log_path.read_bytes()
     last = scan(log_path).records[-1].offset
     log_path.write_bytes(data[:-4])
+    files = sorted(p.name for p in log_path.parent.iterdir())
     verify = _fedsm(str(log_path), "--verify")
     assert verify.returncode == 0, verify.stdout
     assert f"note: offset {last} seq {len(EVENTS)}: torn tail" in verify.stdout
     assert log_path.read_bytes() == data[:-4]
     timeline = _fedsm(str(log_path))
     assert timeline.returncode == 0
-    assert "torn tail" in timeline.stderr and "recovered" in timeline.stderr
+    assert "torn tail" in timeline.stderr and "not repaired" in timeline.stderr
     assert len(timeline.stdout.splitlines()) == len(EVENTS) - 1
+    # The audit tool is read-only: the torn bytes stay, no sidecar, no new file.
+    assert log_path.read_bytes() == data[:-4]
+    assert sorted(p.name for p in log_path.parent.iterdir()) == files
+    # The job's writer moves the tail aside when it next opens the log.
+    with EventLog.open(log_path, durability="never") as writer:
+        assert writer.recovery is not None and writer.recovery.offset == last
     assert log_path.with_name(f"job.log.torn-{last}").read_bytes() == data[last:-4]
     assert log_path.stat().st_size == last
+    after = _fedsm(str(log_path))
+    assert after.returncode == 0 and "torn tail" not in after.stderr
+    assert len(after.stdout.splitlines()) == len(EVENTS) - 1
 
 
-def test_a_live_log_is_read_but_not_recovered(log_path: Path) -> None:
+def test_a_live_log_is_read_and_left_alone(log_path: Path) -> None:
     data = log_path.read_bytes()
     log_path.write_bytes(data[:-4])
     with EventLog.open(log_path) as writer:  # recovers, then holds the lock
@@ -133,10 +153,12 @@ def test_a_live_log_is_read_but_not_recovered(log_path: Path) -> None:
         writer.flush()
         with open(log_path, "ab") as raw:
             raw.write(b"\x10\x00")  # a write in progress
+        live = log_path.read_bytes()
         result = _fedsm(str(log_path))
         assert result.returncode == 0
-        assert "not recovered: the log is live" in result.stderr
-        assert log_path.read_bytes().endswith(b"\x10\x00")
+        assert "torn tail" in result.stderr and "not repaired" in result.stderr
+        assert len(result.stdout.splitlines()) == len(EVENTS)
+        assert log_path.read_bytes() == live and live.endswith(b"\x10\x00")
 
 
 def test_tools_replay_is_the_same_command(log_path: Path) -> None:
