@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from test_protocol_stateful import NODES, ScriptedNode
 
-from fedsm.core.messages import TrainingPlanStatusReply, TrainingPlanStatusRequest, TrainReply
+from fedsm.core.messages import TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
@@ -91,25 +91,6 @@ def test_aggregator_args_reach_each_node_and_a_resend_repeats_them(tmp_path: Pat
     world.close()
 
 
-class ApprovingNode(ScriptedNode):
-    """A scripted node that also answers the plan-status request: approved."""
-
-    def _on_message(self, message) -> None:
-        if isinstance(message, TrainingPlanStatusRequest):
-            self.send(
-                TrainingPlanStatusReply(
-                    request_id=message.request_id,
-                    researcher_id=message.researcher_id,
-                    node_id=self.node_id,
-                    job_id=message.job_id,
-                    training_plan_sha256=message.training_plan_sha256,
-                    status="approved",
-                    approval_required=True,
-                )
-            )
-        super()._on_message(message)
-
-
 class Scripted:
     """A Job of 3 scripted nodes on a memory bus, approval recorded, round 1 sent."""
 
@@ -117,7 +98,7 @@ class Scripted:
         self.tmp = tmp_path
         self.broker = MemoryBroker()
         self.repo = LocalRepository(tmp_path / "repository")
-        self.nodes = {n: ApprovingNode(self.broker, n) for n in NODES}
+        self.nodes = {n: ScriptedNode(self.broker, n) for n in NODES}  # they approve
         self.researcher = MemoryBus(self.broker, "researcher-bad", role="researcher")
         plan = tmp_path / "plan.py"
         BreastCancerPlan().save_code(plan)

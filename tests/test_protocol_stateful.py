@@ -24,7 +24,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fedsm.core import lifecycle, policy
 from fedsm.core.events import RoundResent, RoundTimedOut
-from fedsm.core.messages import ErrorReply, Message, TrainReply, TrainRequest
+from fedsm.core.messages import (
+    ErrorReply,
+    JobEndReply,
+    JobEndRequest,
+    Message,
+    TrainingPlanStatusReply,
+    TrainingPlanStatusRequest,
+    TrainReply,
+    TrainRequest,
+)
 from fedsm.log.read import scan
 from fedsm.repository import LocalRepository
 from fedsm.researcher.errors import JobFailedError
@@ -52,6 +61,28 @@ class ScriptedNode:
     def _on_message(self, message: Message) -> None:
         if isinstance(message, TrainRequest):
             self.requests[message.round] = message
+        elif isinstance(message, TrainingPlanStatusRequest):  # every scripted node approved
+            self.send(
+                TrainingPlanStatusReply(
+                    request_id=message.request_id,
+                    researcher_id=message.researcher_id,
+                    node_id=self.node_id,
+                    job_id=message.job_id,
+                    training_plan_sha256=message.training_plan_sha256,
+                    status="approved",
+                    approval_required=True,
+                )
+            )
+        elif isinstance(message, JobEndRequest):
+            self.send(
+                JobEndReply(
+                    request_id=message.request_id,
+                    researcher_id=message.researcher_id,
+                    node_id=self.node_id,
+                    job_id=message.job_id,
+                    seq=message.log_head["seq"],
+                )
+            )
 
     def send(self, reply: Message) -> None:
         self.sent.append(reply)
@@ -82,10 +113,11 @@ class ProtocolMachine(RuleBasedStateMachine):
             round_limit=ROUNDS,
             min_nodes=2,
             reply_deadline_s=DEADLINE_S,
-            durability="never",
+            durability="always",
             clock=self._clock,
         )
-        self.job._record(lifecycle_approval(self.job))
+        self.job.check_training_plan_is_approved_by_nodes(deadline_s=5.0)
+        assert self.job.state.status == "approval_checked"
         self.failed = False
         self.acted_in_round = 0  # collect only once nodes had their say in this round
         self.counter = 0
@@ -137,23 +169,15 @@ class ProtocolMachine(RuleBasedStateMachine):
     def _open_round(self) -> bool:
         return self.job.state.status.in_round
 
-    def _act(self, decision: policy.Decision) -> None:
-        """Carry out a policy decision as the Job does (record its events, then its commands),
-        except ``Collect``: the machine decides when replies are taken."""
-        self.job._record_all(decision.events)
-        for command in decision.commands:
-            if not isinstance(command, policy.Collect):
-                self.job._carry_out(command)
-
     def _end_round(self) -> None:
         """The round's deadline passes: take what arrived, time out the silent nodes, then
         aggregate (or fail below quorum)."""
+        if self.job.state.pending_nodes():
+            self.job.step(max_wait_s=0.0)  # take what arrived before the deadline
         state = self.job.state
         self.now = max(self.now, state.round_deadline)
-        self.job._driver.collect(state.round_deadline, timeout_s=0.0)
-        state = self.job.state
         if state.pending_nodes():
-            decision = self.job.step()
+            decision = self.job.step(max_wait_s=0.0)
             assert decision.events == (
                 RoundTimedOut(round=state.round, missing=state.unanswered_nodes()),
             )
@@ -176,9 +200,8 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def send_round(self) -> None:
         round_number = self.job.state.round + 1
-        decided = policy.decide(self.job.state, self.now, self.job._progress)
+        decided = self.job.step(max_wait_s=0.0)  # decide, record, publish; take no reply yet
         assert decided == policy.Decision(commands=(policy.StartRound(round_number),))
-        self._act(policy.round_sent(self.job.state, round_number, self.now))
         state = self.job.state
         assert state.round == round_number and state.round_deadline == self.now + DEADLINE_S
         for node in NODES:  # published after it was recorded, exactly as recorded
@@ -199,18 +222,17 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.tmp / "run",
             reqs=reqs,
             repository=self.repo,
-            durability="never",
+            durability="always",
             clock=self._clock,
         )
         self.restarts += 1
         assert self.job.state == before
         pending = before.pending_nodes()
-        decision = policy.decide(self.job.state, self.now, self.job._progress)
+        decision = self.job.step(max_wait_s=0.0)  # the restored job's first step
         deadline = self.now + DEADLINE_S
         assert decision.events == (
             RoundResent(round=before.round, nodes=pending, deadline=deadline),
         )
-        self._act(decision)
         state = self.job.state
         assert state.round_deadline == deadline and state.request_ids == before.request_ids
         for node in pending:  # the very request the node may already have answered
@@ -285,13 +307,13 @@ class ProtocolMachine(RuleBasedStateMachine):
             )
         )
 
-    @precondition(lambda self: self._open_round())
+    @precondition(lambda self: self._open_round() and bool(self.job.state.pending_nodes()))
     @rule()
     def collect_a_while(self) -> None:
         """Take the replies that arrived; the round stays open (its deadline is not reached)."""
         state = self.job.state
-        window_over = self.job._driver.collect(state.round_deadline, timeout_s=0.01)
-        assert not window_over
+        decision = self.job.step(max_wait_s=0.01)
+        assert not decision.events  # no timeout: a shortened wait never closes the round
         assert self.job.state.status.in_round and self.job.state.round == state.round
 
     @precondition(lambda self: self._open_round() and self.acted_in_round == self.job.state.round)
@@ -303,7 +325,6 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     @invariant()
     def replay_equals_live(self) -> None:
-        self.job._log.flush()
         events = [r.event for r in scan(self.job.log_path).records]
         assert lifecycle.replay(events) == self.job.state
 
@@ -318,17 +339,6 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert all(c == 1 for c in counted.values())
         for agg in self.job.state.aggregates.values():
             assert len(agg.nodes) >= 2  # quorum
-
-
-def lifecycle_approval(job: Job):
-    from fedsm.core.events import ApprovalChecked
-
-    sha = job.state.plan_sha256
-    return ApprovalChecked(
-        plan_sha256=sha,
-        statuses={n: "approved" for n in NODES},
-        approval_required={n: True for n in NODES},
-    )
 
 
 ProtocolMachine.TestCase.settings = settings(
