@@ -2,7 +2,10 @@
 
 The one implementation behind ``fedsm replay`` and ``tools/replay.py``:
 
-- ``fedsm replay LOG``: one line per record: seq, time (UTC), state after, summary.
+- ``fedsm replay LOG``: one line per record: seq, time (UTC), state after, summary; then the
+  log's head (``head: seq N hash H``, the chain hash of its last record), to write down or
+  publish elsewhere. ``--expect-head SEQ:HASH`` checks such a head: the log must have record
+  SEQ with chain hash HASH (exit 1 otherwise; also with ``--verify``).
 - ``--at SEQ``: the job state after record SEQ.  ``--json``: the same as JSON.
 - ``--round N``: one round: who was asked, who answered when, samples, weights, metrics,
   timing and the aggregate digest (:mod:`fedsm.audit.roundfacts`).
@@ -10,8 +13,11 @@ The one implementation behind ``fedsm replay`` and ``tools/replay.py``:
   (no reply counted twice, no aggregate without quorum) and the training plan
   (:func:`fedsm.audit.checks.check_plan`); with ``--repo DIR_OR_URL`` also the artifacts and the
   recomputation of every aggregate (:class:`fedsm.audit.checks.RepositoryAudit`). Without
-  ``--repo`` those two are listed as "not checked": they neither pass nor fail. Exit 0 only
-  if every check that ran holds, else 1 with one line per finding (seq, expected, found).
+  ``--repo`` those two are listed as "not checked": they neither pass nor fail. With
+  ``--witness FILE ...`` (the heads nodes kept, :mod:`fedsm.audit.witness`) also the log
+  against its writer: every witnessed head lies on the chain and the log reaches the highest
+  one, so a cut or a re-chained rewrite shows; without it that check is "not checked". Exit 0
+  only if every check that ran holds, else 1 with one line per finding (seq, expected, found).
 
 Audit tools never write to what they read: no lock file, no repair, no sidecar, no header;
 they work on read-only media and on a log another process is writing. A torn tail is
@@ -33,6 +39,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedsm.audit.checks import REPOSITORY_CHECKS, AuditFinding, RepositoryAudit, check_plan
+from fedsm.audit.witness import (
+    WITNESS_CHECK,
+    WitnessAudit,
+    expected_head_check,
+    head_finding,
+    log_head,
+    parse_head,
+    parse_key,
+    read_chain,
+)
 from fedsm.core import events as ev
 from fedsm.core.jobstate import JobState, initial_state
 from fedsm.core.lifecycle import IllegalTransition, apply
@@ -248,6 +264,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "are looked up by digest, whatever URLs the log recorded",
     )
     parser.add_argument("--token", help="bearer token of an http(s) --repo")
+    parser.add_argument(
+        "--witness",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="with --verify: a node's witness file (fedsm node witness export); every head it "
+        "holds must lie on the log's chain and the log must reach the highest (repeatable)",
+    )
+    parser.add_argument(
+        "--witness-key",
+        action="append",
+        type=parse_key,
+        default=[],
+        metavar="NODE=HEXKEY",
+        help="with --witness: pin NODE's Ed25519 public key (hex); its witness file must be "
+        "signed with it (repeatable)",
+    )
+    parser.add_argument(
+        "--expect-head",
+        type=parse_head,
+        metavar="SEQ:HASH",
+        help="check a head written down earlier: the log must have record SEQ with chain "
+        "hash HASH (exit 1 otherwise)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -256,12 +297,33 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     args.log = resolve_log(args.log)
+    witnesses = list(getattr(args, "witness", None) or [])
+    keys = list(getattr(args, "witness_key", None) or [])
+    expect = getattr(args, "expect_head", None)
+    if keys and not witnesses:
+        raise ReplayError("--witness-key is only used with --witness FILE")
+    pinned: dict[str, str] = {}
+    for node, key in keys:
+        if pinned.get(node, key) != key:
+            raise ReplayError(f"--witness-key pins two keys for {node}")
+        pinned[node] = key
     if args.verify:
         return _run_verify(
-            args.log, args.json, out, getattr(args, "repo", None), getattr(args, "token", None)
+            args.log,
+            args.json,
+            out,
+            getattr(args, "repo", None),
+            getattr(args, "token", None),
+            witnesses=witnesses,
+            pinned_keys=pinned,
+            expect_head=expect,
         )
     if getattr(args, "repo", None):
         raise ReplayError("--repo is only used with --verify")
+    if witnesses:
+        raise ReplayError("--witness is only used with --verify")
+    if expect is not None and (args.at is not None or getattr(args, "round", None) is not None):
+        raise ReplayError("--expect-head is used with the timeline or --verify, not --at/--round")
     records, torn, note = load(args.log)
     if torn is not None:
         print(
@@ -279,6 +341,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 0
     if getattr(args, "round", None) is not None:
         return _print_round(records, args.round, args.json, out)
+    head = log_head(args.log, records)
+    expected = _expected_head(args.log, expect) if expect is not None else None
     if args.json:
         rows = [
             {
@@ -291,40 +355,84 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             }
             for r, s in fold(records)
         ]
-        json.dump(rows, out, indent=1)
+        doc: dict[str, Any] = {"records": rows, "head": {"seq": head[0], "hash": head[1]}}
+        if expected is not None:
+            doc["expected_head"] = expected
+        json.dump(doc, out, indent=1)
         out.write("\n")
-        return 0
+        return 0 if expected is None or expected["ok"] else 1
     for record, state in fold(records):
         out.write(
             f"{record.seq:>6}  {_time(record.ts)}  {state.status:<16}  {summarize(record.event)}\n"
         )
-    return 0
+    out.write(f"head: seq {head[0]} hash {head[1]}\n")
+    if expected is None:
+        return 0
+    if expected["ok"]:
+        out.write(f"expected head seq {expect[0]} hash {expect[1]}: on this log's chain\n")
+        return 0
+    out.write(f"ERROR: expected head seq {expect[0]} hash {expect[1]}: {expected['what']}\n")
+    return 1
+
+
+def _expected_head(path: Path, expect: tuple[int, str]) -> dict[str, Any]:
+    """``--expect-head`` in the timeline: ``{seq, hash, ok, found, what}``."""
+    seq, digest = expect
+    found = head_finding(read_chain(path), seq, digest)
+    what = ""
+    if found is not None and found.startswith("the log ends"):
+        what = f"{found}: records were cut off (or this is an older copy)"
+    elif found is not None:
+        what = f"the log has {found}: it was rewritten at or before seq {seq}"
+    return {"seq": seq, "hash": digest, "ok": found is None, "found": found, "what": what}
 
 
 def _run_verify(
-    path: Path, as_json: bool, out: TextIO, repo: str | None = None, token: str | None = None
+    path: Path,
+    as_json: bool,
+    out: TextIO,
+    repo: str | None = None,
+    token: str | None = None,
+    *,
+    witnesses: Sequence[Path] = (),
+    pinned_keys: dict[str, str] | None = None,
+    expect_head: tuple[int, str] | None = None,
 ) -> int:
-    not_checked: list[tuple[str, str]] = []
+    not_checked: list[tuple[str, str, str]] = []
+    checks: list[Check] = list(CHECKS)
+    if expect_head is not None:
+        checks.append(expected_head_check(*expect_head))
+    witness_audit: WitnessAudit | None = None
+    if witnesses:
+        witness_audit = WitnessAudit(witnesses, pinned_keys)
+        checks.extend(witness_audit.checks)
+    else:
+        not_checked.append(WITNESS_CHECK)
     if repo is None:
-        findings = verify_all(path)
-        not_checked = list(REPOSITORY_CHECKS)
+        findings = verify_all(path, checks)
+        not_checked[:0] = [(n, w, "give --repo URL_OR_DIR") for n, w in REPOSITORY_CHECKS]
     else:
         from fedsm.repository import open_repository
 
         with RepositoryAudit(open_repository(repo, token), close_repository=True) as audit:
-            findings = verify_all(path, (*CHECKS, *audit.checks))
+            findings = verify_all(path, (*checks, *audit.checks))
     errors = [f for f in findings if f.error]
+    try:
+        view = scan(path)
+        head: tuple[int, str] | None = log_head(path, view.records)
+    except LogError:  # the findings say why
+        head = None
     if as_json:
-        json.dump(
-            {
-                "ok": not errors,
-                "repository": repo,
-                "findings": [_finding_dict(f) for f in findings],
-                "not_checked": [{"check": n, "what": w} for n, w in not_checked],
-            },
-            out,
-            indent=2,
-        )
+        doc: dict[str, Any] = {
+            "ok": not errors,
+            "repository": repo,
+            "head": None if head is None else {"seq": head[0], "hash": head[1]},
+            "findings": [_finding_dict(f) for f in findings],
+            "not_checked": [{"check": n, "what": w} for n, w, _hint in not_checked],
+        }
+        if witness_audit is not None:
+            doc["witnesses"] = witness_audit.to_dicts()
+        json.dump(doc, out, indent=2)
         out.write("\n")
         return 1 if errors else 0
     for f in findings:
@@ -332,17 +440,23 @@ def _run_verify(
         out.write(f"{label}: offset {f.offset} seq {f.seq}: {f.what}\n")
         if isinstance(f, AuditFinding) and (f.expected is not None or f.found is not None):
             out.write(f"    expected: {f.expected}\n    found:    {f.found}\n")
-    for name, what in not_checked:
-        out.write(f"not checked: {name}: {what} (give --repo URL_OR_DIR)\n")
+    for name, what, hint in not_checked:
+        out.write(f"not checked: {name}: {what} ({hint})\n")
+    if head is not None:
+        out.write(f"head: seq {head[0]} hash {head[1]}\n")
     if errors:
         out.write(f"{path}: {len(errors)} finding(s); the log does not verify\n")
     else:
-        try:
-            last = scan(path).last_seq
-        except LogError:  # pragma: no cover - verify found nothing, so scan succeeds
-            last = -1
         scope = "and the repository's artifacts and aggregates" if repo else "(log only)"
-        out.write(f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}\n")
+        extra = ""
+        if expect_head is not None:
+            extra += f"; the expected head seq {expect_head[0]} is on its chain"
+        if witness_audit is not None:
+            extra += f"; {witness_audit.summary()}"
+        last = head[0] if head is not None else -1
+        out.write(
+            f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}{extra}\n"
+        )
     return 1 if errors else 0
 
 

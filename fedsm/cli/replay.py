@@ -1,6 +1,8 @@
-"""``fedsm replay LOG``: a job's timeline, its state at a seq (``--at``), one round in detail
-(``--round``), JSON (``--json``) and the audit of the log and, with ``--repo``, of the run's
-files (``--verify``). The work is done by :mod:`fedsm.audit.replay`."""
+"""``fedsm replay LOG``: a job's timeline and its head, its state at a seq (``--at``), one
+round in detail (``--round``), JSON (``--json``) and the audit of the log (``--verify``): with
+``--repo`` also of the run's files, with ``--witness`` against the heads the nodes kept, with
+``--expect-head`` against a head written down by hand. The work is done by
+:mod:`fedsm.audit.replay` and :mod:`fedsm.audit.witness`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from fedsm.audit import replay
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay",
-        help="print a job log's timeline, state at a seq or a round; audit it (--verify)",
+        help="print a job log's timeline and head, state at a seq or a round; audit it "
+        "(--verify, --witness)",
         description=replay.__doc__.split("\n\n")[0] if replay.__doc__ else None,
     )
     replay.add_arguments(p)
