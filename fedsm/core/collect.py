@@ -71,37 +71,31 @@ def classify(state: JobState, message: Message) -> Verdict:
         return Verdict(None, f"{node} answered request {message.request_id}, not ours")
     if node not in state.pending_nodes():
         return Verdict(None, f"duplicate reply from {node}")
-    if isinstance(message, ErrorReply):
+
+    def failed(code: int, text: str) -> Verdict:
         return Verdict(
             NodeFailed(
                 round=state.round,
                 node_id=node,
                 request_id=message.request_id,
-                code=message.code,
-                message=message.message,
+                code=int(code),
+                message=text,
             )
         )
+
+    if isinstance(message, ErrorReply):
+        return failed(message.code, message.message)
     if message.training_plan_sha256 != state.plan_sha256:
-        return Verdict(
-            NodeFailed(
-                round=state.round,
-                node_id=node,
-                request_id=message.request_id,
-                code=int(ErrorNumber.PLAN_DIGEST_MISMATCH),
-                message=f"{node} reports it ran plan {message.training_plan_sha256}, not the "
-                f"job's plan {state.plan_sha256}",
-            )
+        return failed(
+            ErrorNumber.PLAN_DIGEST_MISMATCH,
+            f"{node} reports it ran plan {message.training_plan_sha256}, not the job's plan "
+            f"{state.plan_sha256}",
         )
     if digest_in_url(message.params_url) != message.params_sha256:
-        return Verdict(
-            NodeFailed(
-                round=state.round,
-                node_id=node,
-                request_id=message.request_id,
-                code=int(ErrorNumber.PARAMS_DIGEST_MISMATCH),
-                message=f"{node}'s reply names params {message.params_sha256} but its URL "
-                f"names another file: {message.params_url[:200]}",
-            )
+        return failed(
+            ErrorNumber.PARAMS_DIGEST_MISMATCH,
+            f"{node}'s reply names params {message.params_sha256} but its URL names another "
+            f"file: {message.params_url[:200]}",
         )
     try:
         event = ReplyReceived(
@@ -115,13 +109,5 @@ def classify(state: JobState, message: Message) -> Verdict:
             training_plan_sha256=message.training_plan_sha256,
         )
     except EventDecodeError as exc:  # the protocol and the log disagree on what is valid
-        return Verdict(
-            NodeFailed(
-                round=state.round,
-                node_id=node,
-                request_id=message.request_id,
-                code=int(ErrorNumber.BAD_REQUEST),
-                message=f"{node}'s reply can not be recorded: {exc}",
-            )
-        )
+        return failed(ErrorNumber.BAD_REQUEST, f"{node}'s reply can not be recorded: {exc}")
     return Verdict(event)
