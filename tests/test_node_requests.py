@@ -331,6 +331,7 @@ def test_a_reply_cached_under_the_old_fingerprint_is_still_served(world):
     request = world.train(world.linear, "LinearPlan")
     body = request.to_dict()
     body.pop("deadline")
+    body.pop("log_head")  # not a field of the protocol then
     old = sha256(msgpack.packb(body, use_bin_type=True))  # what nodes stored before
     cached = TrainReply(
         request_id=request.request_id,

@@ -3,7 +3,9 @@
 ``init`` makes a node directory; ``dataset`` and ``plan`` edit its registries (safe while the
 node runs: sqlite in WAL mode); ``config show`` prints the effective settings; ``start`` runs
 the node on an MQTT broker and a file repository until SIGTERM or Ctrl-C, then leaves the
-broker cleanly so researchers see it go offline.
+broker cleanly so researchers see it go offline. ``witness`` lists and exports, signed with
+the node's key, the researchers' log heads the node received (for an auditor to check the
+job logs against).
 """
 
 from __future__ import annotations
@@ -77,6 +79,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--by", help="who decides (default: the login name)")
         p.set_defaults(func=_plan_decide, status=status)
 
+    witness = cmds.add_parser("witness", help="the researchers' log heads the node received")
+    w_cmds = witness.add_subparsers(dest="witness_command", metavar="ACTION", required=True)
+    p = with_dir(w_cmds.add_parser("list", help="one line per job: heads, highest seq, last"))
+    p.set_defaults(func=_witness_list)
+    p = with_dir(w_cmds.add_parser("export", help="write a job's signed witness file"))
+    p.add_argument("--job", required=True, help="the job id")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="the file to write (default: witness-<node_id>-<job_id>.json here)",
+    )
+    p.add_argument(
+        "--researcher", metavar="ID", help="whose job, when two researchers used the same job id"
+    )
+    p.set_defaults(func=_witness_export)
+    p = with_dir(w_cmds.add_parser("key", help="print the node's public key (hex Ed25519)"))
+    p.set_defaults(func=_witness_key)
+
     p = with_dir(cmds.add_parser("start", help="run the node until SIGTERM/Ctrl-C"))
     p.add_argument("--broker", help="mqtt://[user[:pass]@]host:port (default: settings)")
     p.add_argument("--repo", help="repository URL or directory (default: settings)")
@@ -96,6 +117,38 @@ def _open(node_dir: Path) -> tuple[Any, Any]:
     return settings, NodeDatabase(node_dir / DB_FILE)
 
 
+def _open_readonly(node_dir: Path) -> tuple[Any, Any]:
+    """Settings and a read-only database of an initialised node directory."""
+    import sqlite3
+
+    from fedsm.node.database import DB_FILE, NodeDatabase
+    from fedsm.node.settings import load_settings
+    from fedsm.node.witness import registry_error
+
+    settings = load_settings(node_dir)
+    path = node_dir / DB_FILE
+    try:
+        return settings, NodeDatabase(path, readonly=True, busy_timeout_s=3.0)
+    except sqlite3.Error as exc:
+        raise registry_error(path, exc) from None
+
+
+def _witness_read(node_dir: Path, read: Any) -> Any:
+    """``read(settings, WitnessStore)`` on the node's registry opened read-only; sqlite's
+    errors (a locked or damaged file) become one clear line."""
+    import sqlite3
+
+    from fedsm.node.witness import WitnessStore, registry_error
+
+    settings, db = _open_readonly(node_dir)
+    try:
+        return read(settings, WitnessStore(db))
+    except sqlite3.Error as exc:
+        raise registry_error(db.path, exc) from None
+    finally:
+        db.close()
+
+
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     if not rows:
         print("(none)")
@@ -113,10 +166,13 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def _init(args: argparse.Namespace) -> int:
     from fedsm.node.database import DB_FILE, NodeDatabase
     from fedsm.node.settings import init_node_dir
+    from fedsm.node.witness import load_or_create_key, public_key_hex
 
     settings = init_node_dir(args.dir, args.node_id)
     NodeDatabase(args.dir / DB_FILE).close()
+    key = public_key_hex(load_or_create_key(args.dir))
     print(f"initialised node {settings.node_id} in {args.dir}")
+    print(f"witness public key: {key} (give it to your auditors)")
     return 0
 
 
@@ -252,6 +308,56 @@ def _plan_decide(args: argparse.Namespace) -> int:
     finally:
         db.close()
     print(f"{record.status} training plan {record.sha256} ({record.name})")
+    return 0
+
+
+def _witness_list(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    jobs = _witness_read(args.dir, lambda settings, store: store.jobs())
+    rows = [
+        {
+            "job_id": j.job_id,
+            "researcher": j.researcher_id,
+            "heads": j.heads,
+            "highest_seq": j.highest_seq,
+            "last_received": datetime.fromtimestamp(j.last_received_at, timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+        }
+        for j in jobs
+    ]
+    _print_table(rows, ["job_id", "researcher", "heads", "highest_seq", "last_received"])
+    return 0
+
+
+def _witness_export(args: argparse.Namespace) -> int:
+    from fedsm.core.witness import encode_witness
+    from fedsm.node.witness import load_or_create_key, sign
+
+    unsigned = _witness_read(
+        args.dir,
+        lambda settings, store: store.witness_file(settings.node_id, args.job, args.researcher),
+    )
+    signed = sign(unsigned, load_or_create_key(args.dir))
+    out = args.out or Path(f"witness-{unsigned.node_id}-{args.job}.json")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_bytes(encode_witness(signed))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigurationError(f"could not write {out}: {exc}") from None
+    print(out)
+    return 0
+
+
+def _witness_key(args: argparse.Namespace) -> int:
+    from fedsm.node.settings import load_settings
+    from fedsm.node.witness import load_or_create_key, public_key_hex
+
+    load_settings(args.dir)  # an initialised node directory, not any directory
+    print(public_key_hex(load_or_create_key(args.dir)))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 * :class:`Node` answers a researcher's requests over a bus (:mod:`fedsm.node.node`);
 * registries in sqlite: datasets and training-plan approvals (:mod:`fedsm.node.registry`),
-  the reply cache (:mod:`fedsm.node.database`);
+  the reply cache (:mod:`fedsm.node.database`), the log heads researchers sent
+  (:mod:`fedsm.node.witness`);
 * settings from ``node.toml`` and ``FEDSM_*`` variables (:mod:`fedsm.node.settings`);
 * executors that run trainings in a worker process or in-process
   (:mod:`fedsm.node.executor`, :mod:`fedsm.node.process_executor`);
@@ -34,6 +35,7 @@ _LAZY = {
     "NodeError": "fedsm.node.errors",
     "RequestFailed": "fedsm.node.errors",
     "start_memory_nodes": "fedsm.node.simulate",
+    "WitnessStore": "fedsm.node.witness",
 }
 
 __all__ = sorted(_LAZY)

@@ -5,6 +5,10 @@ operator's CLI can approve a plan while the node is running and reading it. All 
 one node go through one connection under one lock (a node's handlers run on several threads);
 writes run in ``BEGIN IMMEDIATE`` transactions with a busy timeout, so a concurrent writer in
 another process makes us wait instead of fail.
+
+The schema only grows by new tables (``CREATE TABLE IF NOT EXISTS``), so opening an older
+file for writing migrates it; a read-only connection (``readonly=True``) changes nothing, and
+its readers treat a table it lacks as empty (see :meth:`NodeDatabase.has_table`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ CREATE TABLE IF NOT EXISTS reply_cache (
     reply       BLOB NOT NULL,
     created_at  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS witnessed_heads (
+    job_id        TEXT NOT NULL,
+    researcher_id TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    hash          TEXT NOT NULL,
+    received_at   REAL NOT NULL,
+    command       TEXT NOT NULL,
+    PRIMARY KEY (job_id, researcher_id, seq, hash)
+) WITHOUT ROWID;
 """
 
 
@@ -74,11 +87,34 @@ class NodeDatabase:
 
     ``durable=False`` uses ``synchronous=NORMAL`` (safe against a crash of the process, not
     of the machine): the choice for simulated nodes, where thousands of fsyncs buy nothing.
+
+    ``readonly=True`` opens an existing file without the right to write it (the operator's
+    read-only commands): no schema is created, :meth:`write` fails.
     """
 
-    def __init__(self, path: str | Path, *, durable: bool = True, busy_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durable: bool = True,
+        busy_timeout_s: float = 10.0,
+        readonly: bool = False,
+    ):
         self.path = Path(path)
+        self.durable = durable
+        self.readonly = readonly
         self._lock = threading.RLock()
+        if readonly:
+            if not self.path.is_file():
+                raise ConfigurationError(f"the node database {self.path} does not exist")
+            self._conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            return
         self._conn = sqlite3.connect(
             str(self.path),
             timeout=busy_timeout_s,
@@ -104,17 +140,40 @@ class NodeDatabase:
             yield self._conn
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside a ``BEGIN IMMEDIATE`` transaction, committed on success."""
+    def write(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """The connection inside a ``BEGIN IMMEDIATE`` transaction, committed on success.
+
+        ``sync=False`` commits this one transaction without an fsync even on a durable
+        database (``synchronous=NORMAL``): it survives a crash of the process at once, and a
+        crash of the machine from the next synced commit on (in WAL mode that commit syncs
+        every frame written before it).
+        """
         with self._lock:
             self._check_open()
-            self._conn.execute("BEGIN IMMEDIATE")
+            if self.readonly:
+                raise ConfigurationError(f"the node database {self.path} is open read-only")
+            relax = self.durable and not sync
+            if relax:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if relax:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+
+    def has_table(self, name: str) -> bool:
+        """Whether the file has table ``name`` (a read-only view of an older file may not)."""
+        with self.read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).fetchone()
+        return row is not None
 
     def _check_open(self) -> None:
         if self._conn is None:

@@ -6,6 +6,12 @@ to the executor's control pool; a train request goes to the node's lane on the e
 trainings run one at a time and never on the delivery thread. A train request already
 answered is answered again from the reply cache (in sqlite, so it survives a restart) and a
 copy arriving while the first is still being served gets the same reply when it is ready.
+
+Every job-scoped request carries the researcher's log head; the node records it (see
+:mod:`fedsm.node.witness`) on the delivery thread as soon as the request is addressed to it,
+before serving it: one small sqlite write, without an fsync but for ``job-end`` (whose reply
+says the final head is kept), made durable against a machine crash by the next synced write
+(a train reply's cache write, a job-end).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import msgpack
 from fedsm.core.messages import (
     BROADCAST,
     ErrorReply,
+    JobEndReply,
+    JobEndRequest,
     ListReply,
     ListRequest,
     Message,
@@ -44,6 +52,7 @@ from fedsm.node.executor import TrainingExecutor
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry, public_dataset
 from fedsm.node.round import RoundContext, fetch_plan, run_train_request
 from fedsm.node.settings import NodeSettings, load_settings
+from fedsm.node.witness import WitnessStore
 from fedsm.repository.base import Repository
 from fedsm.transport.base import Bus
 
@@ -148,6 +157,7 @@ class Node:
         self.datasets = DatasetRegistry(self.db)
         self.plans = ApprovalRegistry(self.db)
         self.replies = ReplyCache(self.db)
+        self.witness = WitnessStore(self.db)
         self._ctx = RoundContext(
             node_id=self.node_id,
             node_dir=self.node_dir,
@@ -220,6 +230,7 @@ class Node:
             )
             return
         try:
+            self._witness(message)
             if isinstance(message, PingRequest):
                 self._send(PingReply(**self._reply_head(message)))
             elif isinstance(message, ListRequest):
@@ -232,6 +243,14 @@ class Node:
                 self.executor.submit_control(lambda: self._guarded(message, self._serve_status))
             elif isinstance(message, TrainRequest):
                 self._accept_train(message)
+            elif isinstance(message, JobEndRequest):
+                self._send(
+                    JobEndReply(
+                        **self._reply_head(message),
+                        job_id=message.job_id,
+                        seq=message.log_head["seq"],
+                    )
+                )
             else:
                 raise RequestFailed(
                     ErrorNumber.UNKNOWN_COMMAND, f"command {message.command!r} is not served"
@@ -241,6 +260,20 @@ class Node:
         except Exception as exc:  # never let one request take the node down
             log.exception("node %s: %s request failed", self.node_id, message.command)
             self._send_error(message, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _witness(self, request: Request) -> None:
+        """Keep the log head a job-scoped request carries (before serving it: a request that
+        fails was still received). Only ``job-end`` is fsynced here; see the module doc."""
+        head = getattr(request, "log_head", None)
+        if head is None:
+            return
+        self.witness.record(
+            request.job_id,  # type: ignore[attr-defined]  # every request with a head has one
+            request.researcher_id,
+            head,
+            request.command,
+            sync=isinstance(request, JobEndRequest),
+        )
 
     def _reply_head(self, request: Request) -> dict[str, str]:
         return {
