@@ -104,14 +104,15 @@ def _frames(log: Path) -> tuple[bytes, list[tuple[int, int]]]:
 def test_a_clean_run_verifies_with_and_without_the_repository(demo_run: Path) -> None:
     code, text = _replay(str(_log(demo_run)), "--verify", "--repo", str(_repo(demo_run)))
     assert code == 0, text
-    assert "not checked" not in text and "artifacts and aggregates" in text
+    assert "not checked: artifacts" not in text and "artifacts and aggregates" in text
+    assert "not checked: witnesses" in text  # no --witness: against its writer, unchecked
     code, text = _replay(str(_log(demo_run)), "--verify")
     assert code == 0, text
     assert "not checked: artifacts" in text and "not checked: recompute" in text
     code, text = _replay(str(_log(demo_run)), "--verify", "--json")
     report = json.loads(text)
     assert report["ok"] is True and report["findings"] == []
-    assert [c["check"] for c in report["not_checked"]] == ["artifacts", "recompute"]
+    assert [c["check"] for c in report["not_checked"]] == ["artifacts", "recompute", "witnesses"]
 
 
 def test_the_audit_reads_every_artifact_and_recomputes_every_round(demo_run: Path) -> None:
@@ -145,7 +146,7 @@ def test_a_moved_run_directory_audits(run_copy: Path, demo_run: Path, tmp_path: 
     assert not run_copy.exists() and str(demo_run) not in str(moved)
     assert _audit(moved) == []
     code, text = _replay(str(_log(moved)), "--verify", "--repo", str(_repo(moved)))
-    assert code == 0 and "not checked" not in text, text
+    assert code == 0 and "not checked: artifacts" not in text, text
 
 
 def test_a_server_repository_is_audited_by_digest_not_by_recorded_url(demo_run: Path) -> None:
@@ -186,7 +187,8 @@ def test_a_node_params_file_changed_by_one_byte(run_copy: Path) -> None:
     assert "hash to another digest" in findings[0].what
     code, text = _replay(str(_log(run_copy)), "--verify", "--repo", str(_repo(run_copy)), "--json")
     report = json.loads(text)
-    assert code == 1 and report["ok"] is False and report["not_checked"] == []
+    assert code == 1 and report["ok"] is False
+    assert [c["check"] for c in report["not_checked"]] == ["witnesses"]
     assert [(f["check"], f["seq"], f["expected"], f["found"]) for f in report["findings"]] == [
         (f.check, f.seq, f.expected, f.found) for f in findings
     ]

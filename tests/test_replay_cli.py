@@ -38,7 +38,9 @@ def test_timeline_prints_seq_time_state_and_summary(log_path: Path) -> None:
     result = _fedsm(str(log_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == len(EVENTS)
+    assert len(lines) == len(EVENTS) + 1
+    head = scan(log_path).records[-1]
+    assert lines.pop() == f"head: seq {head.seq} hash {head.hash.hex()}"
     first, last = lines[0].split(), lines[-1].split()
     assert first[0] == "1" and first[1].startswith("2023-11-14T22:13:20") and first[2] == "created"
     assert last[0] == str(len(EVENTS)) and last[2] == "completed"
@@ -72,6 +74,7 @@ def test_json_timeline(log_path: Path) -> None:
     rows = json.loads(_fedsm(str(log_path), "--json").stdout)
     assert [r["seq"] for r in rows] == list(range(1, len(EVENTS) + 1))
     assert rows[0]["event"]["type"] == "JobCreated" and rows[-1]["status"] == "completed"
+    assert [r["hash"] for r in rows] == [r.hash.hex() for r in scan(log_path).records]
 
 
 def test_verify_a_sound_log(log_path: Path) -> None:
@@ -130,7 +133,7 @@ def test_a_torn_tail_is_reported_not_an_error_and_left_to_the_writer(log_path: P
     timeline = _fedsm(str(log_path))
     assert timeline.returncode == 0
     assert "torn tail" in timeline.stderr and "not repaired" in timeline.stderr
-    assert len(timeline.stdout.splitlines()) == len(EVENTS) - 1
+    assert len(timeline.stdout.splitlines()) == len(EVENTS)
     # The audit tool is read-only: the torn bytes stay, no sidecar, no new file.
     assert log_path.read_bytes() == data[:-4]
     assert sorted(p.name for p in log_path.parent.iterdir()) == files
@@ -141,7 +144,7 @@ def test_a_torn_tail_is_reported_not_an_error_and_left_to_the_writer(log_path: P
     assert log_path.stat().st_size == last
     after = _fedsm(str(log_path))
     assert after.returncode == 0 and "torn tail" not in after.stderr
-    assert len(after.stdout.splitlines()) == len(EVENTS) - 1
+    assert len(after.stdout.splitlines()) == len(EVENTS)
 
 
 def test_a_live_log_is_read_and_left_alone(log_path: Path) -> None:
@@ -157,7 +160,7 @@ def test_a_live_log_is_read_and_left_alone(log_path: Path) -> None:
         result = _fedsm(str(log_path))
         assert result.returncode == 0
         assert "torn tail" in result.stderr and "not repaired" in result.stderr
-        assert len(result.stdout.splitlines()) == len(EVENTS)
+        assert len(result.stdout.splitlines()) == len(EVENTS) + 1  # + the head line
         assert log_path.read_bytes() == live and live.endswith(b"\x10\x00")
 
 
