@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_repo.py
 	$(BIN)/python tools/bench_aggregation.py
 	$(BIN)/python tools/bench_scale.py --nodes 1000
+	$(BIN)/python tools/bench_witness.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
