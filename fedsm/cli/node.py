@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     witness = cmds.add_parser("witness", help="the researchers' log heads the node received")
     w_cmds = witness.add_subparsers(dest="witness_command", metavar="ACTION", required=True)
-    p = with_dir(w_cmds.add_parser("list", help="one line per job: heads, highest seq, last"))
+    p = with_dir(w_cmds.add_parser("list", help="jobs whose heads this node kept, highest seq"))
     p.set_defaults(func=_witness_list)
     p = with_dir(w_cmds.add_parser("export", help="write a job's signed witness file"))
     p.add_argument("--job", required=True, help="the job id")
