@@ -17,7 +17,6 @@ from fedsm.core.messages import (
     Message,
     PingReply,
     PingRequest,
-    TrainingPlanStatusReply,
     TrainReply,
 )
 from fedsm.core.protocol import decode, encode
@@ -32,6 +31,8 @@ plain = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
     max_leaves=10,
 )
+
+heads = st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes})
 
 KIND_STRATEGIES = {
     "id": ids,
@@ -48,6 +49,9 @@ KIND_STRATEGIES = {
     "map": st.dictionaries(texts, plain, max_size=5),
     "float_map": st.dictionaries(texts, finite, max_size=5),
     "map_list": st.lists(st.dictionaries(texts, plain, max_size=3), max_size=3).map(tuple),
+    "head": st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes}),
+    "opt_head": st.none()
+    | st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes}),
 }
 
 
@@ -59,7 +63,7 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
         if f.name == "node_id":
             strategy = (ids | st.just(BROADCAST)) if cls.is_request else ids
         if f.name == "status":
-            strategy = st.sampled_from(sorted(TrainingPlanStatusReply.STATUSES))
+            strategy = st.sampled_from(sorted(cls.STATUSES))  # type: ignore[attr-defined]
         fields[f.name] = strategy
     return st.builds(cls, **fields)
 

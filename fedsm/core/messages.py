@@ -310,6 +310,13 @@ class JobEndRequest(Request):
     status: str = _f("str")
     log_head: dict[str, Any] = _f("head")
 
+    STATUSES: ClassVar[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.status not in self.STATUSES:
+            raise MessageDecodeError(f"expected one of {sorted(self.STATUSES)}", "status")
+
 
 @dataclass(frozen=True, kw_only=True)
 class JobEndReply(Reply):
