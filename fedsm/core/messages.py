@@ -257,6 +257,9 @@ class TrainRequest(Request):
     model_args: dict[str, Any] = _f("map")
     seed: int = _f("nonneg_int")
     aggregator_args: dict[str, Any] = _f("map", default_factory=dict)
+    #: False: validate the global parameters on the node's validation data without training
+    #: (the seed's ``training: False``); the reply names the same parameters it was sent.
+    do_training: bool = _f("bool", default=True)
     #: The researcher's job log as it stood when this was sent (after the RoundSent or
     #: RoundResent deciding it): the node keeps it as a witness. Not part of the request's
     #: identity (a re-send carries a later head).
