@@ -64,6 +64,19 @@ _BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         params_sha256=sha256s,
         deadline=floats,
         aggregator_args=st.dictionaries(ids, plain_maps, max_size=3),
+        do_training=st.booleans(),
+    ),
+    ev.SettingsChanged: st.builds(
+        ev.SettingsChanged,
+        round=nonneg,
+        changes=st.fixed_dictionaries(
+            {},
+            optional={
+                "nodes": st.lists(ids, max_size=4),
+                "training_args": plain_maps,
+                "round_limit": nonneg,
+            },
+        ),
     ),
     ev.RoundResent: st.builds(ev.RoundResent, round=nonneg, nodes=id_tuples, deadline=floats),
     ev.ReplyReceived: st.builds(

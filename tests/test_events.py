@@ -338,7 +338,7 @@ _V1_OF: dict[type[ev.Event], Any] = {
     ev.TrainingPlanUploaded: lambda d: {**d, "url": URL + d["sha256"]},
     ev.ParamsUploaded: lambda d: {**d, "url": URL + d["sha256"]},
     ev.RoundSent: lambda d: {
-        **{k: v for k, v in d.items() if k != "aggregator_args"},
+        **{k: v for k, v in d.items() if k not in ("aggregator_args", "do_training")},
         "params_url": URL + d["params_sha256"],
     },
     ev.RoundResent: lambda d: {k: v for k, v in d.items() if k != "deadline"},
@@ -351,7 +351,7 @@ _V1_OF: dict[type[ev.Event], Any] = {
 }
 
 _V1_EXPRESSIBLE: dict[type[ev.Event], Any] = {
-    ev.RoundSent: lambda e: dataclasses.replace(e, aggregator_args={}),
+    ev.RoundSent: lambda e: dataclasses.replace(e, aggregator_args={}, do_training=True),
     ev.RoundResent: lambda e: dataclasses.replace(e, deadline=0.0),
     ev.ReplyReceived: lambda e: dataclasses.replace(e, training_plan_sha256=None),
 }

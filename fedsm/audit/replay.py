@@ -112,8 +112,8 @@ def summarize(event: ev.Event) -> str:
         return f"plan {_short(e.plan_sha256)} approval: {text or 'no nodes'}"
     if isinstance(e, ev.RoundSent):
         return (
-            f"round {e.round} sent to {len(e.nodes)} [{_nodes(e.nodes)}] "
-            f"params {_short(e.params_sha256)}"
+            f"round {e.round} {'sent' if e.do_training else 'sent to validate only'} to "
+            f"{len(e.nodes)} [{_nodes(e.nodes)}] params {_short(e.params_sha256)}"
         )
     if isinstance(e, ev.RoundResent):
         return f"round {e.round} re-sent to [{_nodes(e.nodes)}]"
@@ -494,7 +494,7 @@ def _print_state(seq: int, state: JobState, out: TextIO) -> None:
     out.write(f"  plan           {state.plan_sha256}\n")
     out.write(f"  params         {state.params_sha256}\n")
     out.write(
-        f"  round          {state.round} of {state.config.round_limit if state.config else '-'}\n"
+        f"  round          {state.round} of {state.round_limit if state.config else '-'}\n"
     )
     out.write(f"  round nodes    {list(state.round_nodes)}\n")
     out.write(f"  replied        {sorted(state.round_replies)}\n")

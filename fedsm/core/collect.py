@@ -91,6 +91,12 @@ def classify(state: JobState, message: Message) -> Verdict:
             f"{node} reports it ran plan {message.training_plan_sha256}, not the job's plan "
             f"{state.plan_sha256}",
         )
+    if not state.round_do_training and message.params_sha256 != state.params_sha256:
+        return failed(
+            ErrorNumber.BAD_REQUEST,
+            f"{node} was asked to validate params {state.params_sha256} without training, but "
+            f"answered with params {message.params_sha256}",
+        )
     if digest_in_url(message.params_url) != message.params_sha256:
         return failed(
             ErrorNumber.PARAMS_DIGEST_MISMATCH,

@@ -42,6 +42,7 @@ __all__ = [
     "RoundResent",
     "RoundSent",
     "RoundTimedOut",
+    "SettingsChanged",
     "TrainingPlanUploaded",
     "decode_event",
     "encode_event",
@@ -156,10 +157,12 @@ class RoundSent(Event):
     the requests carry them except that an argument sent as a file is ``{"sha256": digest}``
     (its URL is derived from the repository at send time). A request re-sent after a
     restore is rebuilt from this event, so it is the very request a node may already have
-    answered. Version 2 drops ``params_url`` and adds ``aggregator_args``.
+    answered. Version 2 drops ``params_url`` and adds ``aggregator_args``; version 3 adds
+    ``do_training`` (False: a validation-only round, the seed's ``do_training=False``: the
+    nodes validate the current global parameters and train nothing).
     """
 
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
 
     round: int = _f("nonneg_int")
     nodes: tuple[str, ...] = _f("str_tuple")
@@ -167,11 +170,30 @@ class RoundSent(Event):
     params_sha256: str = _f("sha256")
     deadline: float = _f("float")
     aggregator_args: dict[str, Any] = _f("plain_map")
+    do_training: bool = _f("bool", default=True)
 
     @staticmethod
     def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
         """Version 1 recorded the params URL and no aggregator args (FedAvg sent none)."""
         return {**_without(data, "params_url"), "aggregator_args": {}}
+
+    @staticmethod
+    def upcast_v2_v3(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 2 rounds all trained."""
+        return {**data, "do_training": True}
+
+
+@dataclass(frozen=True)
+class SettingsChanged(Event):
+    """The researcher changed the job's settings; they apply from the next round on.
+
+    ``changes`` holds any of ``nodes`` (a list of node ids, all with a dataset in the job),
+    ``training_args`` (a map, the whole new set) and ``round_limit`` (an int: the last round
+    that may train; raising it reopens a completed job). ``round`` is the round it follows.
+    """
+
+    round: int = _f("nonneg_int")
+    changes: dict[str, Any] = _f("plain_map")
 
 
 @dataclass(frozen=True)
@@ -302,6 +324,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         TrainingPlanUploaded,
         ParamsUploaded,
         ApprovalChecked,
+        SettingsChanged,
         RoundSent,
         RoundResent,
         ReplyReceived,

@@ -88,6 +88,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
             "int",
             "nonneg_int",
             "float",
+            "bool",
             "str_tuple",
             "str_map",
             "float_map",
@@ -99,11 +100,12 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
-def kind_field(kind: str) -> Any:
-    """A dataclass field with its wire kind (see ``_CHECKERS``)."""
+def kind_field(kind: str, **kwargs: Any) -> Any:
+    """A dataclass field with its wire kind (see ``_CHECKERS``); ``kwargs`` go to
+    :func:`dataclasses.field` (a ``default`` for a field added by a later schema version)."""
     if kind not in _CHECKERS:  # pragma: no cover - programming error
         raise AssertionError(kind)
-    return field(metadata={"kind": kind})
+    return field(metadata={"kind": kind}, **kwargs)
 
 
 # Inline validity tests of the scalar kinds, for the generated fast decoders below. Each is
@@ -116,6 +118,7 @@ _FAST_TESTS = {
     "int": f"type({{v}}) is int and {INT_MIN} <= {{v}} <= {INT_MAX}",
     "nonneg_int": f"type({{v}}) is int and 0 <= {{v}} <= {INT_MAX}",
     "float": "type({v}) is float and {v} - {v} == 0.0",
+    "bool": "type({v}) is bool",
 }
 
 # The same for the collection kinds that every round's events carry, as statements: each

@@ -94,7 +94,10 @@ class JobState:
     round's; :attr:`replies`/:attr:`failures` give every round's (round -> node -> event).
     ``params_sha256`` names the current global parameters. ``round_deadline`` is when the
     current round stops waiting (job clock), ``round_aggregator_args`` what each of its
-    nodes was sent (recorded in ``RoundSent``). ``approvals`` is the last approval check.
+    nodes was sent (recorded in ``RoundSent``), ``round_do_training`` False for a
+    validation-only round. ``approvals`` is the last approval check. ``overrides`` are the
+    settings changed since ``JobCreated`` (``SettingsChanged``): read the effective ones
+    through :attr:`nodes`, :attr:`training_args` and :attr:`round_limit`.
     """
 
     status: JobStatus = JobStatus.NEW
@@ -108,6 +111,9 @@ class JobState:
     request_ids: Mapping[str, str] = field(default_factory=empty)
     round_deadline: float = 0.0
     round_aggregator_args: Mapping[str, Any] = field(default_factory=empty)
+    round_do_training: bool = True
+    validation_rounds: tuple[int, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=empty)
     round_replies: AppendMap[str, ReplyReceived] = field(default_factory=empty)
     round_failures: AppendMap[str, NodeFailed] = field(default_factory=empty)
     past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=empty)
@@ -131,17 +137,46 @@ class JobState:
         """The job is over (completed, failed or cancelled)."""
         return self.status.terminal
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes the next round goes to (``JobCreated``'s, or as last changed)."""
+        assert self.config is not None
+        return tuple(self.overrides.get("nodes", self.config.nodes))
+
+    @property
+    def training_args(self) -> Mapping[str, Any]:
+        """The training arguments of the next round."""
+        assert self.config is not None
+        return self.overrides.get("training_args", self.config.training_args)
+
+    @property
+    def round_limit(self) -> int:
+        """The last round that may train."""
+        assert self.config is not None
+        return int(self.overrides.get("round_limit", self.config.round_limit))
+
+    @property
+    def final_validation_due(self) -> bool:
+        """The last round trained and ``test_on_global_updates`` asks the nodes to validate
+        the final parameters: a validation-only round comes before the job completes."""
+        return (
+            self.status is JobStatus.AGGREGATED
+            and self.round >= self.round_limit
+            and self.round_do_training
+            and bool(self.training_args.get("test_on_global_updates"))
+        )
+
     def approval_refusals(self) -> dict[str, str]:
         """Nodes of the job that may not run its plan by the last approval check, with their
         status (every node when no check is recorded). Empty: rounds may be sent."""
         assert self.config is not None
         check = self.approvals
         if check is None or check.plan_sha256 != self.plan_sha256:
-            return {node: "unchecked" for node in self.config.nodes}
+            return {node: "unchecked" for node in self.nodes}
         statuses, required = check.statuses, check.approval_required
         return {
             node: statuses.get(node, "unchecked")
-            for node in self.config.nodes
+            for node in self.nodes
             if statuses.get(node) != "approved" and required.get(node, True)
         }
 
@@ -187,6 +222,9 @@ class JobState:
             "request_ids": dict(self.request_ids),
             "round_deadline": self.round_deadline,
             "round_aggregator_args": dict(self.round_aggregator_args),
+            "round_do_training": self.round_do_training,
+            "validation_rounds": list(self.validation_rounds),
+            "settings_changed": dict(self.overrides),
             "pending_nodes": list(self.pending_nodes()),
             "replies": rounds(self.replies),
             "failures": rounds(self.failures),

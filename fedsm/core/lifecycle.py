@@ -52,6 +52,7 @@ from fedsm.core.events import (
     RoundResent,
     RoundSent,
     RoundTimedOut,
+    SettingsChanged,
     TrainingPlanUploaded,
 )
 from fedsm.core.jobstate import ACTIVE_STATES, STATES, JobState, JobStatus, initial_state
@@ -75,6 +76,14 @@ TRANSITIONS: tuple[tuple[str, tuple[JobStatus, ...], JobStatus], ...] = (
     # Initial parameters may be replaced until the first round (the plan is unchanged).
     ("ParamsUploaded", (_S.APPROVAL_CHECKED,), _S.APPROVAL_CHECKED),
     ("ApprovalChecked", (_S.UPLOADED, _S.APPROVAL_CHECKED), _S.APPROVAL_CHECKED),
+    # Nodes added between rounds are asked (the round after needs their approval).
+    ("ApprovalChecked", (_S.AGGREGATED,), _S.AGGREGATED),
+    # Parameters replaced between rounds (the seed's update_parameters).
+    ("ParamsUploaded", (_S.AGGREGATED,), _S.AGGREGATED),
+    # Settings changed between rounds; a higher round_limit reopens a completed job.
+    ("SettingsChanged", (_S.UPLOADED,), _S.UPLOADED),
+    ("SettingsChanged", (_S.APPROVAL_CHECKED,), _S.APPROVAL_CHECKED),
+    ("SettingsChanged", (_S.AGGREGATED, _S.COMPLETED), _S.AGGREGATED),
     ("RoundSent", (_S.APPROVAL_CHECKED, _S.AGGREGATED), _S.ROUND_SENT),
     ("RoundResent", (_S.ROUND_SENT,), _S.ROUND_SENT),
     ("RoundResent", (_S.COLLECTING,), _S.COLLECTING),
@@ -83,6 +92,8 @@ TRANSITIONS: tuple[tuple[str, tuple[JobStatus, ...], JobStatus], ...] = (
     ("RoundTimedOut", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
     ("Aggregated", (_S.COLLECTING,), _S.AGGREGATED),
     ("JobCompleted", (_S.AGGREGATED,), _S.COMPLETED),
+    # After a validation-only round: nothing to aggregate, the parameters stand.
+    ("JobCompleted", (_S.COLLECTING,), _S.COMPLETED),
     ("JobFailed", ACTIVE_STATES, _S.FAILED),
     ("JobCancelled", ACTIVE_STATES, _S.CANCELLED),
 )
@@ -165,8 +176,40 @@ def _on_plan_uploaded(s: JobState, e: TrainingPlanUploaded, values: dict[str, An
 
 
 def _on_params_uploaded(s: JobState, e: ParamsUploaded, values: dict[str, Any]) -> None:
-    _check(e.round == 0, f"only initial parameters (round 0) are uploaded here, got {e.round}")
+    _check(e.round == s.round, f"parameters replaced after round {s.round}, not {e.round}")
     values["params_sha256"] = e.sha256
+
+
+def _on_settings_changed(s: JobState, e: SettingsChanged, values: dict[str, Any]) -> None:
+    assert s.config is not None
+    _check(e.round == s.round, f"settings changed after round {s.round}, not {e.round}")
+    unknown = sorted(set(e.changes) - {"nodes", "training_args", "round_limit"})
+    _check(not unknown, f"settings {unknown} can not be changed")
+    _check(bool(e.changes), "no setting changed")
+    if "nodes" in e.changes:
+        nodes = e.changes["nodes"]
+        _check(
+            type(nodes) is list and bool(nodes) and all(type(n) is str for n in nodes),
+            "nodes must be a non-empty list of node ids",
+        )
+        _check(len(set(nodes)) == len(nodes), f"nodes are not unique: {nodes}")
+        strangers = sorted(set(nodes).difference(s.config.datasets))
+        _check(not strangers, f"nodes {strangers} have no dataset in this job")
+        _check(
+            s.config.min_nodes <= len(nodes),
+            f"{len(nodes)} nodes, fewer than min_nodes {s.config.min_nodes}",
+        )
+    if "training_args" in e.changes:
+        _check(type(e.changes["training_args"]) is dict, "training_args must be a map")
+    if "round_limit" in e.changes:
+        limit = e.changes["round_limit"]
+        _check(type(limit) is int and limit >= max(1, s.round), f"round_limit {limit!r} is behind")
+    if s.status is JobStatus.COMPLETED:
+        _check(
+            e.changes.get("round_limit", 0) > s.round,
+            "a completed job reopens only with a round_limit past its last round",
+        )
+    values["overrides"] = {**s.overrides, **e.changes}
 
 
 def _on_approval_checked(s: JobState, e: ApprovalChecked, values: dict[str, Any]) -> None:
@@ -181,10 +224,18 @@ def _on_approval_checked(s: JobState, e: ApprovalChecked, values: dict[str, Any]
 def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
     assert s.config is not None
     _check(e.round == s.round + 1, f"round {e.round} is not the next round ({s.round + 1})")
-    _check(e.round <= s.config.round_limit, f"round {e.round} is over the round_limit")
+    if e.do_training:
+        _check(e.round <= s.round_limit, f"round {e.round} is over the round_limit")
+    else:  # the final validation: after the last round trained, before completion
+        _check(
+            s.status is JobStatus.AGGREGATED and s.round >= s.round_limit and s.round_do_training,
+            "a validation-only round validates the final parameters: send it after the last "
+            f"round ({s.round_limit}) is aggregated",
+        )
+        _check(not e.aggregator_args, "a validation-only round carries no aggregator args")
     _check(bool(e.nodes), "a round needs at least one node")
     _check(len(set(e.nodes)) == len(e.nodes), "the round's nodes are not unique")
-    strangers = sorted(set(e.nodes).difference(s.config.nodes))
+    strangers = sorted(set(e.nodes).difference(s.nodes))
     _check(not strangers, f"nodes {strangers} are not nodes of this job")
     _check(set(e.request_ids) == set(e.nodes), "request_ids must name exactly the round's nodes")
     _check(
@@ -198,6 +249,9 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
     _check(not refused, f"the training plan is not approved on {refused}")
     values["round"], values["round_nodes"], values["request_ids"] = e.round, e.nodes, e.request_ids
     values["round_deadline"], values["round_aggregator_args"] = e.deadline, e.aggregator_args
+    values["round_do_training"] = e.do_training
+    if not e.do_training:
+        values["validation_rounds"] = (*s.validation_rounds, e.round)
     values["round_replies"] = values["round_failures"] = EMPTY
     if s.round > 0:  # archive the finished round's replies and failures
         values["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
@@ -269,6 +323,7 @@ def _on_timed_out(s: JobState, e: RoundTimedOut, values: dict[str, Any]) -> None
 def _on_aggregated(s: JobState, e: Aggregated, values: dict[str, Any]) -> None:
     assert s.config is not None
     _check_current(s, e.round)
+    _check(s.round_do_training, f"round {s.round} only validated: nothing to aggregate")
     replied = tuple(sorted(s.round_replies))
     _check(e.nodes == replied, f"contributors {list(e.nodes)} are not the replied {list(replied)}")
     _check(set(e.weights) == set(e.nodes), "weights must name exactly the contributors")
@@ -284,6 +339,11 @@ def _on_aggregated(s: JobState, e: Aggregated, values: dict[str, Any]) -> None:
 def _on_completed(s: JobState, e: JobCompleted, values: dict[str, Any]) -> None:
     _check_current(s, e.round)
     _check(e.params_sha256 == s.params_sha256, "final params are not the current params")
+    if s.status is JobStatus.COLLECTING:
+        _check(not s.round_do_training, f"round {s.round} trained: aggregate it first")
+        _check(s.round_complete(), f"nodes {list(s.unanswered_nodes())} have not answered yet")
+    else:
+        _check(s.round >= s.round_limit, f"round {s.round} is before the round_limit")
 
 
 def _on_stopped(s: JobState, e: JobFailed | JobCancelled, values: dict[str, Any]) -> None:
@@ -294,6 +354,7 @@ _HANDLERS: dict[str, Callable[[JobState, Any, dict[str, Any]], None]] = {
     "JobCreated": _on_job_created,
     "TrainingPlanUploaded": _on_plan_uploaded,
     "ParamsUploaded": _on_params_uploaded,
+    "SettingsChanged": _on_settings_changed,
     "ApprovalChecked": _on_approval_checked,
     "RoundSent": _on_round_sent,
     "RoundResent": _on_round_resent,
@@ -332,7 +393,11 @@ def apply(state: JobState, event: Event) -> JobState:
     values = state.__dict__
     dest = destinations.get(values["status"])
     if dest is None:
-        allowed = ", ".join(allowed_events(state.status)) or "none (the job is over)"
+        allowed = ", ".join(allowed_events(state.status)) or "none"
+        if state.status.terminal:
+            raise IllegalTransition(
+                state.status, name, f"the job is over (allowed events: {allowed})"
+            )
         raise IllegalTransition(state.status, name, f"allowed events: {allowed}")
     # dataclasses.replace re-runs __init__ field by field; a dict copy that the handler
     # edits in place is ~10x cheaper, and replay does this once per event.

@@ -32,7 +32,9 @@ States and decisions::
     round n over, replies >= min_nodes        -> Aggregate(n)
     round n over, replies <  min_nodes        -> JobFailed
     aggregated n < round_limit                -> StartRound(n + 1)
+    aggregated n == round_limit, validating   -> StartRound(n + 1, do_training=False)
     aggregated n == round_limit               -> JobCompleted
+    validation round over                     -> JobCompleted (no aggregate, no quorum)
     completed, failed, cancelled              -> AnnounceEnd (once per process), Stop
 """
 
@@ -82,9 +84,11 @@ class CheckApproval:
 @dataclass(frozen=True)
 class StartRound:
     """Prepare round ``round`` (the strategy's per-node args, kept as local files by digest)
-    and record it with :func:`round_sent`; the commands that follow publish it."""
+    and record it with :func:`round_sent`; the commands that follow publish it.
+    ``do_training`` False: the final validation-only round."""
 
     round: int
+    do_training: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,9 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
     if status is JobStatus.UPLOADED:
         return Decision(commands=(CheckApproval(),))
     if status.between_rounds:
-        if status is JobStatus.AGGREGATED and state.round >= config.round_limit:
+        if state.final_validation_due:
+            return Decision(commands=(StartRound(state.round + 1, do_training=False),))
+        if status is JobStatus.AGGREGATED and state.round >= state.round_limit:
             final = JobCompleted(round=state.round, params_sha256=state.params_sha256 or "")
             return Decision(events=(final,))
         refused = state.approval_refusals()
@@ -198,6 +204,9 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
         return Decision(commands=(StartRound(state.round + 1),))
     # A round is in flight.
     if state.round_complete():
+        if not state.round_do_training:  # the final validation: its metrics are recorded
+            final = JobCompleted(round=state.round, params_sha256=state.params_sha256 or "")
+            return Decision(events=(final,))
         failure = quorum_failure(state)
         if failure is not None:
             return Decision(events=(failure,))
@@ -224,6 +233,8 @@ def round_sent(
     round_number: int,
     now: float,
     aggregator_args: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    do_training: bool = True,
 ) -> Decision:
     """Record round ``round_number`` (``RoundSent``), then publish it to every node of the job
     and collect until its deadline.
@@ -236,7 +247,7 @@ def round_sent(
     """
     config = state.config
     assert config is not None and state.job_id is not None
-    nodes = tuple(config.nodes)
+    nodes = tuple(sorted(state.nodes))
     args = {n: dict(a) for n, a in sorted((aggregator_args or {}).items()) if a}
     deadline = now + config.reply_deadline_s
     event = RoundSent(
@@ -246,6 +257,7 @@ def round_sent(
         params_sha256=state.params_sha256 or "",
         deadline=deadline,
         aggregator_args=args,
+        do_training=do_training,
     )
     return Decision(
         events=(event,),

@@ -99,7 +99,7 @@ class RoundDriver:
         deadline_s = config.reply_deadline_s if deadline_s is None else deadline_s
         replies = job.requests.ask(
             TrainingPlanStatusRequest,
-            config.nodes,
+            state.nodes,
             deadline_s,
             job_id=state.job_id,
             training_plan_url=job.repository.url_for(state.plan_sha256),
@@ -108,7 +108,7 @@ class RoundDriver:
         )
         statuses: dict[str, str] = {}
         required: dict[str, bool] = {}
-        for node in config.nodes:
+        for node in state.nodes:
             reply = replies.get(node)
             if isinstance(reply, TrainingPlanStatusReply):
                 statuses[node] = reply.status
@@ -218,10 +218,11 @@ class RoundDriver:
             training_plan_class=config.training_plan_class,
             params_url=url_for(state.params_sha256),
             params_sha256=state.params_sha256,
-            training_args=dict(config.training_args),
+            training_args=dict(state.training_args),
             model_args=dict(config.model_args),
             seed=derive_seed(config.seed, state.round, node),
             aggregator_args=agg_args,
+            do_training=state.round_do_training,
             log_head=job.log_head,
         )
 
@@ -327,15 +328,16 @@ class RoundDriver:
         # between uploads them here, on its way out (no later request would).
         self.ensure_uploaded([job.state.params_sha256])
         wait_s = min(config.reply_deadline_s, END_WAIT_S)
+        nodes = sorted(set(config.nodes) | set(job.state.nodes))  # all that ever took part
         replies = job.requests.ask(
             JobEndRequest,
-            config.nodes,
+            nodes,
             wait_s,
             job_id=job.state.job_id,
             status=status,
             log_head=job.log_head,
         )
-        missing = sorted(n for n in config.nodes if not isinstance(replies.get(n), JobEndReply))
+        missing = [n for n in nodes if not isinstance(replies.get(n), JobEndReply)]
         if missing:
             log.warning(
                 "nodes %s did not acknowledge the job's final head (seq %d); their witness "

@@ -34,8 +34,13 @@ class RoundSummary(dict):
     def line(self, round_limit: int) -> str:
         """One line for a terminal or a log."""
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(self["metrics"].items()))
+        what = (
+            f"final validation (round {self['round']})"
+            if self.get("validation")
+            else f"round {self['round']}/{round_limit}"
+        )
         return (
-            f"round {self['round']}/{round_limit}: {len(self['nodes'])} replies"
+            f"{what}: {len(self['nodes'])} replies"
             + (f", failed {self['failed']}" if self["failed"] else "")
             + (f", no reply {self['missing']}" if self["missing"] else "")
             + (f" {metrics}" if metrics else "")
@@ -170,7 +175,7 @@ class Experiment:
     @property
     def round_limit(self) -> int:
         """The number of rounds the job was created for."""
-        return self.job.state.config.round_limit
+        return self.job.state.round_limit
 
     @property
     def finished(self) -> bool:
@@ -182,24 +187,38 @@ class Experiment:
         return self.job.params_path(self.job.params_sha256)
 
     def history(self) -> list[RoundSummary]:
-        """One summary per aggregated round, from the log."""
+        """One summary per aggregated round and per finished validation round, from the log.
+
+        A validation round's summary has ``validation=True``: its metrics are the nodes'
+        validation of the parameters ``params_sha256`` it was sent, which it did not change.
+        """
         state = self.job.state
         out = []
-        for rnd, agg in sorted(state.aggregates.items()):
+        ended = {r: a.params_sha256 for r, a in state.aggregates.items()}
+        for rnd in state.validation_rounds:
+            if rnd != state.round or state.round_complete():
+                ended[rnd] = ""
+        for rnd in sorted(ended):
             replies = state.replies.get(rnd, {})
             total = sum(r.sample_size for r in replies.values()) or 1
             metrics: dict[str, float] = {}
             for reply in replies.values():
                 for key, value in reply.metrics.items():
                     metrics[key] = metrics.get(key, 0.0) + value * reply.sample_size / total
+            validation = not ended[rnd]
             out.append(
                 RoundSummary(
                     round=rnd,
-                    nodes=list(agg.nodes),
+                    nodes=sorted(replies),
                     failed=sorted(state.failures.get(rnd, {})),
                     missing=list(state.timed_out.get(rnd, ())),
-                    params_sha256=agg.params_sha256,
+                    params_sha256=(
+                        next(iter(replies.values())).params_sha256
+                        if validation and replies
+                        else ended[rnd]
+                    ),
                     metrics=metrics,
+                    validation=validation,
                 )
             )
         return out
@@ -222,15 +241,18 @@ class Experiment:
         :class:`~fedsm.researcher.errors.JobFailedError` when the job fails.
         """
         job = self.job
-        aggregated = len(job.state.aggregates)
+        seen = len(self.history())
         while True:  # a finished job's step announces its final head to the nodes, then stops
             decision = job.step()
             if any(isinstance(c, policy.Stop) for c in decision.commands):
                 break
-            if len(job.state.aggregates) > aggregated:
-                if job.state.round >= job.state.config.round_limit:
-                    job.step()  # record JobCompleted with the last round
-                summary = self.history()[-1]
+            history = self.history()
+            if len(history) > seen:  # a round was aggregated, or the final validation ended
+                state = job.state
+                if state.status.between_rounds and state.round >= state.round_limit:
+                    if not state.final_validation_due:
+                        job.step()  # record JobCompleted with the last round
+                summary = history[-1]
                 self._report(summary)
                 return summary
         if job.state.status.stopped:
@@ -240,12 +262,22 @@ class Experiment:
             )
         return None
 
-    def run(self, rounds: int | None = None) -> str:
+    def run(self, rounds: int | None = None, increase: bool = False) -> str:
         """Run the remaining rounds (or ``rounds`` more of them, counting a round interrupted
         mid-way as one); return the digest of the current global parameters.
 
+        With ``increase`` (the seed's), ``rounds`` more than remain raise the round limit to
+        fit them (recorded; a completed job is reopened); without, only the remaining rounds
+        run. When ``test_on_global_updates`` is in the training args, the nodes validate the
+        final parameters in a last, validation-only round (its metrics in :meth:`history`).
+
         Raises :class:`~fedsm.researcher.errors.JobFailedError` if the job fails or had failed.
         """
+        if rounds is not None and increase:
+            state = self.job.state
+            base = state.round - 1 if state.status.in_round else state.round
+            if base + rounds > state.round_limit:
+                self.job.change_settings(round_limit=base + rounds)
         if self._progress:
             from tqdm import tqdm
 
@@ -259,12 +291,16 @@ class Experiment:
         self.job.new_drive()  # approval is asked again when the last answer was not yes
         done = 0
         try:
-            while rounds is None or done < rounds:  # run_once returns None at the round limit
-                if self.run_once() is None:
+            # run_once returns None at the round limit; the final validation (when due) is
+            # part of the last round, not one of the ``rounds`` asked for.
+            while rounds is None or done < rounds or self.job.state.final_validation_due:
+                summary = self.run_once()
+                if summary is None:
                     break
-                done += 1
-                if self._bar is not None:
-                    self._bar.update(1)
+                if not summary.get("validation"):
+                    done += 1
+                    if self._bar is not None:
+                        self._bar.update(1)
         finally:
             if self._bar is not None:
                 self._bar.close()

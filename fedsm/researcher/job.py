@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsm.core import lifecycle, policy
-from fedsm.core.events import Event, JobCancelled, ParamsUploaded
+from fedsm.core.events import JobCancelled
 from fedsm.core.jobstate import JobState, JobStatus, initial_state
 from fedsm.digests import sha256_file
 from fedsm.log.read import gc_paused, scan
@@ -35,15 +35,13 @@ from fedsm.researcher.driver import RoundDriver
 from fedsm.researcher.errors import (
     JobError,
     JobFailedError,
-    RefusedByLifecycle,
     TrainingPlanNotApproved,
 )
-from fedsm.researcher.jobviews import JobViews
+from fedsm.researcher.jobsettings import JobSettings
 from fedsm.researcher.plansource import plan_source
 from fedsm.researcher.requests import FederatedDataSet, Requests
 from fedsm.strategies.fedavg import FedAvg
 from fedsm.training.args import TrainingArgs
-from fedsm.training.params import load_params, save_params
 
 __all__ = ["Job", "LOG_NAME"]
 
@@ -65,7 +63,7 @@ def _log_has_records(path: Path) -> bool:
     return bool(scan(path).records)
 
 
-class Job(JobViews):
+class Job(JobSettings):
     """Trains one model over the nodes of a :class:`FederatedDataSet`, round by round.
 
     The first eight parameters are the seed's; the keyword-only ones are what event
@@ -254,6 +252,7 @@ class Job(JobViews):
         round: int,
         aggregator_args_thr_msg: Mapping[str, Mapping[str, Any]] | None = None,
         aggregator_args_thr_files: Mapping[str, Mapping[str, Any]] | None = None,
+        do_training: bool = True,
     ) -> dict[str, dict[str, Any]]:
         """Send round ``round`` (or finish it after a restore) and collect until it ends.
 
@@ -261,13 +260,22 @@ class Job(JobViews):
         the reply deadline (recorded as ``RoundTimedOut``). A round the lifecycle does not
         allow raises (``IllegalTransition``, ``TrainingPlanNotApproved``) before any request
         is published or anything recorded.
+
+        ``do_training=False`` (the seed's final validation): every node validates the
+        current global parameters and trains nothing; allowed once the last round is
+        aggregated, and numbered after it (the seed's ``round`` of the last round is taken
+        to mean the same). :meth:`aggregate` then completes the job.
         """
         state = self._state
         if state.status.in_round:
             if round != state.round:
                 raise JobError(f"round {state.round} is being collected, not {round}")
         else:
-            self._start_round(round, aggregator_args_thr_msg, aggregator_args_thr_files)
+            if not do_training and round == state.round:
+                round = state.round + 1  # the seed numbers it with the last round's number
+            self._start_round(
+                round, aggregator_args_thr_msg, aggregator_args_thr_files, do_training=do_training
+            )
         while self._state.status.in_round and not self._state.round_complete():
             self.step()
         return self.training_replies.get(round, {})
@@ -277,7 +285,9 @@ class Job(JobViews):
 
         Raises :class:`JobError` (nothing recorded) while nodes are still awaited, and
         :class:`JobFailedError` (recorded as ``JobFailed``) when the round ended with fewer
-        replies than ``min_nodes``. After the last round the job is completed.
+        replies than ``min_nodes``. After the last round the job is completed (unless the
+        training args ask for a final validation round first); after a validation-only
+        round, the job is completed with the parameters it validated.
         """
         state = self._state
         if not state.status.in_round:
@@ -287,39 +297,18 @@ class Job(JobViews):
                 f"round {state.round} is still waiting for {list(state.pending_nodes())}: "
                 "collect it first (start_nodes_training_round) or let its deadline pass"
             )
-        self.step()  # JobFailed below quorum, or Aggregated
-        if self._state.status is JobStatus.AGGREGATED:
-            if self._state.round >= self._config.round_limit:
+        self.step()  # JobFailed below quorum, Aggregated, or JobCompleted (a validation)
+        state = self._state
+        if state.status is JobStatus.AGGREGATED:
+            if state.round >= state.round_limit and not state.final_validation_due:
                 self.step()  # JobCompleted
                 self.step()  # the final head, to the nodes
             return self.params_sha256
+        if state.status is JobStatus.COMPLETED:
+            self.step()  # the final head, to the nodes
+            return self.params_sha256
         self.step()  # the failed job's final head, to the nodes
         raise JobFailedError(self.stop_reason() or "the job failed")
-
-    def update_parameters(
-        self, params: Mapping[str, Any] | None = None, filename: str | Path | None = None
-    ) -> str:
-        """Replace the initial parameters (tensors or a safetensors file); return their URL.
-
-        Only before the first round: afterwards parameters come from aggregation. They are
-        checked against the plan's model (names, shapes, dtypes), kept by digest, recorded,
-        and uploaded when a request first names them.
-        """
-        self._check_allowed("ParamsUploaded")
-        if (params is None) == (filename is None):
-            raise JobError("give exactly one of params or filename")
-        like = load_params(self.params_path(self.params_sha256))
-        tmp = self._files.root / "params" / "update_params.tmp"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        if params is None:
-            tensors = load_params(Path(filename), like=like)  # type: ignore[arg-type]
-        else:
-            tensors = dict(params)
-        sha = save_params(tmp, tensors)
-        load_params(tmp, like=like)
-        self._files.store(tmp, sha)
-        self._record(ParamsUploaded(round=0, sha256=sha))
-        return self._repo.url_for(sha)
 
     def step(self, max_wait_s: float | None = None) -> policy.Decision:
         """Take one step of the round policy: record what it decides, then carry it out.
@@ -343,7 +332,9 @@ class Job(JobViews):
             self._record(driver.ask_approval(None))
             self._progress = replace(self._progress, approval_asked=True)
         elif isinstance(command, policy.StartRound):
-            self._start_round(command.round, None, None, max_wait_s)
+            self._start_round(
+                command.round, None, None, max_wait_s, do_training=command.do_training
+            )
         elif isinstance(command, policy.Publish):
             driver.publish(command.round, command.nodes)
             self._progress = replace(self._progress, published_round=command.round)
@@ -367,15 +358,24 @@ class Job(JobViews):
         args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
         args_thr_files: Mapping[str, Mapping[str, Any]] | None,
         max_wait_s: float | None = None,
+        *,
+        do_training: bool = True,
     ) -> None:
         """Decide round ``round_number``, record it, then publish it and collect."""
         if self._state.status.between_rounds and self._state.approval_refusals():
             self.require_approval()  # raises with the operators' command; nothing was sent
         # Checked first with no args: an illegal round prepares nothing.
-        probe = policy.round_sent(self._state, round_number, self._clock())
+        now = self._clock()
+        probe = policy.round_sent(self._state, round_number, now, do_training=do_training)
         self._check_event(probe.events[0])
-        args = self._driver.aggregator_args(round_number, args_thr_msg, args_thr_files)
-        decision = policy.round_sent(self._state, round_number, self._clock(), args)
+        args = (
+            self._driver.aggregator_args(round_number, args_thr_msg, args_thr_files)
+            if do_training
+            else {}
+        )
+        decision = policy.round_sent(
+            self._state, round_number, self._clock(), args, do_training=do_training
+        )
         self._record_all(decision.events)
         for command in decision.commands:
             self._carry_out(command, max_wait_s)
@@ -398,38 +398,3 @@ class Job(JobViews):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ internals
-
-    def _check_event(self, event: Event) -> None:
-        """Raise :class:`RefusedByLifecycle` if the lifecycle refuses ``event`` now."""
-        try:
-            lifecycle.apply(self._state, event)
-        except lifecycle.IllegalTransition as exc:
-            raise RefusedByLifecycle(exc.state, exc.event, exc.reason) from None
-
-    def _check_allowed(self, event_type: str) -> None:
-        """Raise :class:`RefusedByLifecycle` unless the table allows ``event_type`` now."""
-        if event_type not in lifecycle.allowed_events(self._state.status):
-            allowed = ", ".join(lifecycle.allowed_events(self._state.status)) or "none"
-            raise RefusedByLifecycle(self._state.status, event_type, f"allowed events: {allowed}")
-
-    def _record(self, event: Event) -> None:
-        """Check ``event`` against the lifecycle, append it, and only then adopt the new state."""
-        new_state = lifecycle.apply(self._state, event)
-        self._log.append(event, ts=self._clock())
-        self._state = new_state
-
-    def _record_all(self, events: Iterable[Event]) -> None:
-        """Check ``events`` in order against the lifecycle, then append them as one write."""
-        events = list(events)
-        if not events:
-            return
-        state = self._state
-        for event in events:
-            state = lifecycle.apply(state, event)
-        if len(events) == 1:
-            self._log.append(events[0], ts=self._clock())
-        else:
-            self._log.append_all(events, ts=self._clock())
-        self._state = state

@@ -18,7 +18,6 @@ from fedsm.repository.base import Repository
 from fedsm.researcher import breakpoints
 from fedsm.researcher.datacheck import check_data_quality
 from fedsm.researcher.requests import FederatedDataSet, Requests
-from fedsm.training.args import TrainingArgs
 
 if TYPE_CHECKING:
     from fedsm.log.writer import EventLog
@@ -48,11 +47,6 @@ class JobViews:
     def requests(self) -> Requests:
         """The researcher's requests (its bus)."""
         return self._reqs
-
-    @property
-    def nodes(self) -> list[str]:
-        """The nodes this job trains on (sorted)."""
-        return list(self._config.nodes)
 
     @property
     def state(self) -> JobState:
@@ -97,11 +91,6 @@ class JobViews:
         from fedsm.training.loader import load_plan_class
 
         return load_plan_class(self._plan_source, self.training_plan_name)
-
-    @property
-    def training_args(self) -> TrainingArgs:
-        """The training arguments every node receives."""
-        return TrainingArgs(dict(self._config.training_args))
 
     @property
     def model_args(self) -> dict[str, Any]:
