@@ -31,6 +31,7 @@ from fedsm.log.read import gc_paused, scan
 from fedsm.log.writer import EventLog
 from fedsm.repository.base import Repository
 from fedsm.researcher import setup as jobsetup
+from fedsm.researcher.datacheck import check_data_quality
 from fedsm.researcher.driver import RoundDriver
 from fedsm.researcher.errors import (
     JobError,
@@ -102,6 +103,7 @@ class Job(JobSettings):
             raise JobError("a Job needs a Requests object (the researcher's bus)")
         if data is None or len(data) == 0:
             raise JobError("a Job needs a FederatedDataSet with at least one node (run a search)")
+        check_data_quality(data)  # as the seed's constructor does, before anything is written
         if isinstance(aggregator, type):  # Experiment(aggregator=FedAvg), as in the seed
             aggregator = aggregator()
         aggregator = aggregator or FedAvg()
