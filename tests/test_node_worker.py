@@ -144,3 +144,36 @@ def test_worker_is_recycled_after_its_quota(tmp_path):
             pids.append(executor.worker_pid)
     assert pids[0] != pids[1]
     assert digests[0] == digests[1]  # a new worker trains the same bytes
+
+
+def test_validation_task_in_the_worker_matches_in_process(world, tmp_path):
+    _, executor, _, _ = world
+    source = plan_bytes("linear_plan.py")
+    repo = LocalRepository(tmp_path / "repo")
+    params = initial_params(repo, source, "LinearPlan", tmp_path)
+    _, params_path = repo.download_file(params["file"], tmp_path / "p.safetensors")
+    csv = write_csv(tmp_path / "d.csv", seed=3)
+    outcomes = []
+    with InProcessTrainingExecutor() as in_process:
+        for index, runner in enumerate((executor, in_process)):
+            task = TrainingTask(
+                plan_source=source.decode(),
+                plan_class="LinearPlan",
+                model_args={"in_features": 3},
+                training_args={"batch_size": 5, "test_ratio": 0.5, "test_metric": "RECALL"},
+                params_path=str(params_path),
+                dataset={"data_type": "csv", "path": str(csv), "target": "target"},
+                seed=7,
+                out_path=str(tmp_path / f"out{index}.safetensors"),
+                do_training=False,
+            )
+            outcomes.append(runner.train(task))
+            assert not (tmp_path / f"out{index}.safetensors").exists()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].params_sha256 == params["sha256"]
+    assert outcomes[0].sample_size == 12
+    assert set(outcomes[0].metrics) == {
+        "global_val_accuracy",
+        "global_val_loss",
+        "global_val_recall",
+    }

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from fedsm.errors import FedsmError
-from fedsm.training.args import VALID_KEYS, TrainingArgs, TrainingArgsError
+from fedsm.training.args import (
+    TEST_METRICS,
+    VALID_KEYS,
+    TrainingArgs,
+    TrainingArgsError,
+    metric_name,
+)
 
 
 def test_defaults_and_plain_dict():
@@ -75,7 +81,25 @@ def test_wrong_type_names_the_key_and_expectation(key, value, expected):
         ({"random_seed": -1}, "'random_seed' must be >= 0"),
         ({"test_ratio": 1.0}, "'test_ratio' must be a number in [0, 1)"),
         ({"test_ratio": -0.1}, "'test_ratio' must be a number in [0, 1)"),
-        ({"test_metric": "f1"}, "'test_metric' must be one of ['accuracy', 'loss']"),
+        ({"test_metric": "f1"}, "'test_metric' must be one of ['accuracy', 'f1_score'"),
+        ({"test_metric_args": {"average": "macro"}}, "'test_metric_args' needs 'test_metric'"),
+        (
+            {"test_metric": "ACCURACY", "test_metric_args": {"average": "macro"}},
+            "test_metric_args ['average'] do not apply to 'accuracy'",
+        ),
+        (
+            {"test_metric": "F1_SCORE", "test_metric_args": {"average": "samples"}},
+            "test_metric_args.average of 'f1_score' must be one of",
+        ),
+        (
+            {"test_metric": "recall", "test_metric_args": {"pos_label": True}},
+            "test_metric_args.pos_label of 'recall' must be one of [0, 1]",
+        ),
+        (
+            {"test_metric": "MEAN_SQUARE_ERROR", "test_metric_args": {"multioutput": "x"}},
+            "test_metric_args.multioutput of 'mean_square_error' must be one of",
+        ),
+        ({"test_metric_args": [1]}, "'test_metric_args' must be a dict"),
         ({"optimizer_args": {"eps": float("inf")}}, "'optimizer_args.eps' must be finite"),
         ({"epochs": 2, "num_updates": 5}, "either 'epochs' or 'num_updates', not both"),
         ({"test_on_local_updates": True}, "need 'test_ratio' > 0"),
@@ -102,3 +126,42 @@ def test_is_read_only():
     args = TrainingArgs()
     with pytest.raises(TypeError):
         args["lr"] = 1.0  # type: ignore[index]
+
+
+SEED_METRICS = {
+    "ACCURACY": "accuracy",
+    "F1_SCORE": "f1_score",
+    "PRECISION": "precision",
+    "RECALL": "recall",
+    "MEAN_SQUARE_ERROR": "mean_square_error",
+    "MEAN_ABSOLUTE_ERROR": "mean_absolute_error",
+    "EXPLAINED_VARIANCE": "explained_variance",
+}
+
+
+@pytest.mark.parametrize(("seed_name", "canonical"), sorted(SEED_METRICS.items()))
+def test_seed_metric_names_are_accepted_in_any_case(seed_name, canonical):
+    for spelling in (seed_name, seed_name.lower(), seed_name.title(), canonical):
+        args = TrainingArgs(test_metric=spelling)
+        assert args["test_metric"] == canonical
+        assert args.dict()["test_metric"] == canonical
+        assert metric_name(spelling) == canonical
+    assert set(SEED_METRICS.values()) | {"loss"} == set(TEST_METRICS)
+    assert metric_name("dice") is None and metric_name(3) is None
+
+
+def test_test_metric_args_are_checked_and_kept_plain():
+    args = TrainingArgs(
+        test_metric="F1_Score",
+        test_metric_args={"average": "macro", "zero_division": 1.0, "pos_label": 0},
+    )
+    assert args["test_metric_args"] == {"average": "macro", "zero_division": 1, "pos_label": 0}
+    assert TrainingArgs(args.dict()) == args
+    plain = args.dict()
+    plain["test_metric_args"]["average"] = "micro"
+    assert args["test_metric_args"]["average"] == "macro", "dict() must return a copy"
+    assert TrainingArgs()["test_metric_args"] == {}
+    ev = TrainingArgs(
+        test_metric="explained_variance", test_metric_args={"multioutput": "variance_weighted"}
+    )
+    assert ev["test_metric_args"] == {"multioutput": "variance_weighted"}

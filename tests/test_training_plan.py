@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsm.training import metrics
 from fedsm.training.datasets import DatasetError
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.loader import PlanImportError, load_plan_class
@@ -241,3 +242,160 @@ def test_data_manager_split_is_seeded_disjoint_and_complete():
     assert none is None and full.sample_count == 50
     with pytest.raises(DatasetError, match="test_ratio"):
         manager.split(1.0)
+
+
+# --------------------------------------------------------------------------- test metrics
+# Hand-computed numbers. Binary: y_true [1,0,1,1,0,1], y_pred [1,0,0,1,1,0]: for label 1
+# TP=2 FP=1 FN=2, so precision 2/3, recall 1/2, F1 2*2/(2*2+1+2) = 4/7, accuracy 3/6; for
+# label 0 TP=1 FP=2 FN=1: precision 1/3, recall 1/2, F1 2/(2+2+1) = 0.4.
+BIN_TRUE = [1, 0, 1, 1, 0, 1]
+BIN_PRED = [1, 0, 0, 1, 1, 0]
+BIN_LOGITS = [2.0, -1.0, -3.0, 1.0, 0.5, -2.0]  # > 0 gives BIN_PRED
+
+
+def _t(values):
+    return torch.tensor(values)
+
+
+def test_binary_classification_metrics_by_hand():
+    y, p = _t(BIN_TRUE), _t(BIN_PRED)
+    assert metrics.accuracy(y, p) == pytest.approx(0.5)
+    assert metrics.precision(y, p) == pytest.approx(2 / 3)
+    assert metrics.recall(y, p) == pytest.approx(0.5)
+    assert metrics.f1_score(y, p) == pytest.approx(4 / 7)
+    assert metrics.precision(y, p, pos_label=0) == pytest.approx(1 / 3)
+    assert metrics.recall(y, p, pos_label=0) == pytest.approx(0.5)
+    assert metrics.f1_score(y, p, pos_label=0) == pytest.approx(0.4)
+    # label 1 never predicted: precision is 0/0, zero_division decides; recall is 0/1
+    y, p = _t([0, 0, 1]), _t([0, 0, 0])
+    assert metrics.precision(y, p) == 0.0
+    assert metrics.precision(y, p, zero_division=1.0) == 1.0
+    assert metrics.recall(y, p, zero_division=1.0) == 0.0
+    assert metrics.f1_score(y, p) == 0.0
+
+
+def test_multiclass_classification_metrics_by_hand():
+    # label 0: true {0,5} pred {0,6}: TP 1, P 1/2, R 1/2, F1 1/2 (support 2)
+    # label 1: true {1,4} pred {4,5}: TP 1, P 1/2, R 1/2, F1 1/2 (support 2)
+    # label 2: true {2,3,6} pred {1,2,3}: TP 2, P 2/3, R 2/3, F1 2/3 (support 3)
+    y, p = _t([0, 1, 2, 2, 1, 0, 2]), _t([0, 2, 2, 2, 1, 1, 0])
+    kw = {"n_classes": 3}
+    assert metrics.accuracy(y, p) == pytest.approx(4 / 7)
+    for fn in (metrics.precision, metrics.recall, metrics.f1_score):
+        assert fn(y, p, **kw) == pytest.approx(4 / 7)  # default: weighted by support
+        assert fn(y, p, average="weighted", **kw) == pytest.approx((1 + 1 + 2) / 7)
+        assert fn(y, p, average="macro", **kw) == pytest.approx((1 / 2 + 1 / 2 + 2 / 3) / 3)
+        assert fn(y, p, average="micro", **kw) == pytest.approx(4 / 7)  # = accuracy
+    with pytest.raises(metrics.MetricError, match="needs two classes"):
+        metrics.f1_score(y, p, average="binary", **kw)
+    # label 1 is neither true nor predicted here: macro averages over labels 0 and 2 only
+    y, p = _t([0, 0, 2]), _t([0, 2, 2])
+    assert metrics.recall(y, p, average="macro", **kw) == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_regression_metrics_by_hand():
+    # y - y_pred = [-0.5, 0, 1, -1]: MSE 2.25/4, MAE 2.5/4; the residual has mean -0.125 and
+    # variance 2.1875/4 = 0.546875, y has variance 1.25: EV = 1 - 0.546875/1.25 = 0.5625.
+    y, p = _t([1.0, 2.0, 3.0, 4.0]), _t([1.5, 2.0, 2.0, 5.0])
+    assert metrics.mean_square_error(y, p) == pytest.approx(0.5625)
+    assert metrics.mean_absolute_error(y, p) == pytest.approx(0.625)
+    assert metrics.explained_variance(y, p) == pytest.approx(0.5625)
+    # a second, constant and exactly predicted column: MSE 0, EV 1 (force_finite)
+    y2 = torch.stack([y, torch.zeros(4)], dim=1)
+    p2 = torch.stack([p, torch.zeros(4)], dim=1)
+    assert metrics.mean_square_error(y2, p2) == pytest.approx(0.5625 / 2)
+    assert metrics.explained_variance(y2, p2) == pytest.approx((0.5625 + 1.0) / 2)
+    weighted = metrics.explained_variance(y2, p2, multioutput="variance_weighted")
+    assert weighted == pytest.approx(0.5625)
+    # constant target: 1.0 when the residual is constant (EV ignores a bias), else 0.0
+    assert metrics.explained_variance(torch.ones(3), torch.zeros(3)) == 1.0
+    assert metrics.explained_variance(torch.ones(3), _t([0.0, 1.0, 2.0])) == 0.0
+
+
+def test_compute_metric_reads_logits_like_the_default_accuracy():
+    logits, y = _t(BIN_LOGITS).reshape(6, 1), _t(BIN_TRUE).float()
+    assert metrics.compute_metric("f1_score", logits, y) == pytest.approx(4 / 7)
+    assert metrics.compute_metric("recall", logits, y, {"pos_label": 0}) == pytest.approx(0.5)
+    several = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])
+    assert metrics.compute_metric("accuracy", several, _t([1, 0, 0])) == pytest.approx(2 / 3)
+    one_hot = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert metrics.compute_metric("accuracy", several, one_hot) == pytest.approx(2 / 3)
+    with pytest.raises(metrics.MetricError, match="whole-number class targets"):
+        metrics.compute_metric("precision", logits, _t([0.5] * 6))
+    with pytest.raises(metrics.MetricError, match=r"must lie in \[0, 2\)"):
+        metrics.compute_metric("precision", logits, _t([3] * 6))
+
+
+class IdentityPlan(TorchTrainingPlan):
+    """output = x: the data are the logits (or, for regression, the predictions)."""
+
+    def init_model(self, model_args):
+        model = nn.Linear(1, 1)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+            model.bias.zero_()
+        return model
+
+    def training_step(self, data, target):
+        out = self.model()(data).squeeze(-1)
+        if self.model_args().get("regression"):
+            return F.mse_loss(out, target)
+        return F.binary_cross_entropy_with_logits(out, target.float())
+
+
+def _loader(data, target, batch_size=2):
+    data = _t(data).float().reshape(-1, 1)
+    target = _t(target).float()
+    idx = torch.arange(len(target))
+    return BatchLoader(data, target, idx, batch_size=batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("spelling", ["F1_SCORE", "f1_score", "F1_Score"])
+def test_testing_routine_adds_test_metric_over_all_batches(spelling):
+    plan = IdentityPlan()
+    plan.post_init({}, {"test_metric": spelling})
+    result = plan.testing_routine(_loader(BIN_LOGITS, BIN_TRUE))
+    assert set(result) == {"accuracy", "f1_score", "loss"}
+    assert result["f1_score"] == pytest.approx(4 / 7)  # not the mean of per-batch F1s
+    assert result["accuracy"] == pytest.approx(0.5)
+    plan.post_init({}, {"test_metric": "PRECISION", "test_metric_args": {"pos_label": 0}})
+    assert plan.testing_routine(_loader(BIN_LOGITS, BIN_TRUE))["precision"] == pytest.approx(1 / 3)
+    plan.post_init({}, {"test_metric": "ACCURACY"})
+    assert set(plan.testing_routine(_loader(BIN_LOGITS, BIN_TRUE))) == {"accuracy", "loss"}
+
+
+def test_testing_routine_regression_metric():
+    plan = IdentityPlan()
+    plan.post_init({"regression": True}, {"test_metric": "Explained_Variance"})
+    result = plan.testing_routine(_loader([1.5, 2.0, 2.0, 5.0], [1.0, 2.0, 3.0, 4.5], 3))
+    # y - y_pred = [-0.5, 0, 1, -0.5]: residual mean 0 -> variance 1.5/4; y has mean 2.625
+    # and variance (2.640625 + 0.390625 + 0.140625 + 3.515625)/4 = 6.6875/4
+    assert result["explained_variance"] == pytest.approx(1 - 1.5 / 6.6875)
+    assert result["loss"] == pytest.approx(1.5 / 4)  # the plan's MSE, sample-weighted
+    plan.post_init({"regression": True}, {"test_metric": "MEAN_ABSOLUTE_ERROR"})
+    result = plan.testing_routine(_loader([1.5, 2.0, 2.0, 5.0], [1.0, 2.0, 3.0, 4.5], 3))
+    assert result["mean_absolute_error"] == pytest.approx(2.0 / 4)
+    plan.post_init({"regression": True}, {"test_metric": "recall"})
+    with pytest.raises(metrics.MetricError, match="whole-number"):
+        plan.testing_routine(_loader([1.5, 2.0, 2.0, 5.0], [1.0, 2.0, 3.0, 4.5], 3))
+
+
+class OwnMetricsPlan(IdentityPlan):
+    def testing_step(self, data, target):
+        return {"ACCURACY": 0.25, "Dice": 0.5, "loss": 1.0}
+
+
+class ClashingMetricsPlan(IdentityPlan):
+    def testing_step(self, data, target):
+        return {"accuracy": 0.25, "Accuracy": 0.5}
+
+
+def test_plan_defined_metrics_keep_their_names_and_seed_names_any_case():
+    plan = OwnMetricsPlan()
+    plan.post_init({}, {"test_metric": "f1_score"})  # ignored: the plan has its own step
+    result = plan.testing_routine(_loader(BIN_LOGITS, BIN_TRUE))
+    assert result == {"Dice": 0.5, "accuracy": 0.25, "loss": 1.0}
+    clash = ClashingMetricsPlan()
+    clash.post_init({}, {})
+    with pytest.raises(TrainingError, match="returned the metric 'accuracy' twice"):
+        clash.testing_routine(_loader(BIN_LOGITS, BIN_TRUE))

@@ -10,10 +10,17 @@ import threading
 import pytest
 
 from fedsm.data import breast_cancer_csv, partition_csv
+from fedsm.digests import sha256_file
 from fedsm.training.datasets import DatasetError, describe_csv
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.plan import TrainingError
-from fedsm.training.runner import RoundResult, evaluate, initial_params, train_round
+from fedsm.training.runner import (
+    RoundResult,
+    evaluate,
+    initial_params,
+    train_round,
+    validate_round,
+)
 
 ARGS = {"lr": 0.5, "epochs": 2, "batch_size": 16}
 
@@ -217,3 +224,51 @@ def test_dataset_changed_since_registration_is_refused(setup):
             seed=1,
             out_path=tmp / "x",
         )
+
+
+def _validate(setup, seed=5, args=ARGS, dataset_index=0):
+    _, source, records, init = setup
+    return validate_round(
+        plan_source=source,
+        plan_class="BreastCancerPlan",
+        model_args={},
+        training_args=args,
+        params_path=init,
+        dataset=records[dataset_index],
+        seed=seed,
+    )
+
+
+def test_validation_round_is_the_global_validation_of_a_training_round(setup):
+    args = {**ARGS, "test_ratio": 0.25, "test_on_global_updates": True, "test_metric": "F1_SCORE"}
+    trained = _round(setup, "with-global-val.safetensors", args=args)
+    checked = _validate(setup, args=args)
+    expected = {k: v for k, v in trained.metrics.items() if k.startswith("global_val_")}
+    assert set(expected) == {"global_val_accuracy", "global_val_f1_score", "global_val_loss"}
+    assert checked.metrics == expected  # bit for bit, not approximately
+    total = setup[2][0]["sample_count"]
+    assert checked.sample_size == int(total * 0.25)
+    assert checked.params_sha256 == sha256_file(setup[3]) and checked.losses == ()
+    assert _validate(setup, args=args) == checked
+    # test_on_global_updates is not needed: a validation round validates
+    plain = {**ARGS, "test_ratio": 0.25, "test_metric": "f1_score"}
+    assert _validate(setup, args=plain).metrics == expected
+    # another seed draws another split (unless random_seed fixes it)
+    assert _validate(setup, seed=6, args=args).metrics != expected
+
+
+def test_validation_round_without_split_uses_the_whole_dataset(setup):
+    _, _, records, init = setup
+    checked = _validate(setup, dataset_index=1)
+    assert checked.sample_size == records[1]["sample_count"]
+    assert set(checked.metrics) == {"global_val_accuracy", "global_val_loss"}
+    whole = evaluate(
+        plan_source=setup[1],
+        plan_class="BreastCancerPlan",
+        model_args={},
+        training_args=ARGS,
+        params_path=init,
+        dataset=records[1],
+    )
+    assert checked.metrics["global_val_accuracy"] == whole["accuracy"]
+    assert checked.metrics["global_val_loss"] == pytest.approx(whole["loss"])

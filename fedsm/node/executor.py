@@ -59,7 +59,12 @@ def error_code_for(exc: BaseException) -> ErrorNumber:
 
 @dataclass(frozen=True)
 class TrainingTask:
-    """One round of training, as plain data (it crosses a process boundary as msgpack)."""
+    """One round, as plain data (it crosses a process boundary as msgpack).
+
+    ``do_training`` False: a validation-only round (the request's ``do_training``): the
+    params at ``params_path`` are evaluated on the validation split and nothing is written
+    to ``out_path``.
+    """
 
     plan_source: str
     plan_class: str
@@ -69,6 +74,7 @@ class TrainingTask:
     dataset: dict[str, Any]
     seed: int
     out_path: str
+    do_training: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map of the fields."""
@@ -77,7 +83,11 @@ class TrainingTask:
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    """What a training produced: the new parameters file's digest, sample count, metrics."""
+    """What a training produced: the new parameters file's digest, sample count, metrics.
+
+    For a validation-only task: the digest of the (unchanged) input parameters, the number
+    of samples validated on, and the ``global_val_*`` metrics.
+    """
 
     params_sha256: str
     sample_size: int
@@ -86,9 +96,10 @@ class TrainingOutcome:
 
 def run_task(task: TrainingTask) -> TrainingOutcome:
     """Run ``task`` through the training runner in this thread; exceptions propagate."""
-    from fedsm.training.runner import train_round  # torch is imported here, not at load
+    # torch is imported here, not at load
+    from fedsm.training.runner import train_round, validate_round
 
-    result = train_round(
+    common = dict(
         plan_source=task.plan_source,
         plan_class=task.plan_class,
         model_args=task.model_args,
@@ -96,8 +107,11 @@ def run_task(task: TrainingTask) -> TrainingOutcome:
         params_path=Path(task.params_path),
         dataset=task.dataset,
         seed=task.seed,
-        out_path=Path(task.out_path),
     )
+    if task.do_training:
+        result = train_round(**common, out_path=Path(task.out_path))
+    else:
+        result = validate_round(**common)
     metrics = {str(k): float(v) for k, v in dict(result.metrics).items()}
     return TrainingOutcome(
         params_sha256=str(result.params_sha256),
@@ -162,7 +176,8 @@ class TrainingExecutor(abc.ABC):
 
     @abc.abstractmethod
     def train(self, task: TrainingTask, *, time_limit_s: float | None = None) -> TrainingOutcome:
-        """Run one training and return its outcome; blocks the calling (lane) thread.
+        """Run one task (a training, or a validation-only round when ``task.do_training`` is
+        False) and return its outcome; blocks the calling (lane) thread.
 
         Raises :class:`~fedsm.node.errors.TrainingFailed` (the plan raised or could not be
         imported), :class:`~fedsm.node.errors.TrainingTimedOut` or

@@ -1,5 +1,8 @@
 """Training in a reused worker process with a wall-clock limit: what ``fedsm node start`` uses.
 
+Validation-only rounds (a task with ``do_training`` False) run in the worker too, under the
+same limit: they import and run the researcher's plan just the same.
+
 The worker is started once (``spawn`` by default, so it shares no threads or locks with the
 node) and trains round after round. Past the time limit the node kills it (SIGKILL) and
 starts a fresh one; a worker that dies during a training (a plan calling ``os._exit`` or

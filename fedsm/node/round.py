@@ -1,5 +1,10 @@
 """One train request, start to finish: download, check, approve, train, upload.
 
+A request with ``do_training`` False (the seed's ``training: False``) is served the same way
+up to the training, which is replaced by a validation of the received parameters (see
+:func:`fedsm.training.runner.validate_round`); nothing is uploaded and the reply names the
+request's own parameters.
+
 The order is the safety argument. The plan's bytes are downloaded and hashed, the hash is
 compared with the request and looked up in the approval registry, and only then may anything
 import them; the parameters are checked against their digest before the plan ever sees them.
@@ -20,7 +25,7 @@ from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequ
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.digests import sha256_file, sha256_hex
 from fedsm.node.errors import DatasetNotRegistered, RequestFailed
-from fedsm.node.executor import TrainingExecutor, TrainingTask
+from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
 from fedsm.node.settings import NodeSettings
 from fedsm.repository.base import (
@@ -183,9 +188,12 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             dataset=dataset,
             seed=request.seed,
             out_path=str(out_path),
+            do_training=request.do_training,
         )
         outcome = ctx.executor.train(task, time_limit_s=ctx.settings.training_time_limit_s)
         trained = time.monotonic()
+        if not request.do_training:
+            return _validation_reply(ctx, request, source, outcome, started, downloaded, trained)
         if not out_path.is_file() or sha256_file(out_path) != outcome.params_sha256:
             raise RequestFailed(
                 ErrorNumber.INTERNAL,
@@ -227,3 +235,49 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _validation_reply(
+    ctx: RoundContext,
+    request: TrainRequest,
+    source: bytes,
+    outcome: TrainingOutcome,
+    started: float,
+    downloaded: float,
+    validated: float,
+) -> TrainReply:
+    """The reply to a validation-only request: the request's own parameters (nothing was
+    uploaded), the number of samples validated on, and the ``global_val_*`` metrics."""
+    if outcome.params_sha256 != request.params_sha256:
+        raise RequestFailed(
+            ErrorNumber.INTERNAL,
+            "validation finished but reports parameters other than the ones it was sent",
+        )
+    if outcome.sample_size < 1:
+        raise RequestFailed(ErrorNumber.INTERNAL, "validation ran on no sample")
+    bad = sorted(k for k, v in outcome.metrics.items() if not math.isfinite(v))
+    if bad:
+        raise RequestFailed(
+            ErrorNumber.TRAINING_FAILED,
+            f"validation metrics {bad} of the global parameters are not finite",
+        )
+    finished = time.monotonic()
+    return TrainReply(
+        request_id=request.request_id,
+        researcher_id=request.researcher_id,
+        node_id=ctx.node_id,
+        job_id=request.job_id,
+        round=request.round,
+        dataset_id=request.dataset_id,
+        training_plan_sha256=sha256_hex(source),
+        params_url=request.params_url,
+        params_sha256=request.params_sha256,
+        sample_size=outcome.sample_size,
+        metrics=outcome.metrics,
+        timing={
+            "download": downloaded - started,
+            "training": validated - downloaded,
+            "upload": 0.0,
+            "total": finished - started,
+        },
+    )

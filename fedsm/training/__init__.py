@@ -32,6 +32,9 @@ _LAZY = {
     "train_round": "fedsm.training.runner",
     "initial_params": "fedsm.training.runner",
     "evaluate": "fedsm.training.runner",
+    "validate_round": "fedsm.training.runner",
+    "MetricError": "fedsm.training.metrics",
+    "compute_metric": "fedsm.training.metrics",
 }
 
 __all__ = sorted(_LAZY)

@@ -18,7 +18,16 @@ Keys (default):
 - ``test_ratio`` (0.0): fraction of the node's samples held out for validation, in [0, 1).
 - ``test_on_local_updates`` (False), ``test_on_global_updates`` (False): validate after local
   training / before it (on the received global parameters). Both need ``test_ratio`` > 0.
-- ``test_metric`` (None): the metric to report first, one of :data:`TEST_METRICS`.
+- ``test_metric`` (None): a metric computed over the validation predictions besides the
+  plan's own metrics, one of :data:`TEST_METRICS` in any case (the seed's ``ACCURACY``,
+  ``F1_SCORE``, ``PRECISION``, ``RECALL``, ``MEAN_SQUARE_ERROR``, ``MEAN_ABSOLUTE_ERROR``,
+  ``EXPLAINED_VARIANCE``; plus ``loss``); stored and reported in lower case, e.g.
+  ``global_val_f1_score``. How it is computed: :mod:`fedsm.training.metrics`. A plan that
+  defines its own ``testing_step`` reports what that returns, as the seed does.
+- ``test_metric_args`` ({}): keyword arguments of ``test_metric``: ``average`` (``binary``,
+  ``micro``, ``macro``, ``weighted``), ``pos_label`` (0 or 1) and ``zero_division`` (0 or 1)
+  for precision, recall and F1; ``multioutput`` (``uniform_average``, and for explained
+  variance ``variance_weighted``) for the regression metrics. Needs ``test_metric``.
 - ``random_seed`` (None): int >= 0; when set, it fixes the node's train/test split across
   rounds (otherwise the split follows the round seed).
 - ``dry_run`` (False): stop after one optimiser step.
@@ -35,12 +44,53 @@ from typing import Any
 
 from fedsm.errors import FedsmError
 
-__all__ = ["TEST_METRICS", "TrainingArgs", "TrainingArgsError"]
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "REGRESSION_METRICS",
+    "TEST_METRICS",
+    "TrainingArgs",
+    "TrainingArgsError",
+    "metric_name",
+]
 
 log = logging.getLogger(__name__)
 
-TEST_METRICS = ("accuracy", "loss")
-"""Metric names ``test_metric`` may take."""
+CLASSIFICATION_METRICS = ("accuracy", "f1_score", "precision", "recall")
+"""The seed's classification test metrics (lower case)."""
+REGRESSION_METRICS = ("mean_square_error", "mean_absolute_error", "explained_variance")
+"""The seed's regression test metrics (lower case)."""
+TEST_METRICS = (*CLASSIFICATION_METRICS, *REGRESSION_METRICS, "loss")
+"""Metric names ``test_metric`` may take (in any case); ``loss`` is the plan's own loss."""
+
+_BY_FOLDED = {name.casefold(): name for name in TEST_METRICS}
+
+# test_metric_args each metric accepts, with the values each may take.
+_AVERAGES = ("binary", "micro", "macro", "weighted")
+_CLASSIFICATION_ARGS: dict[str, tuple[Any, ...]] = {
+    "average": _AVERAGES,
+    "pos_label": (0, 1),
+    "zero_division": (0, 1),
+}
+_METRIC_ARGS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "accuracy": {},
+    "loss": {},
+    "f1_score": _CLASSIFICATION_ARGS,
+    "precision": _CLASSIFICATION_ARGS,
+    "recall": _CLASSIFICATION_ARGS,
+    "mean_square_error": {"multioutput": ("uniform_average",)},
+    "mean_absolute_error": {"multioutput": ("uniform_average",)},
+    "explained_variance": {"multioutput": ("uniform_average", "variance_weighted")},
+}
+
+
+def metric_name(name: Any) -> str | None:
+    """The canonical (lower-case) name of a seed test metric given in any case, else None.
+
+    ``metric_name("F1_SCORE") == "f1_score"``; ``metric_name("dice") is None``.
+    """
+    if not isinstance(name, str):
+        return None
+    return _BY_FOLDED.get(name.casefold())
 
 
 class TrainingArgsError(FedsmError, ValueError):
@@ -57,6 +107,7 @@ _DEFAULTS: dict[str, Any] = {
     "test_on_local_updates": False,
     "test_on_global_updates": False,
     "test_metric": None,
+    "test_metric_args": {},
     "random_seed": None,
     "dry_run": False,
     "log_interval": 10,
@@ -115,6 +166,7 @@ def _check_plain(key: str, value: Any) -> None:
 def _validate(args: dict[str, Any]) -> dict[str, Any]:
     out = dict(_DEFAULTS)
     out["optimizer_args"] = {}
+    out["test_metric_args"] = {}
     out.update(args)
 
     lr = out["lr"]
@@ -167,11 +219,51 @@ def _validate(args: dict[str, Any]) -> dict[str, Any]:
         )
 
     metric = out["test_metric"]
-    if metric is not None and metric not in TEST_METRICS:
+    if metric is not None:
+        canonical = metric_name(metric)
+        if canonical is None:
+            raise TrainingArgsError(
+                f"training arg 'test_metric' must be one of {list(TEST_METRICS)} (in any "
+                f"case, e.g. 'F1_SCORE') or None, got {metric!r}"
+            )
+        out["test_metric"] = canonical
+    out["test_metric_args"] = _check_metric_args(out["test_metric"], out["test_metric_args"])
+    return out
+
+
+def _check_metric_args(metric: str | None, given: Any) -> dict[str, Any]:
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
         raise TrainingArgsError(
-            f"training arg 'test_metric' must be one of {list(TEST_METRICS)} or None, "
-            f"got {metric!r}"
+            f"training arg 'test_metric_args' must be a dict with str keys, got {given!r}"
         )
+    if not given:
+        return {}
+    if metric is None:
+        raise TrainingArgsError(
+            "training arg 'test_metric_args' needs 'test_metric' (the metric they configure)"
+        )
+    allowed = _METRIC_ARGS[metric]
+    unknown = sorted(k for k in given if k not in allowed)
+    if unknown:
+        raise TrainingArgsError(
+            f"test_metric_args {unknown} do not apply to {metric!r}; it accepts "
+            f"{sorted(allowed) or 'none'}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        choices = allowed[key]
+        if isinstance(choices[0], str):
+            ok = isinstance(value, str) and value in choices
+        else:
+            ok = _is_number(value) and value in choices
+        if not ok:
+            raise TrainingArgsError(
+                f"test_metric_args.{key} of {metric!r} must be one of {list(choices)}, "
+                f"got {value!r}"
+            )
+        out[key] = int(value) if isinstance(value, (int, float)) else value
     return out
 
 
@@ -211,6 +303,7 @@ class TrainingArgs(Mapping[str, Any]):
         """Return the full plain mapping (defaults filled in), safe to put in a message."""
         out = dict(self._args)
         out["optimizer_args"] = dict(out["optimizer_args"])
+        out["test_metric_args"] = dict(out["test_metric_args"])
         return out
 
     def optimizer_arguments(self) -> dict[str, Any]:

@@ -37,9 +37,10 @@ from torch import nn
 
 from fedsm.digests import sha256_hex
 from fedsm.errors import FedsmError
-from fedsm.training.args import TrainingArgs
+from fedsm.training.args import TrainingArgs, metric_name
 from fedsm.training.loader import PLAN_SOURCE_ATTRIBUTE, PlanImportError, loaded_plan_class
 from fedsm.training.loaders import BatchLoader, DataManager
+from fedsm.training.metrics import compute_metric
 from fedsm.training.params import check_like, load_params, save_params
 
 __all__ = ["PlanError", "TorchTrainingPlan", "TrainingError"]
@@ -386,21 +387,44 @@ class TorchTrainingPlan:
         """Evaluate on ``loader`` (default ``testing_data_loader``) in eval mode.
 
         Returns the sample-weighted mean over batches of each metric :meth:`testing_step`
-        returns (so ``accuracy`` is the fraction correct over all samples).
+        returns (so ``accuracy`` is the fraction correct over all samples). A returned name
+        that is one of the seed's test metrics in another case (``"ACCURACY"``,
+        ``"F1_Score"``) is reported under its lower-case name; any other name is kept as the
+        plan wrote it.
+
+        With the default :meth:`testing_step`, the training arg ``test_metric`` (when set and
+        not already among the metrics) is added, computed over all the loader's predictions
+        at once (see :mod:`fedsm.training.metrics`). A plan with its own ``testing_step``
+        reports exactly what that returns, as in the seed.
 
         Raises
         ------
         TrainingError
-            No loader, or a ``testing_step`` that does not return a dict of numbers.
+            No loader, a ``testing_step`` that does not return a dict of numbers, or two
+            returned names that are the same metric in different cases.
+        MetricError
+            ``test_metric`` does not apply to this model's outputs or targets.
         """
         loader = loader if loader is not None else self.testing_data_loader
         if loader is None:
             raise TrainingError("no testing data loader: set testing_data_loader or pass loader")
+        extra = self._training_args["test_metric"]
+        own_step = type(self).testing_step is not TorchTrainingPlan.testing_step
+        if extra is not None and own_step:
+            _LOG.warning(
+                "%s defines its own testing_step: test_metric %r is not computed (the plan's "
+                "metrics are reported as it returns them)",
+                type(self).__name__,
+                extra,
+            )
+            extra = None
         model = self.model()
         was_training = model.training
         model.eval()
         sums: dict[str, float] = {}
         count = 0
+        outputs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
         try:
             with torch.no_grad():
                 for data, target in loader:
@@ -410,11 +434,36 @@ class TorchTrainingPlan:
                             f"{type(self).__name__}.testing_step must return a dict of metrics"
                         )
                     n = int(data.shape[0])
-                    for name, value in metrics.items():
-                        sums[str(name)] = sums.get(str(name), 0.0) + float(value) * n
+                    for name, value in _canonical_names(type(self).__name__, metrics).items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * n
                     count += n
+                    if extra is not None:
+                        outputs.append(model(data).detach())
+                        targets.append(target)
         finally:
             model.train(was_training)
         if count == 0:
             raise TrainingError("the testing data loader holds no sample")
-        return {name: total / count for name, total in sorted(sums.items())}
+        result = {name: total / count for name, total in sums.items()}
+        if extra is not None and extra not in result:
+            result[extra] = compute_metric(
+                extra,
+                torch.cat(outputs),
+                torch.cat(targets),
+                self._training_args["test_metric_args"],
+            )
+        return dict(sorted(result.items()))
+
+
+def _canonical_names(plan_name: str, metrics: Mapping[Any, Any]) -> dict[str, Any]:
+    """``metrics`` with the seed's metric names in any case renamed to their lower case."""
+    out: dict[str, Any] = {}
+    for name, value in metrics.items():
+        key = metric_name(name) or str(name)
+        if key in out:
+            raise TrainingError(
+                f"{plan_name}.testing_step returned the metric {key!r} twice (names that differ "
+                "only in case are the same seed metric)"
+            )
+        out[key] = value
+    return out

@@ -15,9 +15,14 @@ A node reads only the dataset record's own ``path``; plan code is whatever the n
 Errors raised by plan code (any exception) are re-raised as :class:`TrainingError` so a node
 can report them without knowing the plan.
 
-:func:`train_round`, :func:`initial_params` and :func:`evaluate` import the plan for the call
-only (:func:`~fedsm.training.loader.loaded_plan_class`): a process simulating 1,000 nodes runs
-1,000 imports a round, and none of them may stay in ``sys.modules``.
+:func:`validate_round` is a validation-only round (a train request with ``do_training``
+False): everything :func:`train_round` does before it trains, then the same
+``global_val_*`` metrics, and nothing written.
+
+:func:`train_round`, :func:`validate_round`, :func:`initial_params` and :func:`evaluate`
+import the plan for the call only (:func:`~fedsm.training.loader.loaded_plan_class`): a
+process simulating 1,000 nodes runs 1,000 imports a round, and none of them may stay in
+``sys.modules``.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from typing import Any
 
 import torch
 
+from fedsm.digests import sha256_file
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
 from fedsm.training.datasets import load_dataset
 from fedsm.training.loader import loaded_plan_class
-from fedsm.training.loaders import DataManager
+from fedsm.training.loaders import BatchLoader, DataManager
 from fedsm.training.params import load_params, save_params
 from fedsm.training.plan import PlanError, TorchTrainingPlan, TrainingError
 
@@ -49,6 +55,8 @@ __all__ = [
     "make_plan",
     "train_plan",
     "train_round",
+    "validate_plan",
+    "validate_round",
 ]
 
 _LOCK = threading.RLock()
@@ -63,7 +71,8 @@ class RoundResult:
     params_sha256
         sha256 of the params file written to ``out_path``.
     sample_size
-        Number of training samples used (after the test split): the FedAvg weight.
+        Number of training samples used (after the test split): the FedAvg weight. For a
+        validation-only round: the number of samples validated on.
     metrics
         ``train_loss`` (mean of all step losses of the round), ``train_loss_last``; with
         ``test_ratio`` > 0, ``val_<metric>`` after training when ``test_on_local_updates``
@@ -130,15 +139,24 @@ def _plan_errors() -> Iterator[None]:
 
 
 def make_plan(
-    plan_cls: type[TorchTrainingPlan],
+    plan_cls: type[TorchTrainingPlan] | TorchTrainingPlan,
     model_args: Mapping[str, Any] | None,
     training_args: Mapping[str, Any] | None,
 ) -> TorchTrainingPlan:
-    """Instantiate and ``post_init`` a plan (call inside :func:`deterministic` for seeding)."""
-    if not (isinstance(plan_cls, type) and issubclass(plan_cls, TorchTrainingPlan)):
-        raise PlanError(f"{plan_cls!r} is not a TorchTrainingPlan subclass")
+    """Instantiate and ``post_init`` a plan (call inside :func:`deterministic` for seeding).
+
+    Given an instance instead of a class, ``post_init`` that instance (its model and
+    optimiser are rebuilt) and return it.
+    """
+    if isinstance(plan_cls, TorchTrainingPlan):
+        plan = plan_cls
+    elif isinstance(plan_cls, type) and issubclass(plan_cls, TorchTrainingPlan):
+        plan = None
+    else:
+        raise PlanError(f"{plan_cls!r} is not a TorchTrainingPlan subclass or instance")
     with _plan_errors():
-        plan = plan_cls()
+        if plan is None:
+            plan = plan_cls()
         plan.post_init(dict(model_args or {}), TrainingArgs(training_args))
     return plan
 
@@ -147,8 +165,43 @@ def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
+def _prepare_round(
+    plan_cls: type[TorchTrainingPlan] | TorchTrainingPlan,
+    *,
+    model_args: Mapping[str, Any] | None,
+    args: TrainingArgs,
+    params_path: Path | None,
+    dataset: Mapping[str, Any],
+    seed: int,
+) -> tuple[TorchTrainingPlan, BatchLoader, BatchLoader | None]:
+    """The start every round shares (call inside :func:`deterministic` and
+    :func:`_plan_errors`): build the plan, load the params, load the dataset, split it.
+
+    Returns the plan and its (train, test) loaders, also set on the plan.
+    """
+    plan = make_plan(plan_cls, model_args, args)
+    if params_path is not None:
+        plan.set_params(load_params(params_path, like=plan.model().state_dict()))
+    plan.dataset = load_dataset(dataset)
+    manager = plan.training_data()
+    if not isinstance(manager, DataManager):
+        raise PlanError(
+            f"{type(plan).__name__}.training_data must return a DataManager, "
+            f"got {type(manager).__name__}"
+        )
+    split_seed = args["random_seed"] if args["random_seed"] is not None else seed
+    train, test = manager.split(args["test_ratio"], seed=split_seed, batch_size=args["batch_size"])
+    plan.training_data_loader, plan.testing_data_loader = train, test
+    return plan, train, test
+
+
+def _global_validation(plan: TorchTrainingPlan, loader: BatchLoader) -> dict[str, float]:
+    """The received parameters' metrics on ``loader``, named ``global_val_<metric>``."""
+    return {f"global_val_{name}": value for name, value in plan.testing_routine(loader).items()}
+
+
 def train_plan(
-    plan_cls: type[TorchTrainingPlan],
+    plan_cls: type[TorchTrainingPlan] | TorchTrainingPlan,
     *,
     model_args: Mapping[str, Any] | None,
     training_args: Mapping[str, Any] | None,
@@ -160,28 +213,22 @@ def train_plan(
     """Train ``plan_cls`` for one round and write its parameters; see :func:`train_round`.
 
     ``params_path`` None starts from the plan's own seeded initialisation (LocalJob).
+    ``plan_cls`` may be a plan instance (LocalJob): it is ``post_init``-ed again (seeded)
+    and trained in place.
     """
     args = TrainingArgs(training_args)
     with deterministic(seed), _plan_errors():
-        plan = make_plan(plan_cls, model_args, args)
-        if params_path is not None:
-            plan.set_params(load_params(params_path, like=plan.model().state_dict()))
-        plan.dataset = load_dataset(dataset)
-        manager = plan.training_data()
-        if not isinstance(manager, DataManager):
-            raise PlanError(
-                f"{plan_cls.__name__}.training_data must return a DataManager, "
-                f"got {type(manager).__name__}"
-            )
-        split_seed = args["random_seed"] if args["random_seed"] is not None else seed
-        train, test = manager.split(
-            args["test_ratio"], seed=split_seed, batch_size=args["batch_size"]
+        plan, train, test = _prepare_round(
+            plan_cls,
+            model_args=model_args,
+            args=args,
+            params_path=params_path,
+            dataset=dataset,
+            seed=seed,
         )
-        plan.training_data_loader, plan.testing_data_loader = train, test
         metrics: dict[str, float] = {}
         if test is not None and args["test_on_global_updates"]:
-            for name, value in plan.testing_routine(test).items():
-                metrics[f"global_val_{name}"] = value
+            metrics.update(_global_validation(plan, test))
         generator = torch.Generator().manual_seed(seed)
         losses = plan.training_routine(generator=generator)
         if test is not None and args["test_on_local_updates"]:
@@ -195,6 +242,35 @@ def train_plan(
         sample_size=train.sample_count,
         metrics=dict(sorted(metrics.items())),
         losses=tuple(losses),
+    )
+
+
+def validate_plan(
+    plan_cls: type[TorchTrainingPlan],
+    *,
+    model_args: Mapping[str, Any] | None,
+    training_args: Mapping[str, Any] | None,
+    params_path: Path,
+    dataset: Mapping[str, Any],
+    seed: int,
+) -> RoundResult:
+    """Validate the params at ``params_path`` without training; see :func:`validate_round`."""
+    args = TrainingArgs(training_args)
+    with deterministic(seed), _plan_errors():
+        plan, train, test = _prepare_round(
+            plan_cls,
+            model_args=model_args,
+            args=args,
+            params_path=params_path,
+            dataset=dataset,
+            seed=seed,
+        )
+        loader = test if test is not None else train
+        metrics = _global_validation(plan, loader)
+    return RoundResult(
+        params_sha256=sha256_file(params_path),
+        sample_size=loader.sample_count,
+        metrics=dict(sorted(metrics.items())),
     )
 
 
@@ -241,6 +317,47 @@ def train_round(
             dataset=dataset,
             seed=seed,
             out_path=Path(out_path),
+        )
+
+
+def validate_round(
+    *,
+    plan_source: str,
+    plan_class: str,
+    model_args: dict[str, Any],
+    training_args: dict[str, Any],
+    params_path: Path,
+    dataset: Mapping[str, Any],
+    seed: int,
+) -> RoundResult:
+    """A validation-only round (the seed's ``training: False``): evaluate, train nothing.
+
+    Everything up to training is what :func:`train_round` does with the same arguments (the
+    plan, the parameters, the dataset, the seeded split), and the metrics are the ones a
+    training round reports as ``global_val_<metric>`` before it trains: the same request
+    gives the same numbers, bit for bit, whether or not it also trains. They are computed on
+    the validation split (``test_ratio`` > 0) whatever ``test_on_global_updates`` says, or,
+    when ``test_ratio`` is 0, on the whole dataset.
+
+    Returns a :class:`RoundResult` whose ``params_sha256`` is the digest of the file at
+    ``params_path`` (nothing is written), ``sample_size`` the number of samples validated on
+    (the validation split, or the whole dataset), ``metrics`` the ``global_val_*`` metrics
+    and ``losses`` empty.
+
+    Raises
+    ------
+    PlanImportError, TrainingArgsError, ParamsFileError, DatasetError, PlanError, TrainingError
+        As :func:`train_round`; a ``test_metric`` that does not fit the model raises
+        :class:`~fedsm.training.metrics.MetricError`.
+    """
+    with loaded_plan_class(plan_source, plan_class) as plan_cls:
+        return validate_plan(
+            plan_cls,
+            model_args=model_args,
+            training_args=training_args,
+            params_path=Path(params_path),
+            dataset=dataset,
+            seed=seed,
         )
 
 
