@@ -262,3 +262,35 @@ def test_the_seed_validation_call_with_the_last_rounds_number(world, tmp_path: P
         assert job.aggregate() == digest and job.state.status == "completed"
     finally:
         exp.close()
+
+
+@pytest.mark.parametrize("again", [True, False])
+def test_keep_files_dir_holds_the_files_and_a_resume_finds_them_or_fetches_them(
+    world, tmp_path: Path, again: bool
+) -> None:
+    reference = _experiment(world, tmp_path / "reference")
+    try:
+        expected = reference.run()
+    finally:
+        reference.close()
+    run, keep = tmp_path / "run", tmp_path / "kept"
+    exp = _experiment(world, run, keep_files_dir=keep)
+    try:
+        exp.run(rounds=1)
+        assert (keep / "training_plan.py").is_file() and any((keep / "params").iterdir())
+        assert not (run / "files").exists()
+    finally:
+        exp.close()
+    resumed = Experiment.resume(
+        run,
+        bus=_bus(world),
+        repository=world.repository,
+        progress=False,
+        on_round=lambda s: None,
+        keep_files_dir=keep if again else None,
+    )
+    try:
+        assert resumed.run() == expected  # without it: every file fetched by digest
+        assert resumed.final_params_path().is_file()
+    finally:
+        resumed.close()

@@ -83,6 +83,16 @@ class RoundDriver:
                     raise DigestMismatch(f"uploaded {path} as {up['sha256']}, expected {sha}")
             self._uploaded.add(sha)
 
+    def local_params(self, sha256: str) -> Path:
+        """The local file of parameters with this digest, fetched by digest from the
+        repository when this machine does not hold it (a run resumed elsewhere, or with
+        another ``keep_files_dir``)."""
+        path = self.job.params_path(sha256)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.job.repository.download_file(self.job.repository.url_for(sha256), path)
+        return path
+
     # ------------------------------------------------------------------ approval
 
     def ask_approval(self, deadline_s: float | None) -> ApprovalChecked:
@@ -136,7 +146,7 @@ class RoundDriver:
         small, files = job._aggregator.create_aggregator_args(
             round_number=round_number,
             node_ids=list(job.nodes),
-            global_params_path=job.params_path(state.params_sha256),
+            global_params_path=self.local_params(state.params_sha256),
             out_dir=job._files.root / "aggregator",
         )
         for node, args in (args_thr_msg or {}).items():
@@ -312,7 +322,7 @@ class RoundDriver:
         sha = self.job.state.params_sha256
         assert sha is not None
         if self._like is None or self._like[0] != sha:
-            self._like = (sha, load_params(self.job.params_path(sha)))
+            self._like = (sha, load_params(self.local_params(sha)))
         return self._like[1]
 
     # ------------------------------------------------------------------ the end

@@ -65,6 +65,10 @@ class Experiment:
     bus / repository:
         The researcher's transport and file repository (memory bus and local directory for
         the embedded default, MQTT and HTTP across machines).
+    keep_files_dir:
+        Where the job keeps its files (plan, parameters by digest); default
+        ``run_dir/files``. Not recorded (a path of this machine): give it again to
+        :meth:`resume`, or leave it out and the files are fetched from the repository.
     require_approval:
         Make :meth:`check_training_plan_status` raise when a node has not approved the plan.
         Rounds themselves always need it: the lifecycle refuses to send a round unless the
@@ -96,6 +100,7 @@ class Experiment:
         on_round: Callable[[RoundSummary], None] | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
+        keep_files_dir: str | Path | None = None,
     ) -> None:
         self._reqs = Requests(bus, default_deadline_s=search_deadline_s, clock=clock)
         self._progress = sys.stderr.isatty() if progress is None else progress
@@ -132,6 +137,7 @@ class Experiment:
             aggregator=aggregator,
             durability=durability,
             clock=clock,
+            keep_files_dir=keep_files_dir,
         )
 
     @classmethod
@@ -146,6 +152,7 @@ class Experiment:
         on_round: Callable[[RoundSummary], None] | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
+        keep_files_dir: str | Path | None = None,
     ) -> Experiment:
         """Rebuild an experiment from ``<run_dir>/job.log`` alone; :meth:`run` carries on."""
         self = cls.__new__(cls)
@@ -155,7 +162,12 @@ class Experiment:
         self._bar = None
         self.require_approval = require_approval
         self._job = Job.restore(
-            run_dir, reqs=self._reqs, repository=repository, durability=durability, clock=clock
+            run_dir,
+            reqs=self._reqs,
+            repository=repository,
+            durability=durability,
+            clock=clock,
+            keep_files_dir=keep_files_dir,
         )
         return self
 
@@ -183,8 +195,9 @@ class Experiment:
         return self.job.state.status.terminal
 
     def final_params_path(self) -> Path:
-        """Local file of the current global parameters."""
-        return self.job.params_path(self.job.params_sha256)
+        """Local file of the current global parameters (fetched by digest if this machine
+        does not hold it)."""
+        return self.job._driver.local_params(self.job.params_sha256)
 
     def history(self) -> list[RoundSummary]:
         """One summary per aggregated round and per finished validation round, from the log.

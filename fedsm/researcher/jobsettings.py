@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsm.core import lifecycle
 from fedsm.core.events import Event, ParamsUploaded, SettingsChanged
@@ -21,6 +21,9 @@ from fedsm.researcher.jobviews import JobViews
 from fedsm.training.args import TrainingArgs
 from fedsm.training.params import ParamsFileError, load_params, save_params
 
+if TYPE_CHECKING:
+    from fedsm.researcher.driver import RoundDriver
+
 __all__ = ["JobSettings"]
 
 
@@ -29,6 +32,7 @@ class JobSettings(JobViews):
     way anything is recorded: checked against the lifecycle, appended, then adopted."""
 
     _clock: Callable[[], float]
+    _driver: RoundDriver
 
     # ------------------------------------------------------------------ recording
 
@@ -99,7 +103,7 @@ class JobSettings(JobViews):
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             if is_model_params:
-                like = load_params(self.params_path(self.params_sha256))
+                like = load_params(self._driver.local_params(self.params_sha256))
                 tensors = load_params(source, like=like) if source else dict(params or {})
                 sha = save_params(tmp, tensors)
                 load_params(tmp, like=like)  # names, shapes and dtypes of the plan's model

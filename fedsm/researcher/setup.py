@@ -196,6 +196,8 @@ def complete_opening(state: JobState, files: JobFiles, log_path: Path) -> list[E
             f"{log_path} holds no job yet: start it with Job(...) or Experiment(...) on this "
             "run directory"
         )
+    if state.plan_sha256 is not None and state.params_sha256 is not None:
+        return []  # the opening is whole
     if not files.plan.is_file():
         raise JobError(
             f"{log_path} stops inside the job's opening and the plan source {files.plan} is "

@@ -229,10 +229,10 @@ def local_baseline(run_dir: Path, files: dict[str, Any], config: DemoConfig) -> 
     args = dict(DEMO_TRAINING_ARGS)
     args["epochs"] = int(args.get("epochs", 1)) * config.rounds
     job = LocalJob(
-        files["train"],
-        BreastCancerPlan,
-        args,
-        dict(DEMO_MODEL_ARGS),
+        dataset_path=files["train"],
+        training_plan_class=BreastCancerPlan,
+        training_args=args,
+        model_args=dict(DEMO_MODEL_ARGS),
         seed=config.seed,
         out_dir=run_dir / "local",
     )
