@@ -121,9 +121,27 @@ def test_the_audit_reads_every_artifact_and_recomputes_every_round(demo_run: Pat
         assert audit.check_artifacts(_log(demo_run)) == []
         assert audit.check_aggregates(_log(demo_run)) == []
         fetched = {d for d, p in audit._fetched.items() if isinstance(p, Path)}
-    replies = {r.event.params_sha256 for r in records if isinstance(r.event, ev.ReplyReceived)}
+    trained = {r.event.round for r in records if isinstance(r.event, ev.RoundSent)}
+    validated = {
+        r.event.round
+        for r in records
+        if isinstance(r.event, ev.RoundSent) and not r.event.do_training
+    }
+    replies = {
+        r.event.params_sha256
+        for r in records
+        if isinstance(r.event, ev.ReplyReceived) and r.event.round in trained - validated
+    }
     aggregates = {r.event.params_sha256 for r in records if isinstance(r.event, ev.Aggregated)}
     assert len(replies) == NODES * ROUNDS and len(aggregates) == ROUNDS
+    # the demo's final validation: every node validated the last aggregate, trained nothing
+    assert validated == {ROUNDS + 1}
+    final = {
+        r.event.params_sha256
+        for r in records
+        if isinstance(r.event, ev.ReplyReceived) and r.event.round in validated
+    }
+    assert final == {max(records, key=lambda r: r.seq).event.params_sha256}
     assert replies | aggregates <= fetched
 
 
@@ -335,7 +353,8 @@ def test_a_contribution_from_a_node_that_did_not_approve_the_plan(
         if isinstance(r.event, ev.ReplyReceived) and r.event.node_id == "node-2"
     ]
     findings = check_plan(log)
-    assert [f.seq for f in findings] == replies and len(replies) == ROUNDS
+    # every round node-2 ran the plan in: the trained ones and the final validation
+    assert [f.seq for f in findings] == replies and len(replies) == ROUNDS + 1
     assert all(f.expected == "approved" and f.found == "rejected" for f in findings)
     assert all(f.error is required for f in findings)
     code, _text = _replay(str(log), "--verify")
