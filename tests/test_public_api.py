@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 import fedsm
-from fedsm.researcher.datacheck import check_data_quality
+from fedsm.researcher.datacheck import (
+    check_data_quality,
+    usable_url,
+    validate_minimal_arguments,
+)
 from fedsm.researcher.errors import DataQualityCheckError
 from fedsm.researcher.requests import FederatedDataSet, FederatedDataSetError
 
@@ -78,3 +82,44 @@ def test_tensor_shapes_and_types_are_compared() -> None:
 def test_more_than_one_dataset_per_node_is_refused() -> None:
     with pytest.raises(FederatedDataSetError, match="exactly one"):
         FederatedDataSet({"a": [csv_entry("d1", 1, ["float64"]), csv_entry("d2", 1, ["float64"])]})
+
+
+@pytest.mark.parametrize(
+    ("url", "usable"),
+    [
+        ("http://repo.example/files/x", True),
+        ("https://repo.example:8443/files/x", True),
+        ("file:///var/fedsm/repository/x", True),
+        ("file://localhost/var/x", True),
+        ("http://", False),
+        ("http:///files/x", False),
+        ("https://host:99999/x", False),
+        ("file://relative/x", False),
+        ("file:/no/slashes", False),
+        ("ftp://host/x", False),
+        ("javascript:alert(1)", False),
+        ("http://host/a b", False),
+        ("params.pt", False),
+        ("", False),
+        (b"http://host/x", False),
+    ],
+)
+def test_usable_urls_are_http_with_a_host_or_absolute_files(url: object, usable: bool) -> None:
+    assert usable_url(url) is usable
+
+
+def test_validate_minimal_arguments_checks_presence_and_urls() -> None:
+    fields = ["training_plan_url", "training_plan_class", "params_url"]
+    good = {
+        "training_plan_url": "file:///repo/plan",
+        "training_plan_class": "Plan",
+        "params_url": "http://repo/files/p",
+    }
+    assert validate_minimal_arguments(good, fields) is True
+    assert validate_minimal_arguments(good, []) is True
+    assert validate_minimal_arguments({**good, "training_plan_class": None}, fields) is False
+    assert validate_minimal_arguments({**good, "params_url": "repo/p"}, fields) is False
+    assert validate_minimal_arguments({k: good[k] for k in fields[:2]}, fields) is False
+    assert validate_minimal_arguments(None, fields) is False
+    # only names ending in _url are URLs; any other value is only required to be present
+    assert validate_minimal_arguments({"url_prefix": "x", "n": 0}, ["url_prefix", "n"]) is True

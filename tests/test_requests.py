@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from job_world import SilentNode, make_world
 
 from fedsm.node.simulate import register_csv_dataset
-from fedsm.researcher.requests import Requests
+from fedsm.researcher.requests import FederatedDataSet, FederatedDataSetError, Requests
 
 
 def test_search_returns_when_every_online_node_answered(tmp_path: Path) -> None:
@@ -54,3 +55,17 @@ def test_a_node_with_two_matching_datasets_is_left_out_not_fatal(tmp_path: Path)
         assert reqs.search(["breast-cancer"]).node_ids() == ["node-1", "node-2"]
     finally:
         world.close()
+
+
+def test_shapes_and_sample_sizes_need_a_shape() -> None:
+    fds = FederatedDataSet(
+        {"b": {"dataset_id": "db", "shape": [7, 3]}, "a": [{"dataset_id": "da", "shape": (5,)}]}
+    )
+    assert fds.sample_sizes() == [5, 7]  # in node_ids() order, as the seed's list
+    assert fds.shapes() == {"a": 5, "b": 7}
+    for shape in (None, [], ["5"], [True], [-1]):
+        ids_only = FederatedDataSet({"a": {"dataset_id": "da", "shape": shape}})
+        with pytest.raises(FederatedDataSetError, match="node a: dataset metadata has no usable"):
+            ids_only.sample_sizes()
+        with pytest.raises(FederatedDataSetError):
+            ids_only.shapes()

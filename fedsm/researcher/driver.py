@@ -11,10 +11,13 @@ reply's parameters, and streams them through the aggregator in sorted node order
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from fedsm.core.collect import classify
 from fedsm.core.events import (
@@ -23,6 +26,7 @@ from fedsm.core.events import (
     JobFailed,
     NodeFailed,
     ReplyReceived,
+    RoundSent,
 )
 from fedsm.core.messages import (
     JobEndReply,
@@ -48,6 +52,18 @@ log = logging.getLogger(__name__)
 
 #: How long the end of a job waits for nodes to acknowledge its final head.
 END_WAIT_S = 5.0
+
+
+def _is_file_arg(value: Any) -> bool:
+    """An aggregator arg sent through the repository: a ``pathlib.Path`` or a non-empty
+    mapping of tensors. Anything else (a ``str`` too) is a value for the message."""
+    if isinstance(value, Path):
+        return True
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
 
 
 class RoundDriver:
@@ -138,8 +154,17 @@ class RoundDriver:
         args_thr_msg: Mapping[str, Mapping[str, Any]] | None,
         args_thr_files: Mapping[str, Mapping[str, Any]] | None,
     ) -> dict[str, dict[str, Any]]:
-        """Per node: the strategy's args for this round plus any given explicitly; a file or
-        tensor map becomes ``{"sha256": digest}`` of a local file (uploaded when published)."""
+        """Per node: the strategy's args for this round plus any given explicitly.
+
+        As in the seed, ``args_thr_msg`` values travel inside the train request, and so do
+        the values of ``args_thr_files`` that are not files: only a :class:`pathlib.Path`
+        (a file to send) or a mapping of tensors (saved as safetensors) goes through the
+        repository, recorded as ``{"sha256": digest}`` of a file kept under the job's files
+        (uploaded when the request is published). A ``str`` is a value, never a path. The
+        strategy's own files (``create_aggregator_args``) always go through the repository.
+        Every value in a message must be JSON-like (None, bool, int, float, str, lists and
+        str-keyed maps): anything else raises :class:`JobError`, before anything is recorded.
+        """
         job = self.job
         state = job.state
         assert state.params_sha256 is not None
@@ -149,27 +174,50 @@ class RoundDriver:
             global_params_path=self.local_params(state.params_sha256),
             out_dir=job._files.root / "aggregator",
         )
-        for node, args in (args_thr_msg or {}).items():
-            small.setdefault(node, {}).update(args)
-        for node, args in (args_thr_files or {}).items():
-            files.setdefault(node, {}).update(args)
         out: dict[str, dict[str, Any]] = {n: dict(small.get(n, {})) for n in job.nodes}
+        for node, args in (args_thr_msg or {}).items():
+            out.setdefault(node, {}).update(args)
         for node, heavy in files.items():
             for name, value in heavy.items():
                 out.setdefault(node, {})[name] = {"sha256": self._keep_file(name, node, value)}
-        return {n: a for n, a in out.items() if a}
+        for node, args in (args_thr_files or {}).items():
+            for name, value in args.items():
+                if _is_file_arg(value):
+                    value = {"sha256": self._keep_file(name, node, value)}
+                out.setdefault(node, {})[name] = value
+        out = {n: a for n, a in out.items() if a}
+        try:  # what RoundSent will record: JSON-like values only
+            RoundSent(
+                round=round_number,
+                nodes=(),
+                request_ids={},
+                params_sha256=state.params_sha256,
+                deadline=0.0,
+                aggregator_args=out,
+            )
+        except ValueError as exc:
+            raise JobError(
+                f"aggregator args can not be sent: {exc}; send tensors as a mapping of "
+                "tensors or a file as a pathlib.Path in aggregator_args_thr_files"
+            ) from None
+        return out
 
     def _keep_file(self, name: str, node: str, value: Any) -> str:
-        """Keep an aggregator arg file (a path, or tensors to save) under the job's files."""
+        """Keep an aggregator arg file (a path, or a mapping of tensors to save) under the
+        job's files; return its digest. Raises :class:`JobError` for a file that can not be
+        read or tensors that can not be saved."""
         root = self.job._files.root
         tmp = root / "aggregator" / f"{name}-{node}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(value, (str, Path)):
-            data = Path(value).read_bytes()
-            tmp.write_bytes(data)
-            sha = sha256_file(tmp)
-        else:
-            sha = save_params(tmp, value)
+        try:
+            if isinstance(value, (str, Path)):
+                shutil.copyfile(value, tmp)
+                sha = sha256_file(tmp)
+            else:
+                sha = save_params(tmp, value)
+        except (OSError, ParamsFileError, TypeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise JobError(f"aggregator arg {name!r} for {node}: can not keep it: {exc}") from exc
         self.job._files.store(tmp, sha, kind="aggregator")
         return sha
 

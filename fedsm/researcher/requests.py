@@ -77,11 +77,35 @@ class FederatedDataSet:
     def dataset_ids(self) -> dict[str, str]:
         return {node: entry["dataset_id"] for node, entry in self._data.items()}
 
-    def sample_sizes(self) -> dict[str, int]:
-        return {node: int(entry.get("shape", [0])[0]) for node, entry in self._data.items()}
+    def sample_sizes(self) -> list[int]:
+        """The seed's ``sample_sizes()``: each node's number of samples (the first dimension
+        of its dataset's ``shape``), in the order of :meth:`node_ids`.
 
-    def shapes(self) -> dict[str, list[int]]:
-        return {node: list(entry.get("shape", [])) for node, entry in self._data.items()}
+        Raises :class:`FederatedDataSetError` for a node whose metadata has no shape (a
+        dataset set built from ids only, as a restored Job's is).
+        """
+        return [self._samples(node, entry) for node, entry in self._data.items()]
+
+    def shapes(self) -> dict[str, int]:
+        """The seed's ``shapes()``: node id -> number of samples (what :meth:`sample_sizes`
+        lists, by node). The full shape of each dataset is ``data()[node]["shape"]``."""
+        return {node: self._samples(node, entry) for node, entry in self._data.items()}
+
+    @staticmethod
+    def _samples(node: str, entry: Mapping[str, Any]) -> int:
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, (list, tuple))
+            or not shape
+            or isinstance(shape[0], bool)
+            or not isinstance(shape[0], int)
+            or shape[0] < 0
+        ):
+            raise FederatedDataSetError(
+                f"node {node}: dataset metadata has no usable shape ({shape!r}); search the "
+                "nodes again for their datasets' metadata"
+            )
+        return int(shape[0])
 
     def __len__(self) -> int:
         return len(self._data)
