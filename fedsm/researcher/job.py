@@ -51,11 +51,6 @@ log = logging.getLogger(__name__)
 LOG_NAME = jobsetup.LOG_NAME
 
 
-def _validate_minimal_arguments(obj: Mapping[str, Any] | None, fields: Iterable[str]) -> bool:
-    """The seed's check that ``obj`` has a non-None value for every name in ``fields``."""
-    return obj is not None and all(obj.get(name) is not None for name in fields)
-
-
 def _log_has_records(path: Path) -> bool:
     """Whether the log at ``path`` holds at least one record (read-only; a missing file or a
     bare header is a fresh start)."""
@@ -74,8 +69,6 @@ class Job(JobSettings):
     no file. A run directory whose log holds no record (a run killed as it created the log)
     is a fresh start; one holding a job is continued with :meth:`restore`.
     """
-
-    validate_minimal_arguments = staticmethod(_validate_minimal_arguments)
 
     def __init__(
         self,
