@@ -49,6 +49,9 @@ def test_html_report_has_one_point_per_round_per_node(demo_log: Path, tmp_path: 
         (rnd, f"node-{n}") for rnd in range(1, ROUNDS + 1) for n in range(1, NODES + 1)
     }
     for reply in replies:
+        if reply.round > ROUNDS:  # the final validation trains nothing: no training loss
+            assert "train_loss" not in reply.metrics and "global_val_loss" in reply.metrics
+            continue
         (point,) = [p for p in losses if (p["round"], p["node"]) == (reply.round, reply.node_id)]
         assert point["value"] == reply.metrics["train_loss"]
     # The aggregated curve is the sample-weighted mean of each round's replies.
@@ -61,7 +64,10 @@ def test_html_report_has_one_point_per_round_per_node(demo_log: Path, tmp_path: 
             a for a in data["aggregated"] if a["round"] == rnd and a["metric"] == "train_loss"
         ]
         assert agg["value"] == pytest.approx(expected, rel=1e-12)
-    assert len(data["timing"]) == ROUNDS * NODES
+    # The demo's training args validate the final parameters in round ROUNDS + 1.
+    assert data["validation_rounds"] == [ROUNDS + 1]
+    assert len(data["timing"]) == (ROUNDS + 1) * NODES
+    assert {t["round"] for t in data["timing"] if t["validation"]} == {ROUNDS + 1}
     for t in data["timing"]:
         parts = t["training_s"] + t["transfer_s"] + t["waiting_s"]
         assert t["training_s"] > 0 and parts >= t["after_s"] - 1e-9
@@ -126,8 +132,12 @@ def test_failures_timeouts_and_validation_metrics_are_reported(
     assert len(losses) == ROUNDS * NODES - 2
     assert (2, "node-2") not in losses and (3, "node-3") not in losses
     vals = [p for p in data["points"] if p["metric"] == "val_accuracy"]
-    assert len(vals) == ROUNDS * NODES - 2
-    assert [a["round"] for a in data["aggregated"] if a["metric"] == "val_accuracy"] == [1, 2, 3]
+    assert len([p for p in vals if not p["validation"]]) == ROUNDS * NODES - 2
+    assert {p["round"] for p in vals if p["validation"]} == {ROUNDS + 1}
+    val_rounds = [
+        (a["round"], a["validation"]) for a in data["aggregated"] if a["metric"] == "val_accuracy"
+    ]
+    assert val_rounds == [(1, False), (2, False), (3, False), (4, True)]
     page = write_report(log, tmp_path / "report.html").read_text(encoding="utf-8")
     assert _embedded(page)["failures"][0]["message"] == "out of memory"
     assert "<td>node-2</td>" in page and "<td>node-3</td>" in page

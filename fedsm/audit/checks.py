@@ -9,13 +9,20 @@
   version 2; the researcher fails a node that names another plan). The lifecycle admits
   exactly one ``TrainingPlanUploaded`` per job and the Job sends that digest in every train
   request.
+- :func:`check_validation` (needs only the log): a validation-only round (``RoundSent``
+  with ``do_training`` False, the final validation) trains nothing, so every reply counted
+  in it names exactly the parameters the round sent, and nothing aggregates it.
 - :meth:`RepositoryAudit.check_artifacts`: every artifact the log names (plan source, initial
-  parameters, each node's parameters, each aggregate, the final parameters) is in the
-  repository and hashes to the digest in the log.
+  parameters, parameters the researcher replaced between rounds, each node's parameters,
+  each aggregate, the final parameters) is in the repository and hashes to the digest in
+  the log. Replaced parameters are uploaded when a request first names them: ones
+  superseded before any round sent them were never uploaded, and their absence is a note;
+  different bytes under their digest are an error as for any artifact.
 - :meth:`RepositoryAudit.check_aggregates`: every ``Aggregated`` is recomputed from the
   recorded replies (their parameter files, weighted by their sample sizes, in sorted node
   order) with the same :meth:`FedAvg.aggregate_files` call the Job makes, and the result
-  must be the recorded file bit for bit.
+  must be the recorded file bit for bit. A validation-only round has no aggregate to
+  recompute. Rounds after a settings change are recomputed from the nodes they went to.
 
 Artifacts are fetched *by digest* through the repository given (``url_for(digest)``), not by
 the URL in the log: an auditor often has the repository directory while the log names a
@@ -52,6 +59,7 @@ __all__ = [
     "Unavailable",
     "artifacts_of",
     "check_plan",
+    "check_validation",
 ]
 
 #: The checks that need ``--repo``: (name, what it proves). Listed as "not checked" without it.
@@ -186,6 +194,57 @@ def check_plan(path: Path) -> list[Finding]:
     return findings
 
 
+# --------------------------------------------------------------------------- validation rounds
+
+
+def check_validation(path: Path) -> list[Finding]:
+    """A validation-only round's replies name the parameters it sent; nothing aggregates it.
+
+    The researcher fails a node that answers a validation round with other parameters, so a
+    counted reply that does (the node trained, or the record was changed) is an error, as is
+    an ``Aggregated`` for such a round (also the lifecycle's finding).
+    """
+    records, notes = _records(Path(path), "validation")
+    if notes:
+        return notes
+    findings: list[Finding] = []
+    validating: dict[int, tuple[int, str]] = {}  # round -> (seq of RoundSent, params sent)
+    for r in records:
+        e: Any = r.event
+        if isinstance(e, ev.RoundSent):
+            if not e.do_training:
+                validating[e.round] = (r.seq, e.params_sha256)
+        elif isinstance(e, ev.ReplyReceived) and e.round in validating:
+            seq, sent = validating[e.round]
+            if e.params_sha256 != sent:
+                findings.append(
+                    AuditFinding(
+                        r.offset,
+                        r.seq,
+                        f"validation: {e.node_id} answered validation-only round {e.round} "
+                        f"(sent at seq {seq}) with other parameters than it was sent: it was "
+                        "to validate them and train nothing",
+                        True,
+                        "validation",
+                        sent,
+                        e.params_sha256,
+                    )
+                )
+        elif isinstance(e, ev.Aggregated) and e.round in validating:
+            findings.append(
+                AuditFinding(
+                    r.offset,
+                    r.seq,
+                    f"validation: round {e.round} only validated, yet it is aggregated",
+                    True,
+                    "validation",
+                    "no Aggregated",
+                    e.params_sha256,
+                )
+            )
+    return findings
+
+
 # --------------------------------------------------------------------------- the repository
 
 
@@ -195,6 +254,8 @@ def artifacts_of(event: ev.Event) -> list[tuple[str, str]]:
     if isinstance(e, ev.TrainingPlanUploaded):
         return [(f"training plan {e.class_name} source", e.sha256)]
     if isinstance(e, ev.ParamsUploaded):
+        if e.round > 0:
+            return [(f"parameters replaced after round {e.round} (update_parameters)", e.sha256)]
         return [(f"parameters of round {e.round} (initial)", e.sha256)]
     if isinstance(e, ev.ReplyReceived):
         return [(f"parameters {e.node_id} sent in round {e.round}", e.params_sha256)]
@@ -301,21 +362,47 @@ class RepositoryAudit:
             return refused
         records, notes = _records(Path(path), "artifacts")
         findings: list[Finding] = list(notes)
+        # Parameters a request or the job's end named: these were uploaded.
+        named = {
+            r.event.params_sha256
+            for r in records
+            if isinstance(r.event, (ev.RoundSent, ev.JobCompleted))
+        }
         for r in records:
             for what, digest in artifacts_of(r.event):
                 got = self.fetch(digest)
-                if isinstance(got, Unavailable):
+                if not isinstance(got, Unavailable):
+                    continue
+                if (
+                    isinstance(r.event, ev.ParamsUploaded)
+                    and digest not in named
+                    and got.found == "no such file"
+                ):
                     findings.append(
                         AuditFinding(
                             r.offset,
                             r.seq,
-                            f"artifacts: {what}: {got.why}",
-                            True,
+                            f"artifacts: {what}: not in the repository, and no round sent "
+                            "them (replaced again first, or the run stopped before): they "
+                            "are uploaded only when a request names them",
+                            False,
                             "artifacts",
                             f"a file with sha256 {digest}",
                             got.found,
                         )
                     )
+                    continue
+                findings.append(
+                    AuditFinding(
+                        r.offset,
+                        r.seq,
+                        f"artifacts: {what}: {got.why}",
+                        True,
+                        "artifacts",
+                        f"a file with sha256 {digest}",
+                        got.found,
+                    )
+                )
         return findings
 
     def check_aggregates(self, path: Path) -> list[Finding]:
@@ -326,12 +413,16 @@ class RepositoryAudit:
         records, notes = _records(Path(path), "recompute")
         findings: list[Finding] = list(notes)
         replies: dict[tuple[int, str], Record] = {}
+        validating: set[int] = set()  # validation-only rounds: nothing to recompute
         for r in records:
             e: Any = r.event
-            if isinstance(e, ev.ReplyReceived):
+            if isinstance(e, ev.RoundSent) and not e.do_training:
+                validating.add(e.round)
+            elif isinstance(e, ev.ReplyReceived):
                 # The first reply counts; a second one is the lifecycle check's finding.
                 replies.setdefault((e.round, e.node_id), r)
-            elif isinstance(e, ev.Aggregated):
+            elif isinstance(e, ev.Aggregated) and e.round not in validating:
+                # An aggregated validation round is check_validation's (and the lifecycle's).
                 findings.extend(self._recompute(r, e, replies))
         return findings
 

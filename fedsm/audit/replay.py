@@ -8,12 +8,16 @@ The one implementation behind ``fedsm replay`` and ``tools/replay.py``:
   SEQ with chain hash HASH (exit 1 otherwise; also with ``--verify``).
 - ``--at SEQ``: the job state after record SEQ.  ``--json``: the same as JSON.
 - ``--round N``: one round: who was asked, who answered when, samples, weights, metrics,
-  timing and the aggregate digest (:mod:`fedsm.audit.roundfacts`).
+  timing and the aggregate digest, or for a validation-only round each node's validation
+  metrics of the parameters it was sent; settings changed and parameters replaced before
+  the round (:mod:`fedsm.audit.roundfacts`).
 - ``--verify``: framing, checksums, sequence, hash chain, event decoding, the lifecycle rules
-  (no reply counted twice, no aggregate without quorum) and the training plan
-  (:func:`fedsm.audit.checks.check_plan`); with ``--repo DIR_OR_URL`` also the artifacts and the
-  recomputation of every aggregate (:class:`fedsm.audit.checks.RepositoryAudit`). Without
-  ``--repo`` those two are listed as "not checked": they neither pass nor fail. With
+  (no reply counted twice, no aggregate without quorum), the training plan
+  (:func:`fedsm.audit.checks.check_plan`) and the validation-only rounds
+  (:func:`fedsm.audit.checks.check_validation`); with ``--repo DIR_OR_URL`` also the
+  artifacts and the recomputation of every aggregate
+  (:class:`fedsm.audit.checks.RepositoryAudit`). Without ``--repo`` those two are listed
+  as "not checked": they neither pass nor fail. With
   ``--witness FILE ...`` (the heads nodes kept, :mod:`fedsm.audit.witness`) also the log
   against its writer: every witnessed head lies on the chain and the log reaches the highest
   one, so a cut or a re-chained rewrite shows; without it that check is "not checked". Exit 0
@@ -38,7 +42,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedsm.audit.checks import REPOSITORY_CHECKS, AuditFinding, RepositoryAudit, check_plan
+from fedsm.audit.checks import (
+    REPOSITORY_CHECKS,
+    AuditFinding,
+    RepositoryAudit,
+    check_plan,
+    check_validation,
+)
+from fedsm.audit.roundfacts import describe_changes
 from fedsm.audit.witness import (
     WITNESS_CHECK,
     WitnessAudit,
@@ -91,8 +102,21 @@ def _nodes(nodes: Iterable[str], limit: int = 6) -> str:
     return shown + (f",+{len(nodes) - limit}" if len(nodes) > limit else "")
 
 
-def summarize(event: ev.Event) -> str:
-    """One line that says what ``event`` records."""
+def _settings_of(state: JobState | None) -> dict[str, Any] | None:
+    """The settings in effect in ``state`` (what a ``SettingsChanged`` is compared with)."""
+    if state is None or state.config is None:
+        return None
+    return {
+        "nodes": list(state.nodes),
+        "training_args": dict(state.training_args),
+        "round_limit": state.round_limit,
+    }
+
+
+def summarize(event: ev.Event, before: JobState | None = None) -> str:
+    """One line that says what ``event`` records; ``before``, the job state the event was
+    applied to, lets it say more (what a settings change changed, that parameters were
+    replaced, that the job completed from its final validation)."""
     e: Any = event
     if isinstance(e, ev.JobCreated):
         return (
@@ -103,7 +127,16 @@ def summarize(event: ev.Event) -> str:
     if isinstance(e, ev.TrainingPlanUploaded):
         return f"plan {e.class_name} sha256 {_short(e.sha256)}"
     if isinstance(e, ev.ParamsUploaded):
+        if e.round > 0 or (before is not None and before.params_sha256 is not None):
+            return (
+                f"params replaced after round {e.round} (update_parameters) sha256 "
+                f"{_short(e.sha256)}: round {e.round + 1} sends them"
+            )
         return f"params for round {e.round} uploaded sha256 {_short(e.sha256)}"
+    if isinstance(e, ev.SettingsChanged):
+        reopens = before is not None and before.status.value == "completed"
+        text = describe_changes(e.changes, _settings_of(before), reopens=reopens)
+        return f"settings changed after round {e.round}, from round {e.round + 1}: {text}"
     if isinstance(e, ev.ApprovalChecked):
         counts: dict[str, int] = {}
         for status in e.statuses.values():
@@ -133,6 +166,11 @@ def summarize(event: ev.Event) -> str:
             f"-> params {_short(e.params_sha256)}"
         )
     if isinstance(e, ev.JobCompleted):
+        if before is not None and not before.round_do_training and before.round == e.round:
+            return (
+                f"completed after the final validation (round {e.round}), final params "
+                f"{_short(e.params_sha256)}"
+            )
         return f"completed after round {e.round}, final params {_short(e.params_sha256)}"
     if isinstance(e, ev.JobFailed):
         return f"failed in round {e.round}: {e.reason}"
@@ -192,6 +230,14 @@ def fold(
         yield record, current
 
 
+def _fold_with_before(records: Iterable[Record]) -> Iterator[tuple[Record, JobState, JobState]]:
+    """Each record with the job state after it and the state it was applied to."""
+    before = initial_state()
+    for record, after in fold(records):
+        yield record, after, before
+        before = after
+
+
 def state_at(records: Sequence[Record], seq: int) -> JobState:
     """The job state after record ``seq`` (0: before any record)."""
     last = records[-1].seq if records else 0
@@ -228,7 +274,7 @@ def check_lifecycle(path: Path) -> list[Finding]:
 
 
 #: The checks of ``--verify`` that need only the log, in order.
-CHECKS: tuple[Check, ...] = (check_log, check_lifecycle, check_plan)
+CHECKS: tuple[Check, ...] = (check_log, check_lifecycle, check_plan, check_validation)
 
 
 def verify_all(path: str | Path, checks: Iterable[Check] = CHECKS) -> list[Finding]:
@@ -334,7 +380,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     if args.at is not None:
         state = state_at(records, args.at)
         if args.json:
-            json.dump({"seq": args.at, **state.to_dict()}, out, indent=2, sort_keys=False)
+            doc = {"seq": args.at, **state.to_dict()}
+            settings = _settings_of(state)
+            if settings is not None:  # in effect for the next round (JobCreated's, as changed)
+                doc["effective_settings"] = settings
+            json.dump(doc, out, indent=2, sort_keys=False)
             out.write("\n")
         else:
             _print_state(args.at, state, out)
@@ -350,11 +400,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 "ts": r.ts,
                 "time": _time(r.ts),
                 "status": s.status,
-                "summary": summarize(r.event),
+                "summary": summarize(r.event, before),
                 "event": ev.encode_event(r.event),
                 "hash": r.hash.hex(),  # the chain hash: the last row's is the log's head
             }
-            for r, s in fold(records)
+            for r, s, before in _fold_with_before(records)
         ]
         json.dump(rows, out, indent=1)  # the same list as ever; each row now has its hash
         out.write("\n")
@@ -366,9 +416,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             )
             return 1
         return 0
-    for record, state in fold(records):
+    for record, state, before in _fold_with_before(records):
         out.write(
-            f"{record.seq:>6}  {_time(record.ts)}  {state.status:<16}  {summarize(record.event)}\n"
+            f"{record.seq:>6}  {_time(record.ts)}  {state.status:<16}  "
+            f"{summarize(record.event, before)}\n"
         )
     out.write(f"head: seq {head[0]} hash {head[1]}\n")
     if expected is None:
@@ -460,7 +511,8 @@ def _run_verify(
             extra += f"; {witness_audit.summary()}"
         last = head[0] if head is not None else -1
         out.write(
-            f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan {scope}{extra}\n"
+            f"{path}: OK, {last} records: checksums, hash chain, lifecycle, plan, validation "
+            f"rounds {scope}{extra}\n"
         )
     return 1 if errors else 0
 
@@ -493,9 +545,21 @@ def _print_state(seq: int, state: JobState, out: TextIO) -> None:
     out.write(f"  job            {state.job_id} (researcher {state.researcher_id})\n")
     out.write(f"  plan           {state.plan_sha256}\n")
     out.write(f"  params         {state.params_sha256}\n")
-    out.write(
-        f"  round          {state.round} of {state.round_limit if state.config else '-'}\n"
-    )
+    out.write(f"  round          {state.round} of {state.round_limit if state.config else '-'}\n")
+    if state.config is not None:
+        kind = "trains" if state.round_do_training else "validates only"
+        out.write(f"  round kind     {kind}\n")
+        out.write(f"  validation     rounds {list(state.validation_rounds)}\n")
+        if state.overrides:
+            config = state.config
+            created = {
+                "nodes": list(config.nodes),
+                "training_args": dict(config.training_args),
+                "round_limit": config.round_limit,
+            }
+            changed = describe_changes(dict(state.overrides), created)
+            out.write(f"  changed        since created: {changed}\n")
+        out.write(f"  next nodes     {list(state.nodes)}\n")
     out.write(f"  round nodes    {list(state.round_nodes)}\n")
     out.write(f"  replied        {sorted(state.round_replies)}\n")
     out.write(f"  failed         {sorted(state.round_failures)}\n")

@@ -11,6 +11,14 @@ The figure has three panels: training loss per node and the sample-weighted aggr
 validation metrics (``val_*`` after local training, ``global_val_*`` of the global model
 before it) the same way; and each node's round time split into training, transfer and
 waiting (see :mod:`fedsm.audit.roundfacts`). Failed nodes and timed-out rounds are marked.
+
+A validation-only round (the final validation, when the training args have
+``test_on_global_updates``: the nodes validate the last aggregate and train nothing) is
+shaded, its points are stars and its weighted value a large black star labelled with its
+value; the aggregated curves join training rounds only. What the researcher changed
+between rounds (``SettingsChanged``: nodes, training args, round limit; parameters replaced
+by ``update_parameters``) is a dotted purple line between the rounds, described in the top
+panel.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,10 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
     ``aggregated``: ``{round, metric, value}``, sample-weighted over the round's replies;
     ``timing``: ``{round, node, training_s, transfer_s, waiting_s, after_s}`` per reply;
     ``failures`` / ``timeouts``: the nodes that failed or did not answer, per round;
+    ``validation_rounds``: the validation-only rounds (points, aggregated values and timing
+    of those rounds have ``validation`` set);
+    ``changes``: ``{seq, kind, after_round, text, ...}`` per settings change (``kind``
+    ``settings``) or parameters replaced (``params``) before a round was sent;
     ``rounds``: the full :class:`~fedsm.audit.roundfacts.RoundFacts` of each round.
     """
     created: Any = next((r.event for r in records if isinstance(r.event, ev.JobCreated)), None)
@@ -59,14 +72,27 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
     for r in records:
         if isinstance(r.event, (ev.JobFailed, ev.JobCancelled)):
             status = f"{type(r.event).__name__}: {r.event.reason}"
+    round_limit = created.round_limit if created else None
+    for r in records:
+        if isinstance(r.event, ev.SettingsChanged) and "round_limit" in r.event.changes:
+            round_limit = r.event.changes["round_limit"]
     rounds = round_facts(records)
     points, aggregated, timing, failures, timeouts = [], [], [], [], []
+    changes: list[dict[str, Any]] = []
     for facts in rounds:
+        validation = facts.validation
+        changes.extend(facts.changes_before)
         for node in sorted(facts.replies):
             reply = facts.replies[node]
             for metric, value in sorted(reply.metrics.items()):
                 points.append(
-                    {"round": facts.round, "node": node, "metric": metric, "value": value}
+                    {
+                        "round": facts.round,
+                        "node": node,
+                        "metric": metric,
+                        "value": value,
+                        "validation": validation,
+                    }
                 )
             timing.append(
                 {
@@ -76,10 +102,13 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
                     "training_s": reply.training_s,
                     "transfer_s": reply.transfer_s,
                     "waiting_s": reply.waiting_s,
+                    "validation": validation,
                 }
             )
         for metric, value in facts.aggregated_metrics().items():
-            aggregated.append({"round": facts.round, "metric": metric, "value": value})
+            aggregated.append(
+                {"round": facts.round, "metric": metric, "value": value, "validation": validation}
+            )
         for failure in facts.failures:
             failures.append({"round": facts.round, **failure})
         if facts.timed_out:
@@ -87,7 +116,7 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
     return {
         "job_id": created.job_id if created else None,
         "nodes": list(created.nodes) if created else [],
-        "round_limit": created.round_limit if created else None,
+        "round_limit": round_limit,
         "status": status,
         "final_params_sha256": final.params_sha256 if final is not None else None,
         "points": points,
@@ -95,6 +124,8 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
         "timing": timing,
         "failures": failures,
         "timeouts": timeouts,
+        "validation_rounds": [f.round for f in rounds if f.validation],
+        "changes": changes,
         "rounds": [facts.to_dict() for facts in rounds],
     }
 
@@ -102,7 +133,9 @@ def report_data(records: Sequence[Record]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- plotting
 
 
-def _metric_panel(ax: Any, data: dict[str, Any], names: Sequence[str], title: str) -> None:
+def _metric_panel(
+    ax: Any, data: dict[str, Any], names: Sequence[str], title: str, *, describe: bool = False
+) -> None:
     nodes = data["nodes"]
     if not names:
         ax.text(
@@ -114,26 +147,41 @@ def _metric_panel(ax: Any, data: dict[str, Any], names: Sequence[str], title: st
             transform=ax.transAxes,
             color="#666666",
         )
+    starred = False
     for i, name in enumerate(names):
         style = ["-", "--", ":", "-."][i % 4]
+        shape = ["o", "s", "^", "D"][i % 4]
         for j, node in enumerate(nodes):
-            pts = [
-                (p["round"], p["value"])
-                for p in data["points"]
-                if p["node"] == node and p["metric"] == name
-            ]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
+            mine = [p for p in data["points"] if p["node"] == node and p["metric"] == name]
+            label = node if i == 0 else None  # colours are nodes; shapes and lines, metrics
+            trained = [(p["round"], p["value"]) for p in mine if not p.get("validation")]
+            validated = [(p["round"], p["value"]) for p in mine if p.get("validation")]
+            if trained:
+                xs, ys = zip(*trained, strict=True)
                 ax.plot(
                     xs,
                     ys,
-                    marker="o",
+                    marker=shape,
                     linestyle="none",
                     color=f"C{j % 10}",
                     alpha=0.7,
-                    label=f"{node} {name}" if len(names) > 1 else node,
+                    label=label,
                 )
-        agg = [(a["round"], a["value"]) for a in data["aggregated"] if a["metric"] == name]
+                label = None
+            if validated:
+                xs, ys = zip(*validated, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="*",
+                    markersize=10,
+                    linestyle="none",
+                    color=f"C{j % 10}",
+                    alpha=0.8,
+                    label=label,
+                )
+        mine = [a for a in data["aggregated"] if a["metric"] == name]
+        agg = [(a["round"], a["value"]) for a in mine if not a.get("validation")]
         if agg:
             xs, ys = zip(*agg, strict=True)
             ax.plot(
@@ -142,13 +190,87 @@ def _metric_panel(ax: Any, data: dict[str, Any], names: Sequence[str], title: st
                 color="black",
                 linestyle=style,
                 linewidth=2,
+                marker=shape if len(names) > 1 else None,
+                markerfacecolor="none",
                 label=f"aggregated {name}" if len(names) > 1 else "aggregated (weighted)",
             )
+        for a in (a for a in mine if a.get("validation")):
+            ax.plot(
+                a["round"],
+                a["value"],
+                marker="*",
+                markersize=18,
+                markeredgecolor="white",
+                color="black",
+                linestyle="none",
+                label=None if starred else "validation round (weighted)",
+            )
+            short = name.removeprefix("global_val_")
+            ax.annotate(
+                f"{short} {a['value']:.4g}" if len(names) > 1 else f"{a['value']:.4g}",
+                (a["round"], a["value"]),
+                xytext=(10, -3),
+                textcoords="offset points",
+                fontsize=8,
+                fontweight="bold",
+            )
+            starred = True
     _mark_problems(ax, data)
+    _mark_rounds(ax, data, describe=describe)
     ax.set_title(title)
     ax.set_xlabel("round")
+    _legend(ax)
+
+
+def _legend(ax: Any) -> None:
+    """The panel's legend, right of the plot (the panels keep one width)."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", ncol=2)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _mark_rounds(ax: Any, data: dict[str, Any], *, describe: bool = False) -> None:
+    """Validation-only rounds shaded; a dotted line where the researcher changed settings
+    or replaced the parameters (between the rounds), with what changed when ``describe``."""
+    for i, rnd in enumerate(data.get("validation_rounds", ())):
+        ax.axvspan(
+            rnd - 0.45,
+            rnd + 0.45,
+            color="#8fbcd4",
+            alpha=0.2,
+            label="validation only (nothing trained)" if i == 0 else None,
+        )
+    by_gap: dict[int, list[str]] = {}
+    for change in data.get("changes", ()):
+        if change["kind"] == "params":
+            text = f"params replaced ({change['sha256'][:12]})"
+        else:
+            text = change["text"]
+        by_gap.setdefault(change["after_round"], []).append(text)
+    transform = ax.get_xaxis_transform()
+    for i, (after, texts) in enumerate(sorted(by_gap.items())):
+        x = after + 0.5
+        ax.axvline(
+            x,
+            color="purple",
+            linestyle=":",
+            linewidth=1.5,
+            label="settings changed / params replaced" if i == 0 else None,
+        )
+        if describe:
+            lines = [f"after round {after}:"]
+            for text in texts:
+                lines.extend(textwrap.wrap(text, 48, subsequent_indent="  "))
+            ax.text(
+                x + 0.03,
+                0.97,
+                "\n".join(lines),
+                transform=transform,
+                fontsize=7,
+                color="purple",
+                va="top",
+                ha="left",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "purple"},
+            )
 
 
 def _mark_problems(ax: Any, data: dict[str, Any]) -> None:
@@ -188,32 +310,45 @@ def _timing_panel(ax: Any, data: dict[str, Any]) -> None:
             heights.append(t[key])
         ax.bar(xs, heights, width * 0.9, bottom=bottoms, color=color, label=label)
     _mark_problems(ax, data)
+    _mark_rounds(ax, data)
     ax.set_title("time per node and round (bars: nodes in order " + ", ".join(nodes) + ")")
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
-    ax.legend(fontsize="small")
+    _legend(ax)
 
 
 def render_png(data: dict[str, Any], *, dpi: int = 100) -> bytes:
     """The report's figure as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     metrics = sorted({p["metric"] for p in data["points"]})
     validation = [m for m in metrics if m.startswith(VALIDATION_PREFIXES)]
-    fig = Figure(figsize=(10, 12), dpi=dpi)
+    fig = Figure(figsize=(10, 12), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     loss, val, timing = fig.subplots(3, 1)
-    _metric_panel(loss, data, [m for m in ("train_loss",) if m in metrics], "training loss")
+    _metric_panel(
+        loss,
+        data,
+        [m for m in ("train_loss",) if m in metrics],
+        "training loss",
+        describe=True,
+    )
     _metric_panel(val, data, validation, "validation metrics")
     _timing_panel(timing, data)
     last = max((r["round"] for r in data["rounds"]), default=1)
+    validating = set(data.get("validation_rounds", ()))
+
+    def tick(x: float, _pos: Any) -> str:
+        n = round(x)
+        return f"{n}\nvalidation" if n in validating and abs(x - n) < 1e-9 else f"{n}"
+
     for ax in (loss, val, timing):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(tick))
         ax.set_xlim(0.5, last + 0.5)
     fig.suptitle(f"job {data['job_id']} ({data['status']})")
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -225,7 +360,17 @@ def render_png(data: dict[str, Any], *, dpi: int = 100) -> bytes:
 def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
     rows = []
     for r in data["rounds"]:
+        for change in r["changes_before"]:
+            rows.append(
+                '<tr class="change"><td colspan="8">'
+                + html.escape(f"after round {change['after_round']}: {change['text']}")
+                + f" (seq {change['seq']})</td></tr>"
+            )
         agg = r["aggregate"]
+        if r["validation"]:
+            outcome = "validation only: " + r["params_sha256"][:16] + " validated"
+        else:
+            outcome = agg["params_sha256"][:16] if agg else "not aggregated"
         failed = ", ".join(f["node"] for f in r["failures"]) or "-"
         missing = ", ".join(r["timed_out"]["missing"]) if r["timed_out"] else "-"
         rows.append(
@@ -234,12 +379,13 @@ def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
                 f"<td>{html.escape(str(c))}</td>"
                 for c in (
                     r["round"],
+                    "validation" if r["validation"] else "training",
                     len(r["asked"]),
                     len(r["replies"]),
                     failed,
                     missing,
                     " ".join(f"{k}={v:.4g}" for k, v in r["aggregated_metrics"].items()),
-                    agg["params_sha256"][:16] if agg else "not aggregated",
+                    outcome,
                 )
             )
             + "</tr>"
@@ -251,13 +397,13 @@ def _html(data: dict[str, Any], png: bytes, log: Path) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
-table{{border-collapse:collapse}}img{{max-width:100%}}</style></head>
+table{{border-collapse:collapse}}img{{max-width:100%}}tr.change td{{color:purple}}</style></head>
 <body><h1>{title}</h1>
 <p>log <code>{html.escape(str(log))}</code>, status {html.escape(data["status"])},
 final parameters <code>{html.escape(str(data["final_params_sha256"]))}</code>.
 Check it with <code>fedsm replay LOG --verify --repo DIR</code>.</p>
-<table><tr><th>round</th><th>asked</th><th>replied</th><th>failed</th><th>timed out</th>
-<th>sample-weighted metrics</th><th>aggregate</th></tr>
+<table><tr><th>round</th><th>kind</th><th>asked</th><th>replied</th><th>failed</th>
+<th>timed out</th><th>sample-weighted metrics</th><th>aggregate</th></tr>
 {chr(10).join(rows)}
 </table>
 <p><img alt="training curves and timing" src="data:image/png;base64,{image}"></p>
