@@ -236,6 +236,16 @@ def test_run_with_increase_raises_the_round_limit_and_reopens_a_completed_job(
         assert exp.round_limit == 3
     finally:
         exp.close()
+    # with a final validation: run(n, increase=True) ends completed too
+    exp = _experiment(world, tmp_path / "run-validating", round_limit=1)
+    try:
+        exp.run(rounds=1)
+        assert exp.job.state.status == "completed" and exp.job.state.round == 2
+        exp.run(rounds=1, increase=True)  # round 3 trains, round 4 validates
+        assert exp.job.state.status == "completed" and exp.job.state.round == 4
+        assert [s["round"] for s in exp.history() if s["validation"]] == [2, 4]
+    finally:
+        exp.close()
     changes = [e.changes for e in _events(tmp_path / "run") if isinstance(e, SettingsChanged)]
     assert changes == [{"round_limit": 3}]
 

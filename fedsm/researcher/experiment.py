@@ -265,6 +265,8 @@ class Experiment:
                 if state.status.between_rounds and state.round >= state.round_limit:
                     if not state.final_validation_due:
                         job.step()  # record JobCompleted with the last round
+                elif state.status.in_round and not state.round_do_training:
+                    job.step()  # the final validation is over: record JobCompleted
                 summary = history[-1]
                 self._report(summary)
                 return summary
