@@ -304,3 +304,30 @@ def test_keep_files_dir_holds_the_files_and_a_resume_finds_them_or_fetches_them(
         assert resumed.final_params_path().is_file()
     finally:
         resumed.close()
+
+
+def test_the_seeds_repo_last_msg_and_upload_aggregator_args(world, tmp_path: Path) -> None:
+    exp = _experiment(world, tmp_path / "run", round_limit=1, training_args=TRAINING_ARGS)
+    try:
+        job = exp.job
+        assert job.repo is job.repository is world.repository
+        assert job.last_msg is None
+        exp.run()
+        assert job.last_msg is not None and job.last_msg.command == "train-reply"
+        seq = job.last_seq
+        correction = tmp_path / "correction.bin"
+        correction.write_bytes(b"per-node state")
+        msg = job.upload_aggregator_args(
+            {"node-1": {"mu": 0.1}},
+            {"node-1": {"c": {"w": torch.ones(2)}, "f": correction, "aggregator_name": "x"}},
+        )
+        assert msg["node-1"]["mu"] == 0.1 and "aggregator_name" not in msg["node-1"]
+        for name in ("c", "f"):
+            entry = msg["node-1"][name]
+            assert entry["arg_name"] == name and Path(entry["filename"]).is_file()
+            assert world.repository.exists(entry["sha256"])
+            assert entry["url"] == world.repository.url_for(entry["sha256"])
+        assert Path(msg["node-1"]["f"]["filename"]).read_bytes() == b"per-node state"
+        assert job.last_seq == seq  # nothing about the job changed
+    finally:
+        exp.close()

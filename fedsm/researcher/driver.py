@@ -72,6 +72,7 @@ class RoundDriver:
     def __init__(self, job: Job) -> None:
         self.job = job
         self._uploaded: set[str] = set()  # digests known to be in the repository
+        self.last_message: Any = None  # the seed's Job.last_msg
         self._like: tuple[str, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ uploads
@@ -312,6 +313,7 @@ class RoundDriver:
             message = job.requests.next_message(max(0.0, remaining))
             if message is None:
                 continue
+            self.last_message = message
             verdict = classify(job.state, message)
             if verdict.event is None:
                 log.debug(

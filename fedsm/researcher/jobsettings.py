@@ -123,6 +123,39 @@ class JobSettings(JobViews):
         self._record(ParamsUploaded(round=self._state.round, sha256=sha))
         return str(path), self._repo.url_for(sha)
 
+    def upload_aggregator_args(
+        self,
+        args_thr_msg: dict[str, dict[str, Any]],
+        args_thr_files: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, dict[str, Any]]:
+        """The seed's ``upload_aggregator_args``: keep and upload each file argument (tensors,
+        or a file's ``pathlib.Path``) and name it in ``args_thr_msg[node][name]`` as
+        ``{"arg_name", "filename", "url", "sha256"}``; return ``args_thr_msg``.
+
+        ``start_nodes_training_round(round, args_thr_msg, args_thr_files)`` does this itself
+        (recorded in ``RoundSent``, uploaded when the round is published); this call is for
+        code written against the seed.
+        """
+        for node, heavy in args_thr_files.items():
+            for name, value in heavy.items():
+                if name == "aggregator_name":
+                    continue
+                if isinstance(value, (str, Path)) and Path(value).is_file():
+                    path, url = self.update_parameters(
+                        filename=value, is_model_params=False, variable_name=name
+                    )
+                else:
+                    path, url = self.update_parameters(
+                        params=value, is_model_params=False, variable_name=name
+                    )
+                args_thr_msg.setdefault(node, {})[name] = {
+                    "arg_name": name,
+                    "filename": path,
+                    "url": url,
+                    "sha256": Path(path).name,
+                }
+        return args_thr_msg
+
     # ------------------------------------------------------------------ settings
 
     def change_settings(

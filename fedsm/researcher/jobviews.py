@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedsm.log.writer import EventLog
+    from fedsm.researcher.driver import RoundDriver
     from fedsm.researcher.setup import JobFiles
     from fedsm.training.plan import TorchTrainingPlan
 
@@ -122,6 +123,7 @@ class JobViews:
     _log: EventLog
     _plan_source: str
     _data: FederatedDataSet
+    _driver: RoundDriver
 
     @property
     def id(self) -> str:
@@ -160,6 +162,17 @@ class JobViews:
     def repository(self) -> Repository:
         """The file repository the job uploads to and downloads from."""
         return self._repo
+
+    @property
+    def repo(self) -> Repository:
+        """The seed's name for :attr:`repository`."""
+        return self._repo
+
+    @property
+    def last_msg(self) -> Any:
+        """The seed's ``last_msg``: the last node message this process took in (a reply,
+        counted or not), or None. What counts is in the log (``fedsm replay``)."""
+        return self._driver.last_message
 
     @property
     def training_plan_name(self) -> str:
