@@ -331,3 +331,30 @@ def test_the_seeds_repo_last_msg_and_upload_aggregator_args(world, tmp_path: Pat
         assert job.last_seq == seq  # nothing about the job changed
     finally:
         exp.close()
+
+
+def test_a_kill_right_after_the_round_limit_is_raised_resumes_to_the_same_bytes(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = _experiment(world, tmp_path / "reference", round_limit=1)
+    try:
+        reference.run()
+        expected = reference.run(rounds=1, increase=True)
+    finally:
+        reference.close()
+    run = tmp_path / "run"
+    exp = _experiment(world, run, round_limit=1)
+    exp.run()
+    with monkeypatch.context() as patch:
+        _kill_after(patch, lambda e: isinstance(e, SettingsChanged))
+        with pytest.raises(Killed):
+            exp.run(rounds=1, increase=True)
+    exp.close()
+    resumed = _resume(world, run)  # the raised limit is in the log: run() carries on
+    try:
+        assert resumed.run() == expected and resumed.job.state.status == "completed"
+    finally:
+        resumed.close()
+    assert [e for e in _events(run) if isinstance(e, SettingsChanged)] == [
+        SettingsChanged(round=2, changes={"round_limit": 3})
+    ]
