@@ -10,11 +10,11 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies_events import any_event, digest, events_of
 
 from fedsm.core import events as ev
 from fedsm.core.eventschema import EventDecodeError
 from fedsm.errors import FedsmError
+from fedsm.testing.strategies import any_event, digest, events_of
 
 
 def _wire_round_trip(event: ev.Event) -> ev.Event:

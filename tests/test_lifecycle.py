@@ -14,13 +14,13 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from strategies_events import any_event, digest, job_run
 
 from fedsm.core import events as ev
 from fedsm.core import lifecycle as lc
 from fedsm.core import policy
 from fedsm.core.jobstate import ACTIVE_STATES, TERMINAL_STATES, JobStatus
 from fedsm.log.writer import EventLog
+from fedsm.testing.strategies import any_event, digest, job_run
 
 
 def _until(events: list[ev.Event], type_name: str, nth: int = 1) -> tuple[lc.JobState, int]:

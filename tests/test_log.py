@@ -13,7 +13,6 @@ import pytest
 from hypothesis import event as note
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies_events import any_event, job_run
 
 from fedsm.core import events as ev
 from fedsm.log.format import HEADER_SIZE
@@ -27,6 +26,7 @@ from fedsm.log.read import (
     verify,
 )
 from fedsm.log.writer import EventLog
+from fedsm.testing.strategies import any_event, job_run
 
 EVENTS = job_run(rounds=1, nodes=3)  # 9 events of 150-450 bytes
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
 import pytest
 from hypothesis import given
@@ -11,7 +9,6 @@ from hypothesis import strategies as st
 
 from fedsm.core.messages import (
     BROADCAST,
-    MESSAGE_TYPES,
     ErrorReply,
     ListReply,
     Message,
@@ -21,54 +18,7 @@ from fedsm.core.messages import (
 )
 from fedsm.core.protocol import decode, encode
 from fedsm.core.protocol_errors import ErrorNumber, MessageDecodeError, MessageTooLarge
-
-ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}\Z")
-hexes = st.from_regex(r"\A[0-9a-f]{64}\Z")
-texts = st.text(max_size=40)
-finite = st.floats(allow_nan=False, allow_infinity=False)
-plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | finite | texts,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-    max_leaves=10,
-)
-
-heads = st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes})
-
-KIND_STRATEGIES = {
-    "id": ids,
-    "str": texts,
-    "text": texts,
-    "opt_str": st.none() | texts,
-    "sha256": hexes,
-    "opt_sha256": st.none() | hexes,
-    "int": st.integers(-(2**63), 2**63 - 1),
-    "nonneg_int": st.integers(0, 2**63 - 1),
-    "float": finite,
-    "bool": st.booleans(),
-    "str_list": st.lists(texts, max_size=5).map(tuple),
-    "map": st.dictionaries(texts, plain, max_size=5),
-    "float_map": st.dictionaries(texts, finite, max_size=5),
-    "map_list": st.lists(st.dictionaries(texts, plain, max_size=3), max_size=3).map(tuple),
-    "head": st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes}),
-    "opt_head": st.none()
-    | st.fixed_dictionaries({"seq": st.integers(0, 2**63 - 1), "hash": hexes}),
-}
-
-
-def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
-    fields = {}
-    for f in dataclasses.fields(cls):
-        kind = f.metadata["kind"]
-        strategy = KIND_STRATEGIES.get(kind, ids)
-        if f.name == "node_id":
-            strategy = (ids | st.just(BROADCAST)) if cls.is_request else ids
-        if f.name == "status":
-            strategy = st.sampled_from(sorted(cls.STATUSES))  # type: ignore[attr-defined]
-        fields[f.name] = strategy
-    return st.builds(cls, **fields)
-
-
-any_message = st.one_of([message_strategy(cls) for cls in MESSAGE_TYPES.values()])
+from fedsm.testing.strategies import any_message
 
 
 @given(any_message)

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from strategies_events import digest, job_run
 
 from fedsm.log.read import scan
 from fedsm.log.writer import EventLog
+from fedsm.testing.strategies import digest, job_run
 
 EVENTS = job_run(rounds=2, nodes=3)
 
