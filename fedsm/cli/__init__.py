@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from fedsm.errors import FedsmError
 
 # Sub-command modules, in the order of ``fedsm --help``.
-_COMMANDS = ("demo", "node", "repo", "replay", "report")
+_COMMANDS = ("check", "demo", "node", "repo", "replay", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
