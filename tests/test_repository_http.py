@@ -39,7 +39,6 @@ from fedsm.repository import (
     InvalidRepositoryUrl,
     LocalRepository,
     Repository,
-    RepositoryRejected,
     RepositoryServer,
     RepositoryUnauthorized,
     RepositoryUnreachable,
@@ -100,17 +99,6 @@ def _sha(data: bytes) -> str:
 # -- round trip -------------------------------------------------------------------------------
 
 
-# HttpRepository.upload_file cannot upload an empty file: requests sends a 0-byte file body
-# with "Transfer-Encoding: chunked" beside our Content-Length, and the server answers 411.
-# Strict, so these turn into failures (remove the marks) once fedsm/repository/http.py sends
-# b"" for an empty file.
-_EMPTY_UPLOAD_REFUSED = pytest.mark.xfail(
-    raises=RepositoryRejected,
-    strict=True,
-    reason="HttpRepository cannot upload an empty file (411: chunked body for 0 bytes)",
-)
-
-
 class TestHttpRepositoryContract(RepositoryContract):
     """The shared repository scenarios, on an HttpRepository talking to a RepositoryServer
     (on 127.0.0.1, a free port, with a token; every request with a timeout)."""
@@ -128,18 +116,6 @@ class TestHttpRepositoryContract(RepositoryContract):
 
     def stored_digests(self, repository: Repository) -> list[str]:
         return _stored(self.store)
-
-    @_EMPTY_UPLOAD_REFUSED
-    def test_empty_file_round_trips(self, repository: Repository, work: Path) -> None:
-        super().test_empty_file_round_trips(repository, work)
-
-    @_EMPTY_UPLOAD_REFUSED
-    def test_any_bytes_round_trip(self, repository: Repository, work: Path) -> None:
-        super().test_any_bytes_round_trip(repository, work)
-
-    @_EMPTY_UPLOAD_REFUSED
-    def test_many_files_each_give_their_own_bytes(self, repository: Repository, work: Path) -> None:
-        super().test_many_files_each_give_their_own_bytes(repository, work)
 
 
 def test_url_form_store_layout_and_download_dir(

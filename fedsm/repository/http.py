@@ -296,7 +296,9 @@ class HttpRepository(Repository):
             with open(path, "rb") as body:
                 response = self._session().put(
                     url,
-                    data=body,
+                    # requests sends an empty file object chunked, which the server refuses
+                    # (411): an empty file goes as an empty body with its Content-Length.
+                    data=body if size else b"",
                     headers={
                         "Content-Type": "application/octet-stream",
                         "Content-Length": str(size),
