@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import event as note
-from hypothesis import given
-from hypothesis import strategies as st
 
 from fedsm.core import events as ev
 from fedsm.log.format import HEADER_SIZE
@@ -26,7 +22,7 @@ from fedsm.log.read import (
     verify,
 )
 from fedsm.log.writer import EventLog
-from fedsm.testing.strategies import any_event, job_run
+from fedsm.testing.strategies import job_run
 
 EVENTS = job_run(rounds=1, nodes=3)  # 9 events of 150-450 bytes
 
@@ -469,94 +465,5 @@ def test_the_first_read_after_open_hands_out_the_records_open_decoded(
     ]
 
 
-# --------------------------------------------------------------------------- every reader agrees
-
-
-def _outcome(read: object) -> tuple[object, ...]:
-    try:
-        return ("read", read())  # type: ignore[operator]
-    except LogCorrupted as exc:
-        return ("corrupted", exc.offset, exc.seq)
-    except LogFormatError:
-        return ("not a log",)
-
-
-def _rows(records: list[object]) -> list[tuple[object, ...]]:
-    return [(r.seq, r.ts, r.event, r.offset, r.hash) for r in records]  # type: ignore[attr-defined]
-
-
-@given(events=st.lists(any_event, min_size=1, max_size=5), data=st.data())
-def test_every_reader_agrees_on_a_damaged_log(events: list[ev.Event], data: st.DataObject) -> None:
-    """Truncated at any byte, with any bit flipped, or with a record whose event does not
-    decode, a log reads the same through `scan`, `EventLog.open` + `records()` and `verify`:
-    the same good records and torn tail, or the same refusal at the same offset and seq,
-    which `verify` reports as its first finding."""
-    with tempfile.TemporaryDirectory(prefix="fedsm-log-") as tmp:
-        directory = Path(tmp)
-        source = directory / "source.log"
-        with EventLog.open(source, durability="never") as log:
-            for i, event in enumerate(events):
-                log.append(event, ts=1000.0 + i)
-        intact = source.read_bytes()
-        starts = [r.offset for r in scan(source).records] + [len(intact)]
-        kind = data.draw(st.sampled_from(["truncate", "flip", "bad event"]), label="kind")
-        where = data.draw(st.sampled_from(["record"] * 4 + ["header"]), label="where")
-        if where == "header" and kind != "bad event":
-            at = data.draw(st.integers(0, HEADER_SIZE - 1), label="header byte")
-        else:  # somewhere in a record: pick the record, then the byte
-            index = data.draw(st.integers(0, len(events) - 1), label="record")
-            size = starts[index + 1] - starts[index]
-            at = starts[index] + data.draw(st.integers(0, size - 1), label="byte of it")
-        if kind == "truncate":
-            # An empty file is not damage: opening it creates a new log.
-            damaged = intact[: max(at, 1)]
-        elif kind == "flip":
-            flipped = bytearray(intact)
-            flipped[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
-            damaged = bytes(flipped)
-        else:  # a sound frame, checksum and chain whose event does not decode
-            payloads = _payloads(intact, starts)
-            bad = data.draw(st.sampled_from(sorted(BAD_EVENTS)), label="bad event")
-            payloads[index] = {**BAD_EVENTS[bad], "ts": 1.0}
-            damaged = _chained(intact[:HEADER_SIZE], payloads)[0]
-        path = directory / "job.log"
-        path.write_bytes(damaged)
-
-        def read_scan() -> tuple[object, ...]:
-            view = scan(path)
-            return _rows(view.records), view.torn and (view.torn.offset, view.torn.last_good_seq)
-
-        scanned = _outcome(read_scan)
-        copy = directory / "copy.log"
-        copy.write_bytes(damaged)
-
-        def read_open() -> tuple[object, ...]:
-            with EventLog.open(copy, repair=False) as log:  # refuses here or never
-                torn = log.recovery and (log.recovery.offset, log.recovery.last_good_seq)
-                try:
-                    return _rows(list(log.records())), torn
-                except LogError as exc:
-                    raise AssertionError(f"open took a log records() refuses: {exc}") from exc
-
-        opened = _outcome(read_open)
-        findings = verify(path)
-        assert path.read_bytes() == damaged, "readers must not modify the log"
-
-        assert opened == scanned
-        note(f"{scanned[0]}{', torn tail' if scanned[0] == 'read' and scanned[1][1] else ''}")
-        errors = [f for f in findings if f.error]
-        assert bool(errors) == (scanned[0] != "read")
-        if scanned[0] == "read":
-            _rows_read, torn = scanned[1]
-            assert findings == [] if torn is None else len(findings) == 1
-            if torn is not None:
-                assert (findings[0].offset, findings[0].seq - 1) == torn
-                assert copy.read_bytes() == damaged[: torn[0]]
-                assert copy.with_name(f"copy.log.torn-{torn[0]}").read_bytes() == damaged[torn[0] :]
-            else:
-                assert copy.read_bytes() == damaged
-        else:
-            assert findings[0].error, "the first finding is where the others refuse"
-            if scanned[0] == "corrupted":
-                assert (findings[0].offset, findings[0].seq) == scanned[1:]
-            assert copy.read_bytes() == damaged, "a refused open must not modify the log"
+# Every reader (scan, EventLog.open + records(), verify) agrees on a damaged log: the property
+# is fedsm.testing.LogReaderContract, run on fedsm's readers in tests/test_testing_logreader.py.
