@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fedsm.digests import sha256_file as file_sha256
 from fedsm.strategies.fedavg import AggregationError, FedAvg, FedAvgAccumulator, fedavg
+from fedsm.testing.strategy import StrategyContract
 from fedsm.training.params import ParamsFileError, load_params, save_params
 
 
@@ -177,3 +178,12 @@ def test_fedavg_needs_no_aggregator_args_and_has_no_state():
     assert agg.name == "fedavg"
     assert agg.create_aggregator_args(round_number=1, node_ids=["a", "b"]) == ({}, {})
     assert agg.state() == {}
+
+
+class TestFedAvgContract(StrategyContract):
+    """FedAvg keeps the contract of every strategy (fedsm.testing.StrategyContract)."""
+
+    __test__ = True
+
+    def make_strategy(self) -> FedAvg:
+        return FedAvg()
