@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from test_protocol_stateful import NODES, ScriptedNode
 
 from fedsm.core.messages import TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
@@ -16,9 +15,12 @@ from fedsm.repository import LocalRepository
 from fedsm.researcher.job import Job
 from fedsm.researcher.requests import FederatedDataSet, Requests
 from fedsm.strategies.fedavg import FedAvg
+from fedsm.testing.machine import ScriptedNode
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.training.params import load_params, save_params
 from fedsm.transport import MemoryBroker, MemoryBus
+
+NODES = ("node-a", "node-b", "node-c")
 
 
 def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Path) -> None:
@@ -98,7 +100,9 @@ class Scripted:
         self.tmp = tmp_path
         self.broker = MemoryBroker()
         self.repo = LocalRepository(tmp_path / "repository")
-        self.nodes = {n: ScriptedNode(self.broker, n) for n in NODES}  # they approve
+        self.nodes = {  # they approve the plan and keep the train requests they get
+            n: ScriptedNode(MemoryBus(self.broker, n, role="node"), n) for n in NODES
+        }
         self.researcher = MemoryBus(self.broker, "researcher-bad", role="researcher")
         plan = tmp_path / "plan.py"
         BreastCancerPlan().save_code(plan)
