@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from fedsm.errors import FedsmError
 
 # Sub-command modules, in the order of ``fedsm --help``.
-_COMMANDS = ("check", "demo", "node", "repo", "replay", "report")
+_COMMANDS = ("check", "demo", "log", "node", "plan", "repo", "replay", "report")
+
+
+def _version() -> str:
+    from fedsm import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated learning with an event-sourced, replayable job lifecycle.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"fedsm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"fedsm.cli.{name}").register(sub)

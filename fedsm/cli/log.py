@@ -1,0 +1,9 @@
+"""``fedsm log ...``: explicit operations on a job log (being built)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Nothing yet: the sub-command is being written."""
