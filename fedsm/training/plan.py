@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import linecache
 import logging
 import math
 import os
 import sys
 import textwrap
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,102 @@ def _check_import_line(line: str) -> str:
             f"dependency {line!r} must be a single 'import x' or 'from x import y' statement"
         )
     return stripped
+
+
+def _own_functions(klass: type) -> list[types.FunctionType]:
+    """The functions written in ``klass``'s own class body (methods, static/class methods,
+    property accessors), unwrapped from decorators; not functions assigned from elsewhere."""
+    found = []
+    prefix = f"{klass.__qualname__}."
+    for value in vars(klass).values():
+        candidates: list[Any] = [value]
+        if isinstance(value, (staticmethod, classmethod)):
+            candidates = [value.__func__]
+        elif isinstance(value, property):
+            candidates = [value.fget, value.fset, value.fdel]
+        for candidate in candidates:
+            try:
+                func = inspect.unwrap(candidate) if callable(candidate) else candidate
+            except ValueError:  # a __wrapped__ cycle
+                continue
+            if isinstance(func, types.FunctionType) and func.__qualname__.startswith(prefix):
+                found.append(func)
+    return found
+
+
+def _same_file(a: str, b: str | None) -> bool:
+    if b is None:
+        return False
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _class_source(klass: type) -> str:
+    """The text of ``klass``'s class statement (decorators included), as written.
+
+    A class whose file ``inspect`` reads (and where its methods were compiled from) gives
+    exactly what ``inspect.getsource`` gives, so plans saved from files keep their digests.
+    Otherwise (a class typed in an IPython/Jupyter cell: ``__main__`` has no file, and the
+    cell's text is in ``linecache`` under the name its code was compiled with, e.g.
+    ``<ipython-input-3-...>``), the statement is found by parsing that text: the class of
+    that name whose lines hold every one of its methods.
+    """
+    functions = _own_functions(klass)
+    filenames = sorted({func.__code__.co_filename for func in functions})
+    if len(filenames) > 1:
+        raise PlanError(
+            f"cannot read the source of {klass.__name__}: its methods come from several "
+            f"sources {filenames}; define the class in one file or one cell"
+        )
+    try:
+        inspected_file: str | None = inspect.getsourcefile(klass)
+    except (OSError, TypeError):
+        inspected_file = None
+    if not filenames or _same_file(filenames[0], inspected_file):
+        try:
+            return inspect.getsource(klass)
+        except (OSError, TypeError) as exc:
+            if not filenames:
+                raise PlanError(
+                    f"cannot read the source of {klass.__name__}: define the plan in a .py "
+                    f"file or a notebook cell (inspect said: {exc})"
+                ) from exc
+    return _class_source_from_lines(klass, filenames[0], functions)
+
+
+def _class_source_from_lines(
+    klass: type, filename: str, functions: list[types.FunctionType]
+) -> str:
+    """The class statement of ``klass`` in the text ``linecache`` holds for ``filename``."""
+    name = klass.__name__
+    lines = linecache.getlines(filename)
+    if not lines:
+        raise PlanError(
+            f"cannot read the source of {name}: its code comes from {filename!r}, whose text is "
+            "not available (define the plan in a .py file or a notebook cell)"
+        )
+    try:
+        tree = ast.parse("".join(lines))
+    except SyntaxError as exc:
+        raise PlanError(f"cannot read the source of {name}: {filename!r} does not parse") from exc
+    first_lines = {func.__code__.co_firstlineno for func in functions}
+    firstlineno = vars(klass).get("__firstlineno__")  # Python 3.13+
+    matches = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef) or node.name != name:
+            continue
+        start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        end = node.end_lineno or node.lineno
+        if all(start <= line <= end for line in first_lines) and (
+            not isinstance(firstlineno, int) or firstlineno in (start, node.lineno)
+        ):
+            matches.append((start, end))
+    if len(matches) != 1:
+        raise PlanError(
+            f"cannot read the source of {name}: {len(matches)} class statements named {name} "
+            f"in {filename!r} hold its methods"
+        )
+    start, end = matches[0]
+    return "".join(lines[start - 1 : end])
 
 
 class TorchTrainingPlan:
@@ -257,10 +355,16 @@ class TorchTrainingPlan:
         imports, :meth:`init_dependencies`' lines, then the source of the class and of any
         intermediate base classes between it and ``TorchTrainingPlan``.
 
+        A class defined in an IPython or Jupyter cell has no file ``inspect`` can read; its
+        class statement is then cut out of the cell's text, which IPython keeps in
+        ``linecache``, found through the code objects of the class's own methods. The cell's
+        number is not part of the source: the same cell gives the same source in any session.
+
         Raises
         ------
         PlanError
-            The class source is not available (e.g. defined interactively).
+            The class source is not available (e.g. typed at a plain ``python`` prompt, or
+            built by ``exec`` of a string).
         """
         cls = type(self)
         module = sys.modules.get(cls.__module__)
@@ -273,15 +377,7 @@ class TorchTrainingPlan:
             for klass in reversed(cls.__mro__)
             if klass is not TorchTrainingPlan and issubclass(klass, TorchTrainingPlan)
         ]
-        blocks = []
-        for klass in chain:
-            try:
-                blocks.append(textwrap.dedent(inspect.getsource(klass)).rstrip() + "\n")
-            except (OSError, TypeError) as exc:
-                raise PlanError(
-                    f"cannot read the source of {klass.__name__}: define the plan in a .py file "
-                    f"(inspect said: {exc})"
-                ) from exc
+        blocks = [textwrap.dedent(_class_source(klass)).rstrip() + "\n" for klass in chain]
         lines = [
             f'"""Training plan {cls.__name__}, written by fedsm TorchTrainingPlan.save_code."""',
             "",
