@@ -4,15 +4,26 @@
 queue; the Job and the helpers here take from it with a deadline (``queue.get(timeout=...)``),
 so waiting never spins. Replies nobody is waiting for (late, duplicated, for another request)
 are logged at DEBUG and dropped.
+
+Discovery: a researcher's bus learns which nodes are online only as they announce themselves
+(over MQTT, their retained status arrives some milliseconds after the bus connects; a node
+started later announces itself then). So a search has a *discovery window*
+(``discovery_s``, default :data:`DISCOVERY_S`): during it, every node seen coming online is
+sent the request too, and the search ends early once the nodes it was given all answered, or
+``min_nodes`` nodes have a matching dataset and every online node answered. After the window,
+nodes online and asked are waited for up to ``deadline_s`` each. Every wait is bounded by
+``discovery_s + deadline_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedsm.core.messages import (
@@ -31,9 +42,22 @@ from fedsm.core.messages import (
 from fedsm.errors import FedsmError
 from fedsm.transport.base import Bus
 
-__all__ = ["Requests", "FederatedDataSet", "FederatedDataSetError", "new_id"]
+__all__ = [
+    "DISCOVERY_S",
+    "FederatedDataSet",
+    "FederatedDataSetError",
+    "Requests",
+    "SearchSummary",
+    "new_id",
+]
 
 log = logging.getLogger(__name__)
+
+#: Default discovery window of a search, in seconds: how long nodes have to announce
+#: themselves (ended early when the expected nodes, or ``min_nodes``, answered).
+DISCOVERY_S = 5.0
+#: How often a discovery looks for nodes that came online (it also wakes on every reply).
+_POLL_S = 0.05
 
 
 def new_id(prefix: str) -> str:
@@ -120,6 +144,41 @@ class FederatedDataSet:
         return f"FederatedDataSet({self.node_ids()})"
 
 
+@dataclass(frozen=True)
+class SearchSummary:
+    """What a search saw: the nodes with a matching dataset (``found``), those that answered,
+    those online when it ended, the nodes it was given (``expected``, None for a broadcast)
+    and how long it took. :attr:`Requests.last_search` holds the last one."""
+
+    tags: tuple[str, ...]
+    found: tuple[str, ...]
+    answered: tuple[str, ...]
+    online: tuple[str, ...]
+    expected: tuple[str, ...] | None
+    elapsed_s: float
+    discovery_s: float
+    ended_early: bool
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The expected nodes that did not answer."""
+        return tuple(n for n in self.expected or () if n not in self.answered)
+
+    def line(self) -> str:
+        """One line for a terminal or a log."""
+        shown = ", ".join(self.found[:10]) + (", ..." if len(self.found) > 10 else "")
+        nodes = f" ({shown})" if self.found else ""
+        how = "ended early" if self.ended_early else f"discovery window {self.discovery_s:g} s"
+        text = (
+            f"search {list(self.tags)}: {len(self.found)} node(s) with a matching dataset{nodes}; "
+            f"{len(self.answered)} answered, {len(self.online)} online, "
+            f"in {self.elapsed_s:.1f} s ({how})"
+        )
+        if self.missing:
+            text += f"; no answer from {list(self.missing)}"
+        return text
+
+
 class Requests:
     """Send requests to nodes and collect their replies, with deadlines.
 
@@ -129,6 +188,8 @@ class Requests:
         The researcher's bus (its ``participant_id`` is the researcher id).
     default_deadline_s:
         How long ping/list/search wait for nodes that are online but have not answered.
+    default_discovery_s:
+        The discovery window of :meth:`search` when none is given (see the module's doc).
     clock:
         Wall clock for the ``deadline`` field of requests (seconds since the epoch).
     """
@@ -138,12 +199,16 @@ class Requests:
         bus: Bus,
         *,
         default_deadline_s: float = 10.0,
+        default_discovery_s: float = DISCOVERY_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
         self.researcher_id = bus.participant_id
         self.default_deadline_s = default_deadline_s
+        self.default_discovery_s = _seconds("default_discovery_s", default_discovery_s)
         self.clock = clock
+        #: What the last :meth:`search` saw (None before the first).
+        self.last_search: SearchSummary | None = None
         self._inbox: queue.Queue[Message] = queue.Queue()
         bus.subscribe(self._inbox.put)
 
@@ -226,19 +291,40 @@ class Requests:
     # ------------------------------------------------------------------ the seed's requests
 
     def ping_nodes(
-        self, nodes: Iterable[str] | None = None, deadline_s: float | None = None
+        self,
+        nodes: Iterable[str] | None = None,
+        deadline_s: float | None = None,
+        *,
+        discovery_s: float = 0.0,
     ) -> dict[str, float]:
-        """Round-trip time in seconds of every node that answered."""
+        """Round-trip time in seconds of every node that answered.
+
+        ``discovery_s`` (default none) gives nodes that long to come online and answer; the
+        wait ends early once every node of ``nodes`` answered.
+        """
         start = time.monotonic()
-        replies = self.ask(PingRequest, nodes, deadline_s)
+        if discovery_s:
+            replies = self._discover(PingRequest, nodes, deadline_s, discovery_s, None)[0]
+        else:
+            replies = self.ask(PingRequest, nodes, deadline_s)
         elapsed = time.monotonic() - start
         return {node: elapsed for node, reply in replies.items() if isinstance(reply, PingReply)}
 
     def list(
-        self, nodes: Iterable[str] | None = None, deadline_s: float | None = None
+        self,
+        nodes: Iterable[str] | None = None,
+        deadline_s: float | None = None,
+        *,
+        discovery_s: float = 0.0,
     ) -> dict[str, list[dict[str, Any]]]:
-        """The datasets of every node that answered (paths are never sent by nodes)."""
-        replies = self.ask(ListRequest, nodes, deadline_s)
+        """The datasets of every node that answered (paths are never sent by nodes).
+
+        ``discovery_s`` as for :meth:`ping_nodes`.
+        """
+        if discovery_s:
+            replies = self._discover(ListRequest, nodes, deadline_s, discovery_s, None)[0]
+        else:
+            replies = self.ask(ListRequest, nodes, deadline_s)
         return {n: list(r.datasets) for n, r in replies.items() if isinstance(r, ListReply)}
 
     def search(
@@ -246,15 +332,45 @@ class Requests:
         tags: Iterable[str],
         nodes: Iterable[str] | None = None,
         deadline_s: float | None = None,
+        *,
+        discovery_s: float | None = None,
+        min_nodes: int | None = None,
     ) -> FederatedDataSet:
-        """Datasets carrying all ``tags``, one per node, once every online node has answered.
+        """Datasets carrying all ``tags``, one per node, from the nodes found in the discovery
+        window.
+
+        The request is broadcast (or sent to ``nodes``), and sent again to every node seen
+        coming online during the window of ``discovery_s`` seconds (default
+        :attr:`default_discovery_s`). The search ends early once every one of ``nodes``
+        answered, or (without ``nodes``) once ``min_nodes`` nodes have a matching dataset and
+        every online node answered; after the window it waits for online nodes that have
+        not answered, up to ``deadline_s`` each. ``discovery_s=0`` asks only the nodes
+        online now. A log line says what it found; :attr:`last_search` holds it.
 
         Nodes with no match answer with an empty list and are left out of the result.
         """
         tags = tuple(tags)
-        replies = self.ask(SearchRequest, nodes, deadline_s, tags=tags)
+        if min_nodes is not None and (
+            isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1
+        ):
+            raise ValueError(f"min_nodes must be a positive int or None, got {min_nodes!r}")
+        discovery_s = self.default_discovery_s if discovery_s is None else discovery_s
         found: dict[str, Any] = {}
-        for node_id, reply in replies.items():
+        usable: set[str] = set()
+
+        def enough(replies: Mapping[str, Reply]) -> bool:
+            if min_nodes is None:
+                return False
+            usable.update(
+                n for n, r in replies.items() if isinstance(r, SearchReply) and len(r.datasets) == 1
+            )
+            return len(usable) >= min_nodes
+
+        start = time.monotonic()
+        replies, online, early = self._discover(
+            SearchRequest, nodes, deadline_s, discovery_s, enough, tags=tags
+        )
+        for node_id, reply in sorted(replies.items()):
             if isinstance(reply, ErrorReply):
                 log.warning("search failed on %s: %s", node_id, reply.message)
             elif isinstance(reply, SearchReply) and len(reply.datasets) > 1:
@@ -267,9 +383,108 @@ class Requests:
                 )
             elif isinstance(reply, SearchReply) and reply.datasets:
                 found[node_id] = list(reply.datasets)
-        return FederatedDataSet(found)
+        result = FederatedDataSet(found)
+        self.last_search = SearchSummary(
+            tags=tags,
+            found=tuple(result.node_ids()),
+            answered=tuple(sorted(replies)),
+            online=tuple(sorted(online)),
+            expected=None if nodes is None else tuple(sorted(set(nodes))),
+            elapsed_s=time.monotonic() - start,
+            discovery_s=float(discovery_s),
+            ended_early=early,
+        )
+        log.info("%s", self.last_search.line())
+        return result
+
+    def _discover(
+        self,
+        request_cls: type[Request],
+        nodes: Iterable[str] | None,
+        deadline_s: float | None,
+        discovery_s: float,
+        enough: Callable[[Mapping[str, Reply]], bool] | None,
+        **fields: Any,
+    ) -> tuple[dict[str, Reply], frozenset[str], bool]:
+        """Ask the nodes (``nodes``, or every node) during a discovery window; return the
+        replies by node, the nodes online at the end, and whether it ended before the window.
+
+        A node seen online that was not online when the request went out is sent it again
+        (same request id: a broadcast reaches only the nodes connected when it is published,
+        and a direct request to a node never seen may be lost). The wait ends when every
+        expected node answered, when ``enough(replies)`` holds and no online node is still
+        awaited, or after the window once no online node is awaited (each is awaited
+        ``deadline_s`` from when it was asked); never later than ``discovery_s + deadline_s``.
+        """
+        deadline_s = _seconds(
+            "deadline_s", self.default_deadline_s if deadline_s is None else deadline_s
+        )
+        discovery_s = _seconds("discovery_s", discovery_s)
+        expected = None if nodes is None else frozenset(nodes)
+        request_id = new_id("req")
+        header = dict(
+            request_id=request_id,
+            researcher_id=self.researcher_id,
+            deadline=self.clock() + discovery_s + deadline_s,
+            **fields,
+        )
+        start = time.monotonic()
+        window_end = start + discovery_s
+        hard_end = window_end + deadline_s
+        # Read who is online *before* sending: a node coming online after this is asked again.
+        online = self.bus.online_nodes()
+        asked: dict[str, float] = {}  # node -> when a request surely reached it
+        if expected is None:
+            self.bus.broadcast(request_cls(node_id=BROADCAST, **header))
+            asked.update((n, start) for n in online)
+        else:
+            for node_id in sorted(expected):
+                self.bus.send(node_id, request_cls(node_id=node_id, **header))
+            asked.update((n, start) for n in online & expected)
+        replies: dict[str, Reply] = {}
+        while True:
+            now = time.monotonic()
+            online = self.bus.online_nodes()
+            wanted = online if expected is None else online & expected
+            for node_id in sorted(wanted - asked.keys() - replies.keys()):
+                log.debug("%s: %s came online; sending it %s", request_id, node_id, request_cls)
+                self.bus.send(node_id, request_cls(node_id=node_id, **header))
+                asked[node_id] = now
+            awaited = [
+                n
+                for n, t in asked.items()
+                if n in online and n not in replies and now < t + deadline_s
+            ]
+            if expected is not None and expected <= replies.keys():
+                return replies, online, now < window_end
+            if expected is None and enough is not None and not awaited and enough(replies):
+                return replies, online, now < window_end
+            if (now >= window_end and not awaited) or now >= hard_end:
+                return replies, online, False
+            message = self.next_message(min(_POLL_S, hard_end - now))
+            if message is None:
+                continue
+            if not isinstance(message, Reply) or message.request_id != request_id:
+                log.debug(
+                    "ignoring %s from %s (not for %s)", message.command, message.node_id, request_id
+                )
+            elif message.node_id in replies:
+                log.debug("ignoring duplicate %s from %s", message.command, message.node_id)
+            elif expected is not None and message.node_id not in expected:
+                log.debug("ignoring %s from %s (not asked)", message.command, message.node_id)
+            else:
+                replies[message.node_id] = message
 
     def offline_nodes(self, nodes: Iterable[str]) -> list[str]:
         """Which of ``nodes`` the transport does not currently see online."""
         online = self.bus.online_nodes()
         return sorted(n for n in nodes if n not in online)
+
+
+def _seconds(name: str, value: float) -> float:
+    """``value`` as a finite number of seconds, at least 0 (a bounded wait), or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number of seconds, at least 0, got {value!r}")
+    return float(value)
