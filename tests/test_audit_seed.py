@@ -85,6 +85,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory):
         bus=world.researcher(),
         repository=world.repository,
         search_deadline_s=2.0,
+        discovery_s=0.0,  # the nodes are in this process, online already
         progress=False,
         on_round=lambda summary: None,
         round_limit=1,

@@ -40,6 +40,7 @@ def _experiment(world, run_dir: Path, **kwargs) -> Experiment:
         bus=_bus(world),
         repository=world.repository,
         search_deadline_s=2.0,
+        discovery_s=0.0,  # the nodes are in this process, online already
         progress=False,
         on_round=lambda summary: None,
         **kwargs,

@@ -35,6 +35,7 @@ def _experiment(world, tmp_path: Path, **kwargs) -> Experiment:
         bus=world.researcher(),
         repository=world.repository,
         search_deadline_s=2.0,
+        discovery_s=0.0,  # the nodes are in this process, online already
         progress=False,
         on_round=lambda summary: None,
         **kwargs,
@@ -189,6 +190,7 @@ def test_an_unapproved_plan_fails_early_with_the_command_that_fixes_it(tmp_path:
             bus=world.researcher(),
             repository=world.repository,
             progress=False,
+            discovery_s=0.0,
         )
         with pytest.raises(TrainingPlanNotApproved) as info:
             exp.run()

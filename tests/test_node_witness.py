@@ -452,6 +452,7 @@ def test_every_node_witnesses_the_final_head_of_a_real_job(tmp_path):
             bus=world.researcher(),
             repository=world.repository,
             search_deadline_s=2.0,
+            discovery_s=0.0,  # the nodes are in this process, online already
             progress=False,
             on_round=lambda summary: None,
             round_limit=2,

@@ -91,6 +91,7 @@ def test_a_round_with_a_thousand_in_memory_nodes_is_fedavg_of_their_replies(tmp_
             progress=False,
             on_round=lambda summary: None,
             search_deadline_s=120,
+            discovery_s=0.0,  # the nodes are in this process, online already
             reply_deadline_s=600,
             durability="batch",
         )

@@ -41,6 +41,7 @@ def _experiment(world, run: Path, **kwargs) -> Experiment:
         bus=_bus(world),
         repository=world.repository,
         search_deadline_s=2.0,
+        discovery_s=0.0,  # the nodes are in this process, online already
         progress=False,
         on_round=lambda summary: None,
         **{"training_args": VALIDATING, "round_limit": 2, "seed": 5, **kwargs},

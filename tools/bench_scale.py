@@ -125,6 +125,7 @@ def main() -> None:
             progress=False,
             on_round=lambda s: None,
             search_deadline_s=60,
+            discovery_s=0.0,  # the nodes are in this process, online already
             reply_deadline_s=600,
             durability="batch",
         )
