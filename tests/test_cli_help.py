@@ -27,7 +27,6 @@ SINGLE_BACKTICKS = re.compile(r"(?<![`\w])`[^`\s][^`]*`(?![`\w])")
 MARKUP_BEING_FIXED: frozenset[str] = frozenset(
     {
         "log repair",  # (:meth:`fedsm.log.writer.EventLog.open`)
-        "replay",  # ``fedsm replay``
         "report",  # ``fedsm report LOG --out report.html``, ``--out``
     }
 )

@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "replay",
         help="print a job log's timeline and head, state at a seq or a round; audit it "
         "(--verify, --witness)",
-        description=replay.__doc__.split("\n\n")[0] if replay.__doc__ else None,
+        description="A job's timeline (one line per record, then the log's head), its state "
+        "after a seq (--at), one round in detail (--round), as JSON (--json); or the audit of "
+        "the log (--verify): framing, checksums, hash chain, lifecycle, plan and validation "
+        "rounds, with --repo also every artifact and every aggregate recomputed, with --witness "
+        "against the heads the nodes kept, with --expect-head against a head written down by "
+        "hand. LOG is a job log or a run directory; nothing is ever written to it.",
     )
     replay.add_arguments(p)
     p.set_defaults(func=_run)
