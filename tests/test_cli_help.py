@@ -24,12 +24,7 @@ SINGLE_BACKTICKS = re.compile(r"(?<![`\w])`[^`\s][^`]*`(?![`\w])")
 
 # Help texts found with markup (the command, without "fedsm"), being fixed by the lead.
 # Remove an entry once its help is plain (an entry left behind shows up as XPASS).
-MARKUP_BEING_FIXED: frozenset[str] = frozenset(
-    {
-        "log repair",  # (:meth:`fedsm.log.writer.EventLog.open`)
-        "report",  # ``fedsm report LOG --out report.html``, ``--out``
-    }
-)
+MARKUP_BEING_FIXED: frozenset[str] = frozenset()
 
 
 def _commands() -> list[tuple[str, ...]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,15 @@ from fedsm.errors import FedsmError
 
 # Sub-command modules, in the order of ``fedsm --help``.
 _COMMANDS = ("check", "demo", "log", "node", "plan", "repo", "replay", "report")
+
+
+def plain_text(doc: str | None) -> str | None:
+    """A docstring as ``--help`` text: reST roles and literals (``x``, :mod:`x`, `x`) as
+    plain words, so the help reads as it prints."""
+    if doc is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return text.replace("``", "").replace("`", "")
 
 
 def _version() -> str:

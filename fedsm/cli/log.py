@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsm.audit.replay import resolve_log
+from fedsm.cli import plain_text
 from fedsm.errors import FedsmError
 from fedsm.log.format import HEADER_SIZE, FrameError, check_header, genesis_hash
 from fedsm.log.read import gc_paused, read_file, read_log
@@ -142,13 +143,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "log",
         help="explicit operations on a job log (repair: move a torn tail or damage aside)",
-        description=__doc__.split("\n\n")[0].replace("``", "") if __doc__ else None,
+        description=plain_text(__doc__.split("\n\n")[0] if __doc__ else None),
     )
     ops = p.add_subparsers(dest="log_command", metavar="OPERATION", required=True)
     repair = ops.add_parser(
         "repair",
         help="move a torn tail or a damaged part of a log to a sidecar file, after saying so",
-        description=__doc__.split("\n\n", 1)[1].replace("``", "") if __doc__ else None,
+        description=plain_text(__doc__.split("\n\n", 1)[1] if __doc__ else None),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     repair.add_argument("log", type=Path, help="the job's event log, or its run directory")

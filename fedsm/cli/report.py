@@ -10,13 +10,14 @@ import argparse
 from pathlib import Path
 
 from fedsm.audit import report
+from fedsm.cli import plain_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
         help="plot a job log's per-round metrics and timing (HTML, PNG); export them (CSV, JSON)",
-        description=__doc__.split("The work")[0].strip() if __doc__ else None,
+        description=plain_text(__doc__.split("The work")[0].strip() if __doc__ else None),
     )
     p.add_argument(
         "log",
