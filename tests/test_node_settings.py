@@ -10,7 +10,7 @@ from fedsm.errors import ConfigurationError
 from fedsm.node.database import DB_FILE, NodeDatabase
 from fedsm.node.errors import NodeNotInitialised, PlanNotRegistered
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
-from fedsm.node.settings import SETTINGS_FILE, init_node_dir, load_settings
+from fedsm.node.settings import SETTINGS_FILE, NodeSettings, init_node_dir, load_settings
 from fedsm.node.simulate import start_memory_nodes
 from fedsm.repository import LocalRepository
 from fedsm.transport import MemoryBroker
@@ -40,6 +40,68 @@ def test_settings_file_and_environment(tmp_path):
         tmp_path, env={"FEDSM_APPROVAL_REQUIRED": "false", "FEDSM_ALLOW_UNAPPROVED": "yes"}
     )
     assert not off.enforce_approval
+
+
+def test_secrets_from_files_and_the_environment(tmp_path):
+    init_node_dir(tmp_path, "node-s", broker_password="pw-in-toml")
+    assert load_settings(tmp_path, env={}).broker_password == "pw-in-toml"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "pw").write_text("pw-from-file\n")
+    (secrets / "token").write_text("tok-from-file")
+
+    # the environment's secret (inline or as a file) replaces node.toml's
+    env = {
+        "FEDSM_BROKER_PASSWORD_FILE": str(secrets / "pw"),
+        "FEDSM_REPOSITORY_TOKEN": "tok-from-env",
+    }
+    settings = load_settings(tmp_path, env=env)
+    assert settings.broker_password == "pw-from-file"
+    assert settings.broker_password_file == str(secrets / "pw")
+    assert settings.repository_token == "tok-from-env"
+    assert settings.to_dict()["broker_password"] == "***"
+    assert settings.to_dict()["broker_password_file"] == str(secrets / "pw")
+
+    # node.toml may name the file, relative to the node directory
+    (tmp_path / SETTINGS_FILE).write_text(
+        'node_id = "node-s"\nrepository_token_file = "secrets/token"\n'
+    )
+    settings = load_settings(tmp_path, env={})
+    assert settings.repository_token == "tok-from-file"
+    assert settings.repository_token_file == str(secrets / "token")
+
+    (tmp_path / SETTINGS_FILE).write_text(
+        'node_id = "node-s"\nrepository_token = "t"\nrepository_token_file = "secrets/token"\n'
+    )
+    with pytest.raises(ConfigurationError, match="both inline and as repository_token_file"):
+        load_settings(tmp_path, env={})
+    with pytest.raises(ConfigurationError, match="cannot read broker password from"):
+        load_settings(tmp_path, env={"FEDSM_BROKER_PASSWORD_FILE": str(secrets / "none")})
+    (secrets / "empty").write_text("\n")
+    with pytest.raises(ConfigurationError, match="is empty"):
+        load_settings(tmp_path, env={"FEDSM_REPOSITORY_TOKEN_FILE": str(secrets / "empty")})
+
+
+def test_settings_toml_round_trips(tmp_path):
+    from fedsm.node.settings import settings_toml, tomllib
+
+    settings = NodeSettings(
+        node_id="node-t",
+        training_time_limit_s=float("inf"),
+        broker_url='mqtt://b:1/\u00e9"\\\n\x7f\t',
+        broker_password='p"w',
+        broker_give_up_s=1.5,
+    )
+    text = settings_toml(settings, show_secrets=True)
+    data = tomllib.loads(text)
+    assert NodeSettings(**data) == settings
+    masked = tomllib.loads(settings_toml(settings))
+    assert masked["broker_password"] == "***"
+    with pytest.raises(ConfigurationError, match="broker_give_up_s"):
+        NodeSettings(node_id="n", broker_give_up_s=0)
+    in_url = NodeSettings(node_id="n", broker_url="mqtts://hosp:s3cret@broker:8883")
+    assert in_url.to_dict()["broker_url"] == "mqtts://hosp:***@broker:8883"
+    assert "s3cret" in in_url.to_dict(show_secrets=True)["broker_url"]
 
 
 def test_bad_settings_are_refused_with_the_key_named(tmp_path):

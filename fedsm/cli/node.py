@@ -1,9 +1,12 @@
 """``fedsm node``: what a hospital's operator runs next to the data.
 
 ``init`` makes a node directory; ``dataset`` and ``plan`` edit its registries (safe while the
-node runs: sqlite in WAL mode); ``config show`` prints the effective settings; ``start`` runs
-the node on an MQTT broker and a file repository until SIGTERM or Ctrl-C, then leaves the
-broker cleanly so researchers see it go offline. ``witness`` lists and exports, signed with
+node runs: sqlite in WAL mode; the listing commands open it read-only); plans are named by a
+unique prefix of their sha256. ``config show`` prints the effective settings as TOML, secrets
+masked; ``start`` runs the node on an MQTT broker and a file repository until SIGTERM or
+Ctrl-C, then leaves the broker cleanly so researchers see it go offline. One ``start`` per
+node directory (a lock names the PID that holds it); a start whose repository does not
+answer, or whose bus stops for good, exits non-zero. ``witness`` lists and exports, signed with
 the node's key, the researchers' log heads the node received (for an auditor to check the
 job logs against).
 """
@@ -11,11 +14,15 @@ job logs against).
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import os
 import signal
+import sqlite3
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +74,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan_list)
     p = with_dir(plan_cmds.add_parser("show", help="print a plan's record and source"))
-    p.add_argument("sha256")
+    p.add_argument("digest", help="the plan's sha256 or a unique prefix of it")
     p.set_defaults(func=_plan_show)
     for action, status in (("approve", "approved"), ("reject", "rejected")):
-        p = with_dir(plan_cmds.add_parser(action, help=f"{action} a plan (file or --sha256)"))
+        p = with_dir(
+            plan_cmds.add_parser(
+                action, help=f"{action} a plan: its file, or the digest (prefix) of one recorded"
+            )
+        )
         target = p.add_mutually_exclusive_group(required=True)
-        target.add_argument("file", nargs="?", type=Path, help="the plan's source file")
-        target.add_argument("--sha256", help="a plan the node already recorded")
+        target.add_argument(
+            "plan",
+            nargs="?",
+            metavar="FILE|DIGEST",
+            help="the plan's source file (as the researcher sent it), or a digest prefix",
+        )
+        target.add_argument("--sha256", metavar="DIGEST", help="a recorded plan's digest/prefix")
         p.add_argument("--name", help="a name for the plan")
         p.add_argument("--notes", default="", help="why (kept with the decision)")
         p.add_argument("--by", help="who decides (default: the login name)")
@@ -99,13 +115,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_witness_key)
 
     p = with_dir(cmds.add_parser("start", help="run the node until SIGTERM/Ctrl-C"))
-    p.add_argument("--broker", help="mqtt://[user[:pass]@]host:port (default: settings)")
+    p.add_argument("--broker", help="mqtt://[user@]host:port (default: settings)")
+    p.add_argument(
+        "--broker-password-file",
+        type=Path,
+        metavar="FILE",
+        help="read the broker password from FILE (or set FEDSM_BROKER_PASSWORD[_FILE])",
+    )
     p.add_argument("--repo", help="repository URL or directory (default: settings)")
-    p.add_argument("--token", help="repository bearer token (default: settings)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the repository token from FILE (or set FEDSM_REPOSITORY_TOKEN[_FILE])",
+    )
+    token.add_argument(
+        "--token", help="repository token (visible to other users: prefer --token-file)"
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        metavar="SECONDS",
+        help="exit non-zero when the broker stays unreachable this long "
+        "(default: broker_give_up_s, 300)",
+    )
     p.set_defaults(func=_start)
+
+    for parser in _leaf_parsers(node):
+        func = parser.get_default("func")
+        if func is not None:
+            parser.set_defaults(func=_registry_errors(func))
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser under ``parser`` that has no sub-commands."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(_leaf_parsers(child) or [child])
+    return found
+
+
+def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """``func`` with sqlite's errors (a locked or damaged registry) as one clear line."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from fedsm.node.database import DB_FILE
+        from fedsm.node.witness import registry_error
+
+        try:
+            return func(args)
+        except sqlite3.Error as exc:
+            raise registry_error(args.dir / DB_FILE, exc) from None
+
+    return run
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+#: How long an operator's command waits for a node's write to finish before saying so.
+_CLI_BUSY_TIMEOUT_S = 5.0
+
+
+def _warn(message: str) -> None:
+    print(f"fedsm: warning: {message}", file=sys.stderr)
 
 
 def _open(node_dir: Path) -> tuple[Any, Any]:
@@ -114,7 +191,7 @@ def _open(node_dir: Path) -> tuple[Any, Any]:
     from fedsm.node.settings import load_settings
 
     settings = load_settings(node_dir)
-    return settings, NodeDatabase(node_dir / DB_FILE)
+    return settings, NodeDatabase(node_dir / DB_FILE, busy_timeout_s=_CLI_BUSY_TIMEOUT_S)
 
 
 def _open_readonly(node_dir: Path) -> tuple[Any, Any]:
@@ -177,12 +254,13 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from fedsm.node.settings import ENV_PREFIX, SETTINGS_FILE, load_settings
+    from fedsm.node.settings import ENV_PREFIX, SETTINGS_FILE, load_settings, settings_toml
 
     settings = load_settings(args.dir)
     print(f"# {args.dir / SETTINGS_FILE}, with {ENV_PREFIX}* environment overrides applied")
-    for key, value in settings.to_dict(show_secrets=args.show_secrets).items():
-        print(f"{key} = {json.dumps(value)}")
+    if not args.show_secrets:
+        print('# secrets are masked ("***"); --show-secrets prints them')
+    print(settings_toml(settings, show_secrets=args.show_secrets), end="")
     return 0
 
 
@@ -228,7 +306,7 @@ def _dataset_add(args: argparse.Namespace) -> int:
 def _dataset_list(args: argparse.Namespace) -> int:
     from fedsm.node.registry import DatasetRegistry
 
-    _, db = _open(args.dir)
+    _, db = _open_readonly(args.dir)
     try:
         rows = DatasetRegistry(db).list()
     finally:
@@ -255,9 +333,9 @@ def _dataset_remove(args: argparse.Namespace) -> int:
 
 
 def _plan_list(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import ApprovalRegistry
+    from fedsm.node.registry import ApprovalRegistry, short_digests
 
-    _, db = _open(args.dir)
+    _, db = _open_readonly(args.dir)
     try:
         rows = [p.summary() for p in ApprovalRegistry(db).list()]
     finally:
@@ -267,47 +345,79 @@ def _plan_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(rows, ["sha256", "status", "name", "decided_by", "decided_at", "first_seen"])
+    short = short_digests([r["sha256"] for r in rows])
+    for row in rows:
+        row["digest"] = short[row["sha256"]]
+        row["class"] = ",".join(row["plan_classes"]) or "(no plan class)"
+    _print_table(rows, ["digest", "class", "status", "name", "decided_by", "decided_at"])
     return 0
 
 
 def _plan_show(args: argparse.Namespace) -> int:
     from fedsm.node.registry import ApprovalRegistry
 
-    _, db = _open(args.dir)
+    _, db = _open_readonly(args.dir)
     try:
-        record = ApprovalRegistry(db).get(args.sha256)
+        plans = ApprovalRegistry(db)
+        record = plans.get(plans.resolve(args.digest))
     finally:
         db.close()
     for key, value in record.summary().items():
+        if key == "plan_classes":
+            value = ", ".join(value) or "(none found: not a training plan?)"
         print(f"{key}: {value}")
     print("--- source ---")
     print(record.source.decode("utf-8", errors="replace"), end="")
     return 0
 
 
-def _plan_decide(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import ApprovalRegistry
+def _looks_like_digest(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
-    source = None
-    if args.file is not None:
-        if not args.file.is_file():
-            raise ConfigurationError(f"plan file {args.file} does not exist")
-        source = args.file.read_bytes()
+
+def _plan_decide(args: argparse.Namespace) -> int:
+    from fedsm.node.registry import ApprovalRegistry, plan_classes
+
+    source = file = prefix = None
+    if args.sha256 is not None:
+        prefix = args.sha256
+    elif Path(args.plan).is_file():
+        file = Path(args.plan)
+        try:
+            source = file.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read plan file {file}: {exc.strerror}") from None
+    elif _looks_like_digest(args.plan):
+        prefix = args.plan
+    else:
+        raise ConfigurationError(
+            f"plan file {args.plan} does not exist (nor is it a digest prefix)"
+        )
+    if source is not None:
+        found = plan_classes(source)
+        if found is None:
+            _warn(f"{file} is not valid Python: is it the training plan the researcher sent?")
+        elif not found:
+            _warn(
+                f"{file} defines no TorchTrainingPlan subclass (read, not run): is it the "
+                "training plan the researcher sent?"
+            )
     by = args.by or _login()
     _, db = _open(args.dir)
     try:
-        record = ApprovalRegistry(db).decide(
+        plans = ApprovalRegistry(db)
+        record = plans.decide(
             args.status,
-            sha256=args.sha256,
+            sha256=None if prefix is None else plans.resolve(prefix),
             source=source,
-            name=args.name or (args.file.name if args.file else None),
+            name=args.name or (file.name if file is not None else None),
             by=by,
             notes=args.notes,
         )
     finally:
         db.close()
-    print(f"{record.status} training plan {record.sha256} ({record.name})")
+    classes = ", ".join(record.plan_classes or []) or "no plan class"
+    print(f"{record.status} training plan {record.sha256} ({record.name}: {classes})")
     return 0
 
 
@@ -368,28 +478,83 @@ def _login() -> str:
         return f"uid-{os.getuid()}"
 
 
-def _start(args: argparse.Namespace) -> int:
-    from fedsm.node.node import Node
-    from fedsm.node.process_executor import ProcessTrainingExecutor
-    from fedsm.node.settings import load_settings
-    from fedsm.repository import open_repository
-    from fedsm.transport import MqttBus, parse_broker_url
+def _broker_args(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
+    """MQTT connection arguments: URL from ``--broker`` or the settings, password from
+    ``--broker-password-file``, the URL, or the settings (their env / file), in that order."""
+    from fedsm.node.settings import read_secret_file
+    from fedsm.transport import parse_broker_url
 
-    settings = load_settings(args.dir)
-    broker_url = args.broker or settings.broker_url
-    repo_url = args.repo or settings.repository_url
-    if not broker_url or not repo_url:
-        raise ConfigurationError(
-            "fedsm node start needs a broker and a repository: pass --broker and --repo, or "
-            "set broker_url / repository_url in node.toml (or FEDSM_BROKER_URL / "
-            "FEDSM_REPOSITORY_URL)"
+    bus_args = parse_broker_url(args.broker or settings.broker_url)
+    if args.broker and bus_args.get("password") is not None:
+        _warn(
+            "the broker password is on the command line, where other users can read it (ps); "
+            "use --broker-password-file or FEDSM_BROKER_PASSWORD(_FILE) instead"
         )
-    bus_args = parse_broker_url(broker_url)
     if bus_args.get("username") is None and settings.broker_username:
         bus_args["username"] = settings.broker_username
-    if bus_args.get("password") is None and settings.broker_password:
+    if args.broker_password_file is not None:
+        bus_args["password"] = read_secret_file(args.broker_password_file, "broker password")
+    elif bus_args.get("password") is None and settings.broker_password:
         bus_args["password"] = settings.broker_password
-    repository = open_repository(repo_url, token=args.token or settings.repository_token)
+    return bus_args
+
+
+def _repository_token(args: argparse.Namespace, settings: Any) -> str | None:
+    from fedsm.node.settings import read_secret_file
+
+    if args.token_file is not None:
+        return read_secret_file(args.token_file, "repository token")
+    if args.token is not None:
+        _warn(
+            "the repository token is on the command line, where other users can read it "
+            "(ps); use --token-file or FEDSM_REPOSITORY_TOKEN(_FILE) instead"
+        )
+        return args.token
+    return settings.repository_token
+
+
+def _start(args: argparse.Namespace) -> int:
+    from fedsm.node.errors import NodeStartFailed
+    from fedsm.node.service import NodeDirLock, check_repository
+    from fedsm.node.settings import load_settings
+    from fedsm.repository import open_repository
+
+    settings = load_settings(args.dir)
+    with NodeDirLock(args.dir):
+        repo_url = args.repo or settings.repository_url
+        if not (args.broker or settings.broker_url) or not repo_url:
+            raise ConfigurationError(
+                "fedsm node start needs a broker and a repository: pass --broker and --repo, "
+                "or set broker_url / repository_url in node.toml (or FEDSM_BROKER_URL / "
+                "FEDSM_REPOSITORY_URL)"
+            )
+        give_up_s = settings.broker_give_up_s if args.give_up_after is None else args.give_up_after
+        if not give_up_s > 0:
+            raise ConfigurationError("--give-up-after must be > 0 seconds")
+        bus_args = _broker_args(args, settings)
+        try:
+            repository = open_repository(repo_url, token=_repository_token(args, settings))
+        except OSError as exc:
+            raise NodeStartFailed(f"cannot open the repository {repo_url}: {exc}") from None
+        check_repository(repository, repo_url)
+        reason = _serve(args.dir, settings, bus_args, repository, give_up_s)
+        if reason is not None:
+            raise NodeStartFailed(f"node {settings.node_id} stopped: {reason}")
+    return 0
+
+
+def _serve(
+    node_dir: Path,
+    settings: Any,
+    bus_args: dict[str, Any],
+    repository: Any,
+    give_up_s: float,
+) -> str | None:
+    """Run the node until SIGTERM/SIGINT (return None) or its bus stops (return why)."""
+    from fedsm.node.node import Node
+    from fedsm.node.process_executor import ProcessTrainingExecutor
+    from fedsm.node.service import watch_bus
+    from fedsm.transport import MqttBus
 
     stop = threading.Event()
 
@@ -401,17 +566,16 @@ def _start(args: argparse.Namespace) -> int:
     try:
         executor.start()  # the worker imports torch before we say we are online
         bus = MqttBus(settings.node_id, "node", **bus_args)
-        node = Node(args.dir, bus=bus, repository=repository, settings=settings, executor=executor)
+        node = Node(node_dir, bus=bus, repository=repository, settings=settings, executor=executor)
         try:
             node.start()
             print(f"node {settings.node_id} online", flush=True)
-            while not stop.wait(3600):
-                pass
+            reason = watch_bus(bus, stop, give_up_after_s=give_up_s)
         finally:
-            node.stop()  # closes the bus: "offline" is published
+            node.stop()  # closes the bus: "offline" is published if it still can be
     finally:
         executor.close(wait=False)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print(f"node {settings.node_id} offline", flush=True)
-    return 0
+    return reason

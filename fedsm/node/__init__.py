@@ -7,7 +7,9 @@
 * settings from ``node.toml`` and ``FEDSM_*`` variables (:mod:`fedsm.node.settings`);
 * executors that run trainings in a worker process or in-process
   (:mod:`fedsm.node.executor`, :mod:`fedsm.node.process_executor`);
-* :func:`start_memory_nodes` for simulated nodes on a memory bus (:mod:`fedsm.node.simulate`).
+* :func:`start_memory_nodes` for simulated nodes on a memory bus (:mod:`fedsm.node.simulate`);
+* what ``fedsm node start`` adds to run as a service: the node-directory lock, the repository
+  check and the bus watch (:mod:`fedsm.node.service`).
 
 Names are imported lazily, so ``fedsm node plan list`` does not import torch or paho.
 """

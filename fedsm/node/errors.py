@@ -13,8 +13,11 @@ from fedsm.errors import FedsmError
 __all__ = [
     "NodeError",
     "NodeNotInitialised",
+    "NodeDirLocked",
+    "NodeStartFailed",
     "DatasetNotRegistered",
     "PlanNotRegistered",
+    "AmbiguousPlanDigest",
     "RequestFailed",
     "TrainingFailed",
     "TrainingTimedOut",
@@ -30,6 +33,19 @@ class NodeNotInitialised(NodeError, FileNotFoundError):
     """The node directory has no ``node.toml``: run ``fedsm node init --dir DIR`` first."""
 
 
+class NodeDirLocked(NodeError):
+    """Another process runs a node on this node directory (``pid`` says which, if known)."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class NodeStartFailed(NodeError):
+    """``fedsm node start`` could not run the node: its repository does not answer, or its
+    bus stopped for good (the broker is gone, or the connection was taken away)."""
+
+
 class DatasetNotRegistered(NodeError, KeyError):
     """No dataset of this id in the node's registry."""
 
@@ -42,6 +58,10 @@ class PlanNotRegistered(NodeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousPlanDigest(NodeError):
+    """A digest prefix matches more than one plan of the registry."""
 
 
 class RequestFailed(NodeError):

@@ -2,12 +2,16 @@
 
 Both live in the node's sqlite file (:mod:`fedsm.node.database`), so the operator's CLI and a
 running node see the same records. A plan is identified by the sha256 of its exact bytes and
-its source is kept, so an operator can read what was approved.
+its source is kept, so an operator can read what was approved. Operators name plans by a
+unique prefix of that digest (:meth:`ApprovalRegistry.resolve`) and see them listed by the
+training-plan classes their source defines (:func:`plan_classes`: parsed, never imported).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -18,9 +22,24 @@ from typing import Any
 from fedsm.digests import sha256_hex
 from fedsm.errors import ConfigurationError
 from fedsm.node.database import NodeDatabase, utc_now
-from fedsm.node.errors import DatasetNotRegistered, PlanNotRegistered
+from fedsm.node.errors import AmbiguousPlanDigest, DatasetNotRegistered, PlanNotRegistered
 
-__all__ = ["DatasetRegistry", "PlanRecord", "ApprovalRegistry", "public_dataset"]
+__all__ = [
+    "DatasetRegistry",
+    "PlanRecord",
+    "ApprovalRegistry",
+    "public_dataset",
+    "plan_classes",
+    "short_digests",
+    "MIN_PREFIX",
+]
+
+#: The fewest hex digits of a digest prefix an operator may give.
+MIN_PREFIX = 4
+#: Digits of a digest shown in listings (more when two plans share them).
+SHORT_DIGEST = 12
+_PLAN_BASE = "TorchTrainingPlan"
+_HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
 
 _DATA_TYPES = ("csv", "tensors")
 
@@ -185,6 +204,50 @@ class DatasetRegistry:
 # --------------------------------------------------------------------------- plans
 
 
+def _base_name(node: ast.expr) -> str | None:
+    """``B`` for a base written ``B``, ``m.B`` or ``B[...]``; None for anything else."""
+    if isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def plan_classes(source: bytes | str) -> list[str] | None:
+    """Names of the classes ``source`` defines that subclass ``TorchTrainingPlan``, found by
+    parsing it (never importing it: approving a plan must not run it). Subclasses of such a
+    class defined in the same file count too. None if ``source`` is not valid Python."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    plans: list[str] = []
+    known = {_PLAN_BASE}
+    changed = True
+    while changed:  # a subclass may come before its base in the file
+        changed = False
+        for cls in classes:
+            if cls.name in plans:
+                continue
+            if any(_base_name(b) in known for b in cls.bases):
+                plans.append(cls.name)
+                known.add(cls.name)
+                changed = True
+    order = {cls.name: cls.lineno for cls in classes}
+    return sorted(plans, key=lambda name: order[name])
+
+
+def short_digests(digests: Sequence[str], length: int = SHORT_DIGEST) -> dict[str, str]:
+    """Each digest's first ``length`` digits, longer where two digests would share them."""
+    unique = sorted(set(digests))
+    while length < 64 and len({d[:length] for d in unique}) < len(unique):
+        length += 1
+    return {d: d[:length] for d in unique}
+
+
 @dataclass(frozen=True)
 class PlanRecord:
     """One training plan known to the node, identified by the sha256 of its exact bytes."""
@@ -199,12 +262,18 @@ class PlanRecord:
     notes: str
     origin: str
 
+    @property
+    def plan_classes(self) -> list[str] | None:
+        """The ``TorchTrainingPlan`` subclasses the source defines (see :func:`plan_classes`)."""
+        return plan_classes(self.source)
+
     def summary(self) -> dict[str, Any]:
         """The record without its source (for listings)."""
         return {
             "sha256": self.sha256,
             "status": self.status,
             "name": self.name,
+            "plan_classes": self.plan_classes or [],
             "first_seen": self.first_seen,
             "decided_at": self.decided_at,
             "decided_by": self.decided_by,
@@ -241,6 +310,39 @@ class ApprovalRegistry:
         if row is None:
             raise PlanNotRegistered(f"no training plan with sha256 {sha256} on this node")
         return PlanRecord(*row[:3], bytes(row[3]), *row[4:])
+
+    def resolve(self, prefix: str) -> str:
+        """The full sha256 of the one plan whose digest starts with ``prefix``.
+
+        Raises :class:`PlanNotRegistered` when none does and :class:`AmbiguousPlanDigest`
+        when several do (or :class:`ConfigurationError` for a prefix that is not hex digits).
+        """
+        wanted = prefix.strip().lower()
+        if not _HEX_RE.match(wanted):
+            raise ConfigurationError(
+                f"{prefix!r} is not a plan digest or digest prefix (hex digits, at most 64)"
+            )
+        if len(wanted) < MIN_PREFIX and len(wanted) != 64:
+            raise ConfigurationError(
+                f"digest prefix {prefix!r} is too short: give at least {MIN_PREFIX} digits"
+            )
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT sha256 FROM training_plans WHERE substr(sha256, 1, ?) = ? "
+                "ORDER BY sha256 LIMIT 3",
+                (len(wanted), wanted),
+            ).fetchall()
+        if not rows:
+            raise PlanNotRegistered(
+                f"no training plan whose digest starts with {wanted} on this node"
+            )
+        if len(rows) > 1:
+            shown = ", ".join(r[0][: len(wanted) + 4] + "..." for r in rows[:2])
+            more = " and more" if len(rows) > 2 else ""
+            raise AmbiguousPlanDigest(
+                f"digest prefix {wanted} matches several plans ({shown}{more}); give more digits"
+            )
+        return rows[0][0]
 
     def list(self) -> list[PlanRecord]:
         """Every plan record, oldest first."""

@@ -2,14 +2,18 @@
 
 The file is flat (one key per setting). Environment variables win over the file so that a
 deployment can inject secrets (broker password, repository token) without writing them to
-disk. Approval can only be switched off with two keys (``approval_required = false`` *and*
-``allow_unapproved = true``): running unapproved code on hospital data must be a deliberate
-act, never one mistyped line.
+disk. A secret can also come from a file of its own (``broker_password_file``,
+``repository_token_file``, or ``FEDSM_BROKER_PASSWORD_FILE`` / ``FEDSM_REPOSITORY_TOKEN_FILE``:
+a mounted secret, mode 0600), so it never has to appear on a command line. Approval can only
+be switched off with two keys (``approval_required = false`` *and* ``allow_unapproved =
+true``): running unapproved code on hospital data must be a deliberate act, never one
+mistyped line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fedsm.errors import ConfigurationError
 from fedsm.node.errors import NodeNotInitialised
@@ -29,8 +34,11 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = [
     "SETTINGS_FILE",
     "ENV_PREFIX",
+    "SECRET_FILE_KEYS",
     "NodeSettings",
     "load_settings",
+    "read_secret_file",
+    "settings_toml",
     "write_settings",
     "init_node_dir",
 ]
@@ -39,6 +47,12 @@ SETTINGS_FILE = "node.toml"
 ENV_PREFIX = "FEDSM_"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _SECRETS = frozenset({"broker_password", "repository_token"})
+#: Each secret and the setting naming a file to read it from.
+SECRET_FILE_KEYS: dict[str, str] = {
+    "broker_password": "broker_password_file",
+    "repository_token": "repository_token_file",
+}
+_PATHS = frozenset(SECRET_FILE_KEYS.values())
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -60,8 +74,15 @@ class NodeSettings:
         Wall-clock limit of one training in a worker process; the worker is killed past it.
     broker_url, broker_username, broker_password
         MQTT broker (``mqtt://host:port``) and credentials, for ``fedsm node start``.
+    broker_password_file
+        The file the broker password was read from (by :func:`load_settings`), if any.
+    broker_give_up_s
+        How long ``fedsm node start`` keeps reconnecting to a lost broker before it exits
+        non-zero (so a supervisor notices and restarts it); ``inf`` never gives up.
     repository_url, repository_token
         File repository (HTTP URL or local directory) and its bearer token.
+    repository_token_file
+        The file the repository token was read from, if any.
     """
 
     node_id: str
@@ -71,8 +92,11 @@ class NodeSettings:
     broker_url: str | None = None
     broker_username: str | None = None
     broker_password: str | None = None
+    broker_password_file: str | None = None
+    broker_give_up_s: float = 300.0
     repository_url: str | None = None
     repository_token: str | None = None
+    repository_token_file: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not _ID_RE.match(self.node_id):
@@ -83,12 +107,11 @@ class NodeSettings:
         for name in ("approval_required", "allow_unapproved"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name} must be true or false")
-        limit = self.training_time_limit_s
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-            raise ConfigurationError(
-                f"training_time_limit_s must be a number of seconds > 0, got {limit!r}"
-            )
-        object.__setattr__(self, "training_time_limit_s", float(limit))
+        for name in ("training_time_limit_s", "broker_give_up_s"):
+            limit = getattr(self, name)
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ConfigurationError(f"{name} must be a number of seconds > 0, got {limit!r}")
+            object.__setattr__(self, name, float(limit))
         if not self.approval_required and not self.allow_unapproved:
             raise ConfigurationError(
                 "approval_required = false also needs allow_unapproved = true: running "
@@ -107,7 +130,18 @@ class NodeSettings:
             for key in _SECRETS:
                 if out[key] is not None:
                     out[key] = "***"
+            if out["broker_url"] is not None:
+                out["broker_url"] = _mask_url_password(out["broker_url"])
         return out
+
+
+def _mask_url_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part, if any, as ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeSettings)}
@@ -122,7 +156,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigurationError(f"{name} in {source} must be true or false, got {value!r}")
-    if name == "training_time_limit_s":
+    if name in ("training_time_limit_s", "broker_give_up_s"):
         if isinstance(value, str):
             try:
                 return float(value)
@@ -136,13 +170,33 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def read_secret_file(path: str | Path, what: str) -> str:
+    """The secret in the file at ``path`` (one trailing newline dropped); ``what`` names it
+    in errors. Raises :class:`ConfigurationError` for a missing, unreadable or empty file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot read {what} from {path}: {reason}") from None
+    secret = text[:-1] if text.endswith("\n") else text
+    secret = secret[:-1] if secret.endswith("\r") else secret
+    if not secret:
+        raise ConfigurationError(f"{what} file {path} is empty")
+    return secret
+
+
 def load_settings(node_dir: str | Path, env: Mapping[str, str] | None = None) -> NodeSettings:
     """Read ``node_dir/node.toml`` and apply ``FEDSM_<KEY>`` overrides from ``env``.
 
-    ``env`` defaults to ``os.environ``. Raises :class:`NodeNotInitialised` when the file is
-    missing and :class:`ConfigurationError` for unknown keys or bad values.
+    ``env`` defaults to ``os.environ``. A secret given in the environment (as itself or as
+    ``FEDSM_<KEY>_FILE``) replaces the file's (itself or its ``_file``); a ``*_file`` setting is
+    read here (relative paths in ``node.toml`` are relative to the node directory). Raises
+    :class:`NodeNotInitialised` when the file is missing and :class:`ConfigurationError` for
+    unknown keys, bad values, a secret given both inline and as a file, or an unreadable
+    secret file.
     """
-    path = Path(node_dir) / SETTINGS_FILE
+    node_dir = Path(node_dir)
+    path = node_dir / SETTINGS_FILE
     if not path.is_file():
         raise NodeNotInitialised(
             f"{path} does not exist: run `fedsm node init --dir {node_dir}` first"
@@ -157,11 +211,29 @@ def load_settings(node_dir: str | Path, env: Mapping[str, str] | None = None) ->
             f"{path}: unknown setting(s) {unknown}; valid keys are {sorted(_FIELDS)}"
         )
     values = {k: _coerce(k, v, str(path)) for k, v in data.items()}
+    for key in _PATHS & set(values):
+        values[key] = str((node_dir / Path(values[key]).expanduser()).absolute())
     env = os.environ if env is None else env
+    from_env: dict[str, Any] = {}
     for name in _FIELDS:
         var = ENV_PREFIX + name.upper()
         if var in env:
-            values[name] = _coerce(name, env[var], f"environment variable {var}")
+            from_env[name] = _coerce(name, env[var], f"environment variable {var}")
+    for key in _PATHS & set(from_env):
+        from_env[key] = str(Path(from_env[key]).expanduser().absolute())
+    for secret, file_key in SECRET_FILE_KEYS.items():
+        if secret in from_env or file_key in from_env:  # the environment's choice wins whole
+            values.pop(secret, None)
+            values.pop(file_key, None)
+    values.update(from_env)
+    for secret, file_key in SECRET_FILE_KEYS.items():
+        if file_key in values:
+            if secret in values:
+                raise ConfigurationError(
+                    f"{secret} is set both inline and as {file_key} (in {path} or "
+                    f"{ENV_PREFIX}{secret.upper()} / {ENV_PREFIX}{file_key.upper()}): keep one"
+                )
+            values[secret] = read_secret_file(values[file_key], secret.replace("_", " "))
     if "node_id" not in values:
         raise ConfigurationError(f"{path} has no node_id")
     return NodeSettings(**values)
@@ -171,20 +243,37 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+        return repr(value)  # inf is TOML's inf; nan is refused by NodeSettings
+    # JSON's escapes are TOML's, but for DEL, which TOML wants escaped too.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def settings_toml(settings: NodeSettings, *, show_secrets: bool = False) -> str:
+    """``settings`` as the lines of a ``node.toml`` (valid TOML; unset values are left out).
+
+    A secret read from a file is given by its ``*_file`` key only, so the text read back
+    gives the same settings. Other secrets are ``"***"`` unless ``show_secrets``.
+    """
+    lines = []
+    unset = []
+    for name, value in settings.to_dict(show_secrets=show_secrets).items():
+        if name in SECRET_FILE_KEYS and getattr(settings, SECRET_FILE_KEYS[name]) is not None:
+            continue
+        if value is None:
+            unset.append(name)
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    if unset:
+        lines.append(f"# not set: {', '.join(unset)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_settings(node_dir: str | Path, settings: NodeSettings) -> Path:
     """Write ``settings`` to ``node_dir/node.toml`` atomically (unset values are left out)."""
     path = Path(node_dir) / SETTINGS_FILE
-    lines = ["# fedsm node settings; FEDSM_<KEY> environment variables override them."]
-    for name, value in settings.to_dict(show_secrets=True).items():
-        if value is not None:
-            lines.append(f"{name} = {_toml_value(value)}")
+    header = "# fedsm node settings; FEDSM_<KEY> environment variables override them.\n"
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.write_text(header + settings_toml(settings, show_secrets=True), encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -213,10 +213,10 @@ def sign(w: WitnessFile, key: Ed25519PrivateKey) -> WitnessFile:
 
 
 def registry_error(path: Path, exc: sqlite3.Error) -> ConfigurationError:
-    """A clear one-line error for a registry that could not be read (locked, damaged)."""
+    """A clear one-line error for a registry that could not be used (locked, damaged)."""
     if "locked" in str(exc) or "busy" in str(exc):
         return ConfigurationError(
             f"the node registry {path} is locked by another process (a node in exclusive "
             "mode, or a long write); try again in a moment"
         )
-    return ConfigurationError(f"could not read the node registry {path}: {exc}")
+    return ConfigurationError(f"could not use the node registry {path}: {exc}")
