@@ -189,7 +189,8 @@ def test_an_empty_mqtt_json_is_recomputed_before_the_job_starts_only(
     settings = tmp_path / "mqtt.json"
     settings.write_bytes(b"")
     port = _repository_port(tmp_path)  # no job log yet: a new port
-    assert json.loads(settings.read_text()) == {"repository_port": port}
+    assert json.loads(settings.read_text())["repository_port"] == port
+    assert settings.stat().st_mode & 0o777 == 0o600  # it holds the repository token
     assert _repository_port(tmp_path) == port  # kept
     run_dir, _, _ = memory_run
     (tmp_path / "researcher").mkdir()

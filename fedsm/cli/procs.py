@@ -50,6 +50,8 @@ class Child:
     """A ``python -m fedsm ...`` child whose stdout lines are read by a thread into a queue.
 
     The child gets SIGTERM if this process dies (Linux), and :meth:`stop` ends it otherwise.
+    It runs in a session of its own, so a Ctrl-C in the terminal reaches this process only:
+    this process decides when and in what order its children stop (with SIGTERM).
     """
 
     def __init__(self, args: Sequence[str], *, name: str, env: dict[str, str] | None = None):
@@ -60,6 +62,7 @@ class Child:
             stderr=None,
             text=True,
             env={**os.environ, **(env or {})},
+            start_new_session=True,
             preexec_fn=(
                 functools.partial(_die_with_parent, os.getpid())
                 if sys.platform.startswith("linux")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +21,15 @@ RESEARCHER_ID = "researcher-demo"
 
 @contextmanager
 def memory_world(
-    run_dir: Path, config: DemoConfig, files: dict[str, Any]
+    run_dir: Path,
+    config: DemoConfig,
+    files: dict[str, Any],
+    *,
+    say: Callable[[str], None] = print,
 ) -> Iterator[tuple[MemoryBus, LocalRepository]]:
     """Start the nodes (re-opening their directories on a resume) and yield the researcher's
-    bus and the local repository; stop everything on exit."""
+    bus and the local repository; stop everything on exit. (``say``: progress lines; the
+    nodes of one process start at once, so there are none.)"""
     from fedsm.cli.demo.run import TAGS
 
     repository = LocalRepository(run_dir / "repository")

@@ -11,7 +11,8 @@ audited::
     RUN_DIR/results.json the final lines, once the run has finished
     RUN_DIR/demo.json    the run's settings (a rerun uses them)
     RUN_DIR/local.json   the centralised baseline's accuracy (a cache)
-    RUN_DIR/mqtt.json    the repository server's port (``--transport mqtt``)
+    RUN_DIR/mqtt.json    ``--transport mqtt``: the repository server's port and token, the
+                         run's topic prefix and researcher id (mode 0600)
 
 Running the demo again on the same directory resumes an unfinished run, or prints a
 finished run's results without training anything. A run can be killed at any point (while
@@ -19,14 +20,21 @@ splitting the data, setting up nodes, or anywhere in the job's log) and the dire
 rerunning the demo on it finishes what was left and ends on the same final parameters. The
 JSON files are replaced atomically; the job's log decides whether the job resumes (it does
 once the log holds a record).
+
+Settings given again override the stored ones: a new broker, transport or reply deadline
+replaces the stored one. The settings that define the job (nodes, rounds, seed, iid) can
+change only while the job log holds no record (the data is split again); after that a
+differing value is refused, naming the setting.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ __all__ = [
     "DemoConfig",
     "DemoFileError",
     "DemoResult",
+    "JOB_SETTINGS",
     "log_has_records",
     "prepare",
     "read_json",
@@ -85,15 +94,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, *, mode: int = 0o644) -> None:
     """Write ``obj`` as JSON to ``path`` so that a kill or crash leaves the old file or the new
     one, never a part: a temporary file in the same directory, fsync, rename, fsync the
-    directory."""
+    directory. The new file has permissions ``mode`` (0600 for a file holding a secret)."""
     path = Path(path)
     data = (json.dumps(obj, indent=1) + "\n").encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp.unlink(missing_ok=True)  # a leftover of a killed run could have other permissions
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        os.fchmod(fd, mode)  # whatever the umask left
         with memoryview(data) as view:
             done = 0
             while done < len(view):
@@ -146,9 +157,27 @@ def log_has_records(log_path: Path) -> bool:
         return False
 
 
+#: The settings that define the job: fixed once the job log holds a record.
+JOB_SETTINGS = ("nodes", "rounds", "seed", "iid")
+#: The command-line flag of each setting, for messages.
+FLAGS = {
+    "nodes": "--nodes",
+    "rounds": "--rounds",
+    "seed": "--seed",
+    "iid": "--iid/--label-skew",
+    "transport": "--transport",
+    "broker": "--broker",
+    "reply_deadline_s": "--reply-deadline",
+}
+#: A node share with fewer rows than this gets no validation rows (test_ratio 0.1).
+MIN_SHARE_ROWS = 10
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """What a demo run is; stored in RUN_DIR/demo.json so a resume uses the same settings."""
+    """What a demo run is; stored in RUN_DIR/demo.json so a resume uses the same settings.
+
+    Invalid values raise :class:`ConfigurationError` (one line naming the flag)."""
 
     nodes: int = 3
     rounds: int = 10
@@ -157,6 +186,38 @@ class DemoConfig:
     transport: str = "memory"
     broker: str = "mqtt://127.0.0.1:1883"
     reply_deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from fedsm.transport import parse_broker_url
+
+        for name in ("nodes", "rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"{FLAGS[name]} must be a whole number >= 1, not {value!r}"
+                )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigurationError(f"--seed must be a whole number, not {self.seed!r}")
+        if not isinstance(self.iid, bool):
+            raise ConfigurationError(f"iid must be true or false, not {self.iid!r}")
+        if self.transport not in ("memory", "mqtt"):
+            raise ConfigurationError(f"--transport must be memory or mqtt, not {self.transport!r}")
+        deadline = self.reply_deadline_s
+        if (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, (int, float))
+            or not math.isfinite(deadline)
+            or deadline <= 0
+        ):
+            raise ConfigurationError(
+                f"--reply-deadline must be a number of seconds > 0, not {deadline!r}"
+            )
+        if not isinstance(self.broker, str):
+            raise ConfigurationError(f"--broker must be a URL, not {self.broker!r}")
+        try:
+            parse_broker_url(self.broker)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--broker: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -248,11 +309,16 @@ def run_demo(
     *,
     connect: Callable[..., Any] | None = None,
     say: Callable[[str], None] = print,
+    given: Collection[str] | None = None,
 ) -> DemoResult:
-    """Run (or resume, or re-print) the demo in ``run_dir``; return its results."""
+    """Run (or resume, or re-print) the demo in ``run_dir``; return its results.
+
+    ``given`` names the settings of ``config`` chosen by the caller (the flags on the command
+    line); the others come from the run's stored settings, if any. None: all of them.
+    """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = _load_or_store_config(run_dir, config)
+    config = _load_or_store_config(run_dir, config, given)
     results = run_dir / "results.json"
     log_path = run_dir / "researcher" / LOG_NAME
     finished = _finished_result(results, run_dir, log_path)
@@ -260,6 +326,7 @@ def run_demo(
         say(f"{run_dir} holds a finished run; its results:")
         return finished
     files = prepare(run_dir, config)
+    _warn_small_shares(files["nodes"], say)
     resuming = log_has_records(log_path)
     if config.transport == "memory":
         from fedsm.cli.demo.memory import memory_world as world
@@ -271,7 +338,7 @@ def run_demo(
     def report(summary: Any) -> None:
         say(summary.line(config.rounds))
 
-    with world(run_dir, config, files) as (bus, repository):
+    with world(run_dir, config, files, say=say) as (bus, repository):
         if resuming:
             say(f"resuming the unfinished run in {run_dir}")
             exp = Experiment.resume(
@@ -332,7 +399,32 @@ def _finished_result(results: Path, run_dir: Path, log_path: Path) -> DemoResult
     )
 
 
-def _load_or_store_config(run_dir: Path, config: DemoConfig) -> DemoConfig:
+def _warn_small_shares(node_csvs: list[Path], say: Callable[[str], None]) -> None:
+    """Say so when a node's share is too small for the validation split of test_ratio."""
+    ratio = float(DEMO_TRAINING_ARGS.get("test_ratio", 0.0))
+    if ratio <= 0:
+        return
+    rows = []
+    for path in node_csvs:
+        with open(path, encoding="utf-8") as f:
+            rows.append(max(sum(1 for line in f if line.strip()) - 1, 0))  # minus the header
+    small = min(rows)
+    if small < MIN_SHARE_ROWS:
+        say(
+            f"warning: the smallest node share has {small} rows: too few for a validation "
+            f"split (test_ratio {ratio:g} of it is {small * ratio:.1f} rows); the global "
+            "validation metrics are unreliable. Use fewer --nodes"
+        )
+
+
+def _load_or_store_config(
+    run_dir: Path, config: DemoConfig, given: Collection[str] | None = None
+) -> DemoConfig:
+    """The run's settings: ``config`` on a new run; on an existing one the stored settings
+    overridden by those in ``given`` (all of ``config``'s if None), stored again if changed.
+    A job setting that differs once the job log holds a record is refused."""
+    from fedsm.researcher.job import LOG_NAME
+
     stored = run_dir / "demo.json"
     remedy = (
         f"It holds this run's settings ({', '.join(f.name for f in fields(DemoConfig))}). "
@@ -346,8 +438,38 @@ def _load_or_store_config(run_dir: Path, config: DemoConfig) -> DemoConfig:
         return config
     try:
         previous = DemoConfig(**data)
-    except TypeError as exc:
+    except (TypeError, ConfigurationError) as exc:
         raise DemoFileError(stored, f"does not hold demo settings ({exc})", remedy) from None
-    if previous != config:
-        log.warning("using the settings stored in %s for this run: %s", stored, previous)
-    return previous
+    names = [f.name for f in fields(DemoConfig)] if given is None else list(given)
+    wanted = {n: getattr(config, n) for n in names}
+    changed = {n: v for n, v in wanted.items() if getattr(previous, n) != v}
+    if not changed:
+        return previous
+    job_changes = [n for n in JOB_SETTINGS if n in changed]
+    if job_changes:
+        if log_has_records(run_dir / "researcher" / LOG_NAME):
+            differs = ", ".join(
+                f"{FLAGS[n]} {_show(changed[n])} (the run has {_show(getattr(previous, n))})"
+                for n in job_changes
+            )
+            raise ConfigurationError(
+                f"{run_dir} holds a started run with other settings: {differs}; drop the "
+                "flag to resume it, or give a new --run-dir"
+            )
+        _forget_unstarted_run(run_dir)
+    merged = DemoConfig(**{**asdict(previous), **changed})
+    log.info("settings of %s changed: %s", run_dir, changed)
+    write_json_atomic(stored, asdict(merged))
+    return merged
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _forget_unstarted_run(run_dir: Path) -> None:
+    """Remove what a run whose job never started made from its old job settings (the data
+    split, the nodes, the job log header, the baseline), so that they are made again."""
+    for name in ("data", "nodes", "researcher", "local"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / "local.json").unlink(missing_ok=True)
