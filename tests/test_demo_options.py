@@ -174,11 +174,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path, mosquitto) 
 
 
 @pytest.mark.mqtt
-@pytest.mark.xfail(
-    strict=True,
-    reason="node client ids are f'node-{node_id}' on every prefix: two demos' node-1 knock "
-    "each other off the broker until MqttBus scopes client ids by topic prefix",
-)
 def test_two_demos_share_one_broker(tmp_path: Path, mosquitto) -> None:  # noqa: F811
     from fedsm.cli.demo.run import run_demo
 

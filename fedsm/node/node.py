@@ -293,7 +293,9 @@ class Node:
 
     def _send_error(self, request: Request, code: ErrorNumber, detail: str) -> None:
         job_id = getattr(request, "job_id", None)
-        log.warning(
+        # A node being stopped interrupts its trainings on purpose: not a failure to warn of.
+        log.log(
+            logging.INFO if self._stopped else logging.WARNING,
             "node %s: %s request %s (job %s) failed with %s (%d): %s",
             self.node_id,
             request.command,

@@ -120,7 +120,14 @@ class MqttBus(SessionCallbacks, LivenessQueries, Bus):
             )
         self.participant_id = participant_id
         self.role = role
-        self.client_id = f"{role}-{participant_id}"
+        # The broker knows a connection by its client id: federations sharing a broker under
+        # their own topic prefixes must not share ids either (two "node-node-1" would knock
+        # each other off). The default prefix keeps the plain id existing sessions use.
+        self.client_id = (
+            f"{role}-{participant_id}"
+            if topic_prefix == "fedsm"
+            else f"{topic_prefix.replace('/', '.')}.{role}-{participant_id}"
+        )
         self.host, self.port = host, port
         self.max_message_bytes = max_message_bytes
         self.topics = Topics(topic_prefix)

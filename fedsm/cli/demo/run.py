@@ -347,6 +347,8 @@ def run_demo(
         else:
             exp = Experiment(
                 tags=TAGS,
+                # the demo knows its hospitals: the search ends as soon as they all answered
+                nodes=[f"node-{k}" for k in range(1, config.nodes + 1)],
                 training_plan_class=PLAN_CLASS,
                 training_plan_path=files["plan"],
                 training_args=dict(DEMO_TRAINING_ARGS),
