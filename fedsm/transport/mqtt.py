@@ -180,7 +180,7 @@ class MqttBus(SessionCallbacks, LivenessQueries, Bus):
             self._liveness,
             max_message_bytes=max_message_bytes,
             where=self._where,
-            thread_name=f"fedsm-mqtt-dispatch-{self.client_id}",
+            thread_name=f"fedsm-mqtt-dispatch-{role}-{participant_id}",
         )
         try:
             self._connect(keepalive, session_expiry_s, connect_timeout_s)
