@@ -208,7 +208,10 @@ def test_handlers_run_on_the_dispatch_thread_and_nagle_is_off(mosquitto_session,
     # Handlers run on the bus's dispatch thread, never on paho's network thread.
     assert replies.threads[0].startswith("fedsm-mqtt-dispatch-researcher")
     assert requests.threads[0].startswith("fedsm-mqtt-dispatch-node")
-    assert researcher.client_id == f"researcher-{R}" and node.client_id == "node-n1"
+    # client ids are scoped by the topic prefix: federations sharing a broker never clash
+    scope = prefix.replace("/", ".")
+    assert researcher.client_id == f"{scope}.researcher-{R}"
+    assert node.client_id == f"{scope}.node-n1"
     for bus in (researcher, node):  # Nagle off, or each exchange costs ~40-88 ms
         sock = bus._client.socket()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
