@@ -19,7 +19,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check fedsm tests tools
 	$(BIN)/ruff format --check fedsm tests tools
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q
+	# Two workers (the machine's two cores); a test file stays on one worker (its fixtures).
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The same suite with hypothesis searching far deeper (minutes to hours; not for CI).
 test-deep: $(STAMP)
