@@ -268,3 +268,63 @@ def test_a_moved_run_directory_resumes_and_its_log_names_no_path(world, tmp_path
         assert exp.run() == reference
     finally:
         exp.close()
+
+
+def test_asking_about_approval_is_recorded_before_any_node_hears_of_it(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ApprovalAsked is durable before a training-plan-status request leaves: a kill right
+    after it leaves no node with the plan recorded as pending, and a resume asks again."""
+    from fedsm.core.events import ApprovalAsked
+    from fedsm.log.writer import EventLog
+
+    fresh = tmp_path / "fresh_plan.py"  # a plan no node has heard of
+    fresh.write_text(world.plan.read_text() + "\n# yet another version\n")
+
+    class Killed(BaseException):
+        pass
+
+    append = EventLog.append
+
+    def append_then_die(self, event, *, ts):  # type: ignore[no-untyped-def]
+        seq = append(self, event, ts=ts)
+        if isinstance(event, ApprovalAsked):
+            raise Killed
+        return seq
+
+    run = tmp_path / "run"
+    exp = Experiment(
+        tags=["breast-cancer"],
+        training_plan_class="BreastCancerPlan",
+        training_plan_path=fresh,
+        training_args=TRAINING_ARGS,
+        run_dir=run,
+        bus=_bus(world),
+        repository=world.repository,
+        search_deadline_s=2.0,
+        discovery_s=0.0,
+        progress=False,
+        on_round=lambda s: None,
+        round_limit=1,
+    )
+    monkeypatch.setattr(EventLog, "append", append_then_die)
+    with pytest.raises(Killed):
+        exp.run()
+    monkeypatch.undo()
+    exp.close()
+    sha = exp.job.state.plan_sha256
+    for node in world.nodes:  # nobody was asked: no node has heard of this plan
+        assert node.plans.status(sha) == "unknown", node.node_id
+    events = _events(run)
+    assert isinstance(events[-1], ApprovalAsked) and events[-1].plan_sha256 == sha
+    for node in world.nodes:
+        node.plans.decide("approved", source=fresh.read_bytes(), by="test")
+    resumed = _resume(world, run)
+    try:
+        resumed.run()
+        assert resumed.job.state.status == "completed"
+    finally:
+        resumed.close()
+    kinds = [type(e).__name__ for e in _events(run)]
+    checks = [i for i, k in enumerate(kinds) if k == "ApprovalChecked"]
+    assert checks and all(kinds[i - 1] == "ApprovalAsked" for i in checks)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from fedsm.core import lifecycle, policy
 from fedsm.core.events import (
     Aggregated,
+    ApprovalAsked,
     ApprovalChecked,
     Event,
     JobCreated,
@@ -252,7 +253,9 @@ def test_an_unapproved_plan_is_asked_once_per_drive_then_stops() -> None:
         ]
     )
     fresh = policy.decide(state, 0.0, policy.Progress())
-    assert fresh.commands == (policy.CheckApproval(),) and not fresh.events
+    # the asking is recorded first (ApprovalAsked), then carried out
+    assert fresh.commands == (policy.CheckApproval(),)
+    assert fresh.events == (ApprovalAsked(plan_sha256=PLAN, nodes=NODES),)
     asked = policy.decide(state, 0.0, policy.Progress(approval_asked=True))
     (stop,) = asked.commands
     assert isinstance(stop, policy.Stop) and stop.needs_approval and not asked.events

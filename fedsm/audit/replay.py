@@ -137,6 +137,8 @@ def summarize(event: ev.Event, before: JobState | None = None) -> str:
         reopens = before is not None and before.status.value == "completed"
         text = describe_changes(e.changes, _settings_of(before), reopens=reopens)
         return f"settings changed after round {e.round}, from round {e.round + 1}: {text}"
+    if isinstance(e, ev.ApprovalAsked):
+        return f"plan {_short(e.plan_sha256)} approval asked of {len(e.nodes)} [{_nodes(e.nodes)}]"
     if isinstance(e, ev.ApprovalChecked):
         counts: dict[str, int] = {}
         for status in e.statuses.values():

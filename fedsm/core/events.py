@@ -30,6 +30,7 @@ from fedsm.core.fields import short as _short
 __all__ = [
     "EVENT_TYPES",
     "Aggregated",
+    "ApprovalAsked",
     "ApprovalChecked",
     "Event",
     "JobCancelled",
@@ -138,6 +139,16 @@ class ParamsUploaded(Event):
     def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
         """Version 1 also recorded the upload URL."""
         return _without(data, "url")
+
+
+@dataclass(frozen=True)
+class ApprovalAsked(Event):
+    """The researcher decided to ask these nodes whether they approve the plan of this digest
+    (recorded before the ``training-plan-status`` requests go: a node records an unknown plan
+    as pending, an effect the log must decide first)."""
+
+    plan_sha256: str = _f("sha256")
+    nodes: tuple[str, ...] = _f("str_tuple")
 
 
 @dataclass(frozen=True)
@@ -323,6 +334,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         JobCreated,
         TrainingPlanUploaded,
         ParamsUploaded,
+        ApprovalAsked,
         ApprovalChecked,
         SettingsChanged,
         RoundSent,

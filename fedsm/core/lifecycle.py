@@ -40,6 +40,7 @@ from fedsm.core.appendmap import EMPTY, AppendMap
 from fedsm.core.events import (
     EVENT_TYPES,
     Aggregated,
+    ApprovalAsked,
     ApprovalChecked,
     Event,
     JobCancelled,
@@ -75,6 +76,10 @@ TRANSITIONS: tuple[tuple[str, tuple[JobStatus, ...], JobStatus], ...] = (
     ("ParamsUploaded", (_S.UPLOADED,), _S.UPLOADED),
     # Initial parameters may be replaced until the first round (the plan is unchanged).
     ("ParamsUploaded", (_S.APPROVAL_CHECKED,), _S.APPROVAL_CHECKED),
+    # Asking is decided and recorded first; the answers follow (ApprovalChecked).
+    ("ApprovalAsked", (_S.UPLOADED,), _S.UPLOADED),
+    ("ApprovalAsked", (_S.APPROVAL_CHECKED,), _S.APPROVAL_CHECKED),
+    ("ApprovalAsked", (_S.AGGREGATED,), _S.AGGREGATED),
     ("ApprovalChecked", (_S.UPLOADED, _S.APPROVAL_CHECKED), _S.APPROVAL_CHECKED),
     # Nodes added between rounds are asked (the round after needs their approval).
     ("ApprovalChecked", (_S.AGGREGATED,), _S.AGGREGATED),
@@ -210,6 +215,15 @@ def _on_settings_changed(s: JobState, e: SettingsChanged, values: dict[str, Any]
             "a completed job reopens only with a round_limit past its last round",
         )
     values["overrides"] = {**s.overrides, **e.changes}
+
+
+def _on_approval_asked(s: JobState, e: ApprovalAsked, values: dict[str, Any]) -> None:
+    _check(s.params_sha256 is not None, "initial parameters are not uploaded yet")
+    _check(
+        e.plan_sha256 == s.plan_sha256, f"asked about plan {e.plan_sha256[:12]}..., another plan"
+    )
+    strangers = sorted(set(e.nodes).difference(s.nodes))
+    _check(not strangers, f"nodes {strangers} are not nodes of this job")
 
 
 def _on_approval_checked(s: JobState, e: ApprovalChecked, values: dict[str, Any]) -> None:
@@ -355,6 +369,7 @@ _HANDLERS: dict[str, Callable[[JobState, Any, dict[str, Any]], None]] = {
     "TrainingPlanUploaded": _on_plan_uploaded,
     "ParamsUploaded": _on_params_uploaded,
     "SettingsChanged": _on_settings_changed,
+    "ApprovalAsked": _on_approval_asked,
     "ApprovalChecked": _on_approval_checked,
     "RoundSent": _on_round_sent,
     "RoundResent": _on_round_resent,

@@ -23,8 +23,9 @@ Rules of this module:
 
 States and decisions::
 
-    uploaded                                  -> CheckApproval
-    approval_checked, plan not approved       -> CheckApproval once per drive, then Stop
+    uploaded                                  -> ApprovalAsked; CheckApproval
+    approval_checked, plan not approved       -> ApprovalAsked; CheckApproval once per drive,
+                                                 then Stop
     approval_checked, approved                -> StartRound(1)
     round n in flight, not published here     -> RoundResent(pending, deadline); Publish; Collect
     round n in flight, deadline not reached   -> Collect(until deadline)
@@ -46,6 +47,7 @@ from typing import Any
 
 from fedsm.core.collect import train_request_id
 from fedsm.core.events import (
+    ApprovalAsked,
     Event,
     JobCompleted,
     JobFailed,
@@ -180,7 +182,7 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
     config = state.config
     assert config is not None
     if status is JobStatus.UPLOADED:
-        return Decision(commands=(CheckApproval(),))
+        return _ask_approval(state)
     if status.between_rounds:
         if state.final_validation_due:
             return Decision(commands=(StartRound(state.round + 1, do_training=False),))
@@ -190,7 +192,7 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
         refused = state.approval_refusals()
         if refused:
             if not progress.approval_asked:
-                return Decision(commands=(CheckApproval(),))
+                return _ask_approval(state)
             return Decision(
                 commands=(
                     Stop(
@@ -280,6 +282,12 @@ def quorum_failure(state: JobState) -> JobFailed | None:
         f"replied, min_nodes is {config.min_nodes} (failed: {failed}, no reply: {missing}); "
         "check those nodes (fedsm node start ...) or lower min_nodes",
     )
+
+
+def _ask_approval(state: JobState) -> Decision:
+    """Record that the nodes are asked (``ApprovalAsked``), then ask them."""
+    asked = ApprovalAsked(plan_sha256=state.plan_sha256 or "", nodes=tuple(sorted(state.nodes)))
+    return Decision(events=(asked,), commands=(CheckApproval(),))
 
 
 def _stop(reason: str, *, finished: bool = False) -> Decision:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsm.core import lifecycle, policy
-from fedsm.core.events import JobCancelled
+from fedsm.core.events import ApprovalAsked, JobCancelled
 from fedsm.core.jobstate import JobState, JobStatus, initial_state
 from fedsm.digests import sha256_file
 from fedsm.log.read import gc_paused, scan
@@ -225,6 +225,11 @@ class Job(JobSettings):
         first round is sent (raises ``IllegalTransition`` after, having asked nobody).
         """
         self._check_allowed("ApprovalChecked")
+        state = self._state
+        assert state.plan_sha256 is not None
+        # Decide, record, then act: the asking is recorded before any node hears of it.
+        asked = ApprovalAsked(plan_sha256=state.plan_sha256, nodes=tuple(sorted(state.nodes)))
+        self._record(asked)
         event = self._driver.ask_approval(deadline_s)
         self._record(event)
         self._progress = replace(self._progress, approval_asked=True)

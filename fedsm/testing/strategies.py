@@ -93,6 +93,7 @@ _EVENT_BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
     ),
     ev.TrainingPlanUploaded: st.builds(ev.TrainingPlanUploaded, sha256=_sha256s, class_name=_texts),
     ev.ParamsUploaded: st.builds(ev.ParamsUploaded, round=_nonneg, sha256=_sha256s),
+    ev.ApprovalAsked: st.builds(ev.ApprovalAsked, plan_sha256=_sha256s, nodes=_id_tuples),
     ev.ApprovalChecked: st.builds(
         ev.ApprovalChecked,
         plan_sha256=_sha256s,
