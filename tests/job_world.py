@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedsm.core.messages import (
     Message,
@@ -15,8 +16,10 @@ from fedsm.core.messages import (
     TrainingPlanStatusRequest,
 )
 from fedsm.data import breast_cancer_csv, partition_csv, split_holdout
+from fedsm.log.read import scan
 from fedsm.node.simulate import start_memory_nodes
 from fedsm.repository import LocalRepository
+from fedsm.researcher.experiment import Experiment
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.transport import Faults, MemoryBroker, MemoryBus
 
@@ -89,3 +92,49 @@ class SilentNode:
             )
         elif message.command == "train":
             self.train_requests += 1
+
+
+# --------------------------------------------------------------------------- Experiment helpers
+
+
+def researcher_bus(world: World) -> MemoryBus:
+    """The researcher's bus as a new process would connect it (the previous one is closed)."""
+    for thing in world.extra:
+        if isinstance(thing, MemoryBus) and thing.participant_id == "researcher-test":
+            thing.close()
+    return world.researcher()
+
+
+def experiment(world: World, run_dir: Path, **kwargs: Any) -> Experiment:
+    """An Experiment on ``world``'s nodes (the demo plan, quiet, no discovery wait: the nodes
+    are in this process and online already); ``kwargs`` override the defaults."""
+    settings: dict[str, Any] = {
+        "tags": ["breast-cancer"],
+        "training_plan_class": "BreastCancerPlan",
+        "training_plan_path": world.plan,
+        "training_args": TRAINING_ARGS,
+        "search_deadline_s": 2.0,
+        "discovery_s": 0.0,
+        "progress": False,
+        "on_round": lambda summary: None,
+        **kwargs,
+    }
+    return Experiment(
+        run_dir=run_dir, bus=researcher_bus(world), repository=world.repository, **settings
+    )
+
+
+def resume(world: World, run_dir: Path) -> Experiment:
+    """``Experiment.resume`` of ``run_dir``, as a new researcher process would."""
+    return Experiment.resume(
+        run_dir,
+        bus=researcher_bus(world),
+        repository=world.repository,
+        progress=False,
+        on_round=lambda summary: None,
+    )
+
+
+def run_events(run_dir: Path) -> list:
+    """The events of ``run_dir``'s job log."""
+    return [r.event for r in scan(run_dir / "job.log").records]

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from job_world import TRAINING_ARGS, make_world
+from job_world import TRAINING_ARGS, experiment, make_world, researcher_bus, resume, run_events
 
 from fedsm.core.events import ApprovalChecked, JobCreated, RoundSent
 from fedsm.core.lifecycle import IllegalTransition
@@ -23,42 +23,14 @@ from fedsm.transport import MemoryBus
 
 
 def _bus(world) -> MemoryBus:
-    """The researcher's bus, as a new process would connect it (the previous one is gone)."""
-    for thing in world.extra:
-        if isinstance(thing, MemoryBus) and thing.participant_id == "researcher-test":
-            thing.close()
-    return world.researcher()
+    return researcher_bus(world)
 
 
 def _experiment(world, run_dir: Path, **kwargs) -> Experiment:
-    return Experiment(
-        tags=["breast-cancer"],
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=world.plan,
-        training_args=TRAINING_ARGS,
-        run_dir=run_dir,
-        bus=_bus(world),
-        repository=world.repository,
-        search_deadline_s=2.0,
-        discovery_s=0.0,  # the nodes are in this process, online already
-        progress=False,
-        on_round=lambda summary: None,
-        **kwargs,
-    )
+    return experiment(world, run_dir, **kwargs)
 
 
-def _resume(world, run_dir: Path) -> Experiment:
-    return Experiment.resume(
-        run_dir,
-        bus=_bus(world),
-        repository=world.repository,
-        progress=False,
-        on_round=lambda summary: None,
-    )
-
-
-def _events(run_dir: Path) -> list:
-    return [r.event for r in scan(run_dir / "job.log").records]
+_resume, _events = resume, run_events
 
 
 @pytest.fixture

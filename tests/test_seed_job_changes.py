@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_world import TRAINING_ARGS, make_world
+from job_world import TRAINING_ARGS, experiment, make_world, researcher_bus, resume, run_events
 
 from fedsm.core.events import JobCompleted, ParamsUploaded, RoundSent, SettingsChanged
-from fedsm.log.read import scan
 from fedsm.log.writer import EventLog
 from fedsm.researcher.errors import JobError, RefusedByLifecycle
 from fedsm.researcher.experiment import Experiment
@@ -26,36 +25,17 @@ VALIDATING = {**TRAINING_ARGS, "test_ratio": 0.2, "test_on_global_updates": True
 
 
 def _bus(world) -> MemoryBus:
-    for thing in world.extra:
-        if isinstance(thing, MemoryBus) and thing.participant_id == "researcher-test":
-            thing.close()
-    return world.researcher()
+    return researcher_bus(world)
 
 
 def _experiment(world, run: Path, **kwargs) -> Experiment:
-    return Experiment(
-        tags=["breast-cancer"],
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=world.plan,
-        run_dir=run,
-        bus=_bus(world),
-        repository=world.repository,
-        search_deadline_s=2.0,
-        discovery_s=0.0,  # the nodes are in this process, online already
-        progress=False,
-        on_round=lambda summary: None,
-        **{"training_args": VALIDATING, "round_limit": 2, "seed": 5, **kwargs},
+    """The tests' default: a validating 2-round job, seed 5."""
+    return experiment(
+        world, run, **{"training_args": VALIDATING, "round_limit": 2, "seed": 5, **kwargs}
     )
 
 
-def _resume(world, run: Path) -> Experiment:
-    return Experiment.resume(
-        run, bus=_bus(world), repository=world.repository, progress=False, on_round=lambda s: None
-    )
-
-
-def _events(run: Path) -> list:
-    return [r.event for r in scan(run / "job.log").records]
+_resume, _events = resume, run_events
 
 
 @pytest.fixture
