@@ -363,7 +363,7 @@ def test_signed_witnesses_forged_signatures_and_pinned_keys(log: Path, tmp_path:
 
     ok = _fedsm(str(log), "--verify", "--witness", str(good), "--witness-key", f"node-2={public}")
     assert ok.returncode == 0, ok.stdout
-    assert "(1 of 1 file(s) signed, keys pinned)" in ok.stdout
+    assert "(1 of 1 file(s) signed, 1 by a pinned key)" in ok.stdout
     code, text = _replay(str(log), "--verify", "--witness", str(good))  # signed, no key pinned
     assert code == 0, text
 

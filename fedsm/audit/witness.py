@@ -466,12 +466,11 @@ class WitnessAudit:
         accepted = [i for i in self.loaded if i.refused is None and i.witness is not None]
         nodes = sorted({i.witness.node_id for i in accepted if i.witness is not None})
         signed = sum(1 for i in accepted if i.signed)
+        pinned = sum(1 for n in nodes if n in self.pinned_keys)
         upto = f" up to seq {self.highest}" if self.highest is not None else ""
         return (
             f"witnessed by {len(nodes)} node(s) [{','.join(nodes)}]{upto} "
-            f"({signed} of {len(accepted)} file(s) signed"
-            + (", keys pinned" if self.pinned_keys else "")
-            + ")"
+            f"({signed} of {len(accepted)} file(s) signed, {pinned} by a pinned key)"
         )
 
     def to_dicts(self) -> list[dict[str, Any]]:
