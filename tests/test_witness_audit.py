@@ -226,7 +226,14 @@ def test_an_untouched_run_verifies_against_its_witnesses(log: Path, tmp_path: Pa
     last = _records(log)[-1].seq
     assert f"witnessed by 3 node(s) [node-1,node-2,node-3] up to seq {last}" in result.stdout
     report = json.loads(_fedsm(str(log), "--verify", "--json", *_witness_args(files)).stdout)
-    assert report["ok"] is True and report["findings"] == []
+    assert report["ok"] is True
+    # the one note: no key was pinned, so the files prove only what their carrier wrote
+    assert [f["what"] for f in report["findings"] if not f["error"]] == [
+        "witnesses: no key pinned for ['node-1', 'node-2', 'node-3']: their files prove only "
+        "what whoever handed them over wrote (pin each node's published key with "
+        "--witness-key NODE=HEX)"
+    ]
+    assert not [f for f in report["findings"] if f["error"]]
     assert [w["node_id"] for w in report["witnesses"]] == ["node-1", "node-2", "node-3"]
     assert all(w["refused"] is None and w["highest_seq"] == last for w in report["witnesses"])
     # Read-only: neither the log nor the witness files were touched.
@@ -414,12 +421,19 @@ def test_argument_errors(log: Path, tmp_path: Path) -> None:
     assert no_verify.returncode == 2 and "--witness is only used with --verify" in no_verify.stderr
 
 
-def test_notes_neither_pass_nor_fail(log: Path, tmp_path: Path) -> None:
-    """Records after the highest witnessed head are named; a pinned key without a file too."""
+def test_what_a_carrier_could_leave_out_fails_and_the_rest_are_notes(
+    log: Path, tmp_path: Path
+) -> None:
+    """The job ended, so its final head went to every node: witnesses that stop before it are
+    old exports (an error: the records after them are the researcher's word alone); a pinned
+    node whose file is missing is an error; a node without a file is a note."""
     early = _write(tmp_path / "early.witness", _witness(log, "node-3", [0, 4, 9]))
     audit = WitnessAudit([early], {"node-1": "ab" * 32})
     findings = audit.check(log)
-    assert all(not f.error for f in findings), findings
+    errors = [f.what for f in findings if f.error]
+    assert len(errors) == 2, findings
+    assert any("come after the highest head" in w and "fresh exports" in w for w in errors)
+    assert any("a key is pinned for node-1, but no witness file" in w for w in errors)
     whats = [f.what for f in findings]
     last = read_chain(log).last_seq
     assert any(f"records seq 10..{last} come after the highest head" in w for w in whats)

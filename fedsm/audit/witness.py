@@ -83,6 +83,9 @@ class Chain:
     job_id: str | None
     researcher_id: str | None
     nodes: tuple[str, ...]
+    #: The log ends with the job's end (completed, failed, cancelled): nodes were sent the
+    #: final head (job-end), so a complete witness vouches for the last record.
+    ended: bool = False
 
     @property
     def last_seq(self) -> int:
@@ -117,6 +120,8 @@ def read_chain(path: str | Path) -> Chain:
         job_id=created.job_id if created else None,
         researcher_id=created.researcher_id if created else None,
         nodes=tuple(created.nodes) if created else (),
+        ended=bool(view.records)
+        and isinstance(view.records[-1].event, (ev.JobCompleted, ev.JobFailed, ev.JobCancelled)),
     )
 
 
@@ -355,8 +360,9 @@ class WitnessAudit:
                     0,
                     0,
                     f"witnesses: a key is pinned for {node}, but no witness file of "
-                    f"{node} was accepted",
-                    False,
+                    f"{node} was accepted: the auditor expects {node}'s witness, and whoever "
+                    "handed the files over left it out",
+                    True,
                     "witnesses",
                 )
             )
@@ -374,13 +380,39 @@ class WitnessAudit:
         heads = [h for item in accepted if item.witness for h in item.witness.heads]
         self.highest = max((h.seq for h in heads), default=None)
         if self.highest is not None and self.highest < chain.last_seq:
+            # A job that ended sent its final head to every node (job-end): witnesses that
+            # stop before it are old exports, and the records after them are the researcher's
+            # word alone. Mid-run, the last records naturally come after the last request.
             findings.append(
                 AuditFinding(
                     chain.offsets[self.highest + 1],
                     self.highest + 1,
                     f"witnesses: records seq {self.highest + 1}..{chain.last_seq} come after "
                     f"the highest head any witness saw (seq {self.highest}): no node vouches "
-                    "for them",
+                    "for them"
+                    + (
+                        "; the job ended, so the nodes were sent its final head: ask them for "
+                        "fresh exports"
+                        if chain.ended
+                        else ""
+                    ),
+                    chain.ended,
+                    "witnesses",
+                )
+            )
+        unpinned = sorted(
+            item.witness.node_id
+            for item in accepted
+            if item.witness is not None and item.witness.node_id not in self.pinned_keys
+        )
+        if unpinned:
+            findings.append(
+                AuditFinding(
+                    0,
+                    0,
+                    f"witnesses: no key pinned for {unpinned}: their files prove only what "
+                    "whoever handed them over wrote (pin each node's published key with "
+                    "--witness-key NODE=HEX)",
                     False,
                     "witnesses",
                 )
@@ -397,7 +429,7 @@ class WitnessAudit:
                     0,
                     f"{who}: names researcher {w.researcher_id}, the log's job was "
                     f"created by {chain.researcher_id}",
-                    False,
+                    True,
                     "witnesses",
                     chain.researcher_id,
                     w.researcher_id,
@@ -409,7 +441,7 @@ class WitnessAudit:
                     0,
                     0,
                     f"{who}: {w.node_id} is not one of the job's nodes",
-                    False,
+                    True,
                     "witnesses",
                 )
             )
