@@ -339,3 +339,38 @@ def test_a_kill_right_after_the_round_limit_is_raised_resumes_to_the_same_bytes(
     assert [e for e in _events(run) if isinstance(e, SettingsChanged)] == [
         SettingsChanged(round=2, changes={"round_limit": 3})
     ]
+
+
+def test_review_findings_stay_fixed(world, tmp_path: Path) -> None:
+    """run(increase) with a round in flight; a reopened job announces its new end; the seed's
+    upload_aggregator_args result passed as message args records a digest, not a path."""
+    exp = _experiment(world, tmp_path / "run", round_limit=1, training_args=TRAINING_ARGS)
+    try:
+        job = exp.job
+        job.check_training_plan_is_approved_by_nodes()
+        job.step(max_wait_s=0.0)  # round 1 in flight
+        assert job.state.status.in_round
+        exp.run(rounds=2, increase=True)  # finishes round 1, then raises the limit for round 2
+        assert job.state.status == "completed" and job.state.round == 2
+        heads_before = job.last_seq
+        exp.run(rounds=1, increase=True)  # reopens: its new end must reach the nodes again
+        assert job.state.status == "completed" and job.state.round == 3
+        assert job.last_seq > heads_before
+        for node in world.nodes:
+            witnessed = max(h.seq for h in node.witness.heads(job.id))
+            assert witnessed == job.last_seq, node.node_id
+    finally:
+        exp.close()
+    exp = _experiment(world, tmp_path / "run2", round_limit=1, training_args=TRAINING_ARGS)
+    try:
+        job = exp.job
+        job.check_training_plan_is_approved_by_nodes()
+        msg = job.upload_aggregator_args({}, {n: {"c": {"w": torch.ones(2)}} for n in job.nodes})
+        job.start_nodes_training_round(1, aggregator_args_thr_msg=msg)
+        sent = [e for e in _events(tmp_path / "run2") if isinstance(e, RoundSent)][0]
+        for args in sent.aggregator_args.values():
+            assert set(args["c"]) == {"sha256"}, args  # no path, no URL in the log
+        raw = (tmp_path / "run2" / "job.log").read_bytes()
+        assert str(tmp_path).encode() not in raw and b"file://" not in raw
+    finally:
+        exp.close()

@@ -184,11 +184,11 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
     if status is JobStatus.UPLOADED:
         return _ask_approval(state)
     if status.between_rounds:
-        if state.final_validation_due:
-            return Decision(commands=(StartRound(state.round + 1, do_training=False),))
-        if status is JobStatus.AGGREGATED and state.round >= state.round_limit:
+        validating = state.final_validation_due
+        if not validating and status is JobStatus.AGGREGATED and state.round >= state.round_limit:
             final = JobCompleted(round=state.round, params_sha256=state.params_sha256 or "")
             return Decision(events=(final,))
+        # Any round, the final validation too, goes only to nodes the last check cleared.
         refused = state.approval_refusals()
         if refused:
             if not progress.approval_asked:
@@ -203,6 +203,8 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
                     ),
                 )
             )
+        if validating:
+            return Decision(commands=(StartRound(state.round + 1, do_training=False),))
         return Decision(commands=(StartRound(state.round + 1),))
     # A round is in flight.
     if state.round_complete():

@@ -84,6 +84,7 @@ class RoundDriver:
         the event that decided it is recorded, and a restore re-uploads what a crash cut.
         """
         job = self.job
+        job._log.flush()  # decide, record, then act: durable before anything is visible
         for sha in digests:
             if sha in self._uploaded:
                 continue
@@ -122,7 +123,7 @@ class RoundDriver:
         state = job.state
         config = state.config
         assert config is not None and state.plan_sha256 is not None
-        self.ensure_uploaded([state.plan_sha256])
+        self.ensure_uploaded([state.plan_sha256])  # flushes the log first
         deadline_s = config.reply_deadline_s if deadline_s is None else deadline_s
         replies = job.requests.ask(
             TrainingPlanStatusRequest,
@@ -177,7 +178,17 @@ class RoundDriver:
         )
         out: dict[str, dict[str, Any]] = {n: dict(small.get(n, {})) for n in job.nodes}
         for node, args in (args_thr_msg or {}).items():
-            out.setdefault(node, {}).update(args)
+            # A file named the seed's way ({arg_name, filename, url, sha256}, as
+            # upload_aggregator_args returns it) is recorded by digest only: a local path or
+            # URL never goes into the log.
+            out.setdefault(node, {}).update(
+                {
+                    name: {"sha256": v["sha256"]}
+                    if isinstance(v, Mapping) and is_sha256(v.get("sha256"))
+                    else v
+                    for name, v in args.items()
+                }
+            )
         for node, heavy in files.items():
             for name, value in heavy.items():
                 out.setdefault(node, {})[name] = {"sha256": self._keep_file(name, node, value)}
@@ -417,7 +428,7 @@ class RoundDriver:
         replies = state.round_replies
         nodes = sorted(replies)
         weights = {n: float(replies[n].sample_size) for n in nodes}
-        items = [(n, job.params_path(replies[n].params_sha256), weights[n]) for n in nodes]
+        items = [(n, self.local_params(replies[n].params_sha256), weights[n]) for n in nodes]
         tmp = job._files.root / "params" / "aggregate.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:

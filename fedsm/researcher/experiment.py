@@ -383,7 +383,13 @@ class Experiment:
             state = self.job.state
             base = state.round - 1 if state.status.in_round else state.round
             if base + rounds > state.round_limit:
-                self.job.change_settings(round_limit=base + rounds)
+                if state.status.in_round:  # settings change between rounds: finish this one
+                    self.job.new_drive()
+                    if self.run_once() is not None:
+                        rounds -= 1
+                    state = self.job.state
+                if rounds > 0 and state.round + rounds > state.round_limit:
+                    self.job.change_settings(round_limit=state.round + rounds)
         if self._progress:
             from tqdm import tqdm
 
@@ -411,6 +417,8 @@ class Experiment:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        if self.job.state.terminal:
+            self.job.step()  # the final head to the nodes, if this process has not sent it
         if self.job.state.status.stopped:
             raise JobFailedError(
                 f"the job {self.job.state.status}: {self.job.stop_reason()} "

@@ -10,6 +10,7 @@ may see is uploaded only when a request first names it).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ class JobSettings(JobViews):
 
     _clock: Callable[[], float]
     _driver: RoundDriver
+    _progress: Any
 
     # ------------------------------------------------------------------ recording
 
@@ -187,7 +189,15 @@ class JobSettings(JobViews):
         except ValueError as exc:  # a value the log could not record
             raise JobError(f"these settings can not be recorded: {exc}") from None
         self._check_event(event)
+        was_over = self._state.status.terminal
         self._record(event)
+        # What this process did no longer holds for the changed job: new nodes are asked
+        # about approval, a reopened job's new end is announced again.
+        self._progress = replace(
+            self._progress,
+            approval_asked=self._progress.approval_asked and "nodes" not in changes,
+            end_announced=self._progress.end_announced and not was_over,
+        )
 
     @property
     def nodes(self) -> list[str]:
