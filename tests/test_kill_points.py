@@ -393,6 +393,9 @@ def test_mqtt_demo_killed_during_node_setup_resumes_to_the_memory_digest(
 
 
 @pytest.mark.mqtt
+# Five demo processes in a row, each starting three node processes that import torch: about
+# 40 s on a quiet machine, several times that beside the other pytest worker on 2 cores.
+@pytest.mark.timeout(900)
 def test_mqtt_demo_killed_at_four_points_of_the_job_resumes_to_the_memory_digest(
     tmp_path: Path,
     clean: tuple[str, list[str]],
