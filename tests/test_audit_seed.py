@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from job_world import TRAINING_ARGS, make_world
+from job_world import TRAINING_ARGS, experiment, make_world
 
 from fedsm.audit.checks import RepositoryAudit, check_validation
 from fedsm.audit.replay import CHECKS, add_arguments, run, verify_all
@@ -28,7 +28,6 @@ from fedsm.core import events as ev
 from fedsm.log.read import scan
 from fedsm.log.writer import EventLog
 from fedsm.repository import LocalRepository
-from fedsm.researcher.experiment import Experiment
 from fedsm.training.params import load_params
 
 NODES, ROUNDS = 3, 2
@@ -76,21 +75,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory):
     validation (round 6)."""
     root = tmp_path_factory.mktemp("audit-seed-job")
     world = make_world(root, 3)
-    exp = Experiment(
-        tags=["breast-cancer"],
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=world.plan,
-        training_args=SEED_ARGS,
-        run_dir=root / "run",
-        bus=world.researcher(),
-        repository=world.repository,
-        search_deadline_s=2.0,
-        discovery_s=0.0,  # the nodes are in this process, online already
-        progress=False,
-        on_round=lambda summary: None,
-        round_limit=1,
-        seed=3,
-    )
+    exp = experiment(world, root / "run", training_args=SEED_ARGS, round_limit=1, seed=3)
     try:
         job = exp.job
         exp.run()

@@ -436,27 +436,13 @@ def test_an_older_registry_without_the_table_is_migrated(tmp_path, executor):
 
 
 def test_every_node_witnesses_the_final_head_of_a_real_job(tmp_path):
-    from job_world import TRAINING_ARGS, make_world
+    from job_world import experiment, make_world
 
     from fedsm.log.read import scan
-    from fedsm.researcher.experiment import Experiment
 
     world = make_world(tmp_path, 3)
     try:
-        exp = Experiment(
-            tags=["breast-cancer"],
-            training_plan_class="BreastCancerPlan",
-            training_plan_path=world.plan,
-            training_args=TRAINING_ARGS,
-            run_dir=tmp_path / "run",
-            bus=world.researcher(),
-            repository=world.repository,
-            search_deadline_s=2.0,
-            discovery_s=0.0,  # the nodes are in this process, online already
-            progress=False,
-            on_round=lambda summary: None,
-            round_limit=2,
-        )
+        exp = experiment(world, tmp_path / "run", round_limit=2)
         exp.run()
         job_id = exp.job.state.job_id
         log_path = exp.job.log_path
