@@ -9,7 +9,13 @@ from enum import IntEnum
 
 from fedsm.errors import FedsmError
 
-__all__ = ["ErrorNumber", "MessageDecodeError", "MessageTooLarge", "ProtocolError"]
+__all__ = [
+    "ErrorNumber",
+    "MessageDecodeError",
+    "MessageTooLarge",
+    "ProtocolError",
+    "TRANSIENT_ERRORS",
+]
 
 
 class ProtocolError(FedsmError):
@@ -51,6 +57,7 @@ class ErrorNumber(IntEnum):
     WORKER_CRASHED = 502
     PLAN_IMPORT_FAILED = 503
     NODE_BUSY = 900
+    NODE_IO_ERROR = 901
     INTERNAL = 999
 
     @property
@@ -75,6 +82,17 @@ _ERROR_MEANINGS = {
     ErrorNumber.TRAINING_TIMED_OUT: "training ran past the node's time limit and was stopped",
     ErrorNumber.WORKER_CRASHED: "the training worker process died",
     ErrorNumber.PLAN_IMPORT_FAILED: "the training plan source could not be imported",
-    ErrorNumber.NODE_BUSY: "the node cannot take this request now",
+    ErrorNumber.NODE_BUSY: "the node cannot take this request now (its registry is in use); "
+    "it may be asked again",
+    ErrorNumber.NODE_IO_ERROR: "the node could not read or write its own files (disk full, "
+    "read-only file system); it may be asked again once its operator made room",
     ErrorNumber.INTERNAL: "an unexpected error on the node (see the node's log)",
 }
+
+
+#: Codes that say nothing about the request or the plan, only about the node's state at the
+#: time: the round policy may ask the node again (same request id) within the round, and the
+#: outcome of a run does not change because a disk filled or a registry was locked for a while.
+TRANSIENT_ERRORS: frozenset[ErrorNumber] = frozenset(
+    {ErrorNumber.NODE_BUSY, ErrorNumber.NODE_IO_ERROR}
+)

@@ -22,6 +22,8 @@ __all__ = [
     "TrainingFailed",
     "TrainingTimedOut",
     "WorkerCrashed",
+    "NodeIOError",
+    "RegistryBusy",
 ]
 
 
@@ -92,3 +94,16 @@ class WorkerCrashed(RequestFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorNumber.WORKER_CRASHED, message)
+
+
+class NodeIOError(RequestFailed):
+    """The node could not read or write its own files (no space left, read-only file system):
+    a fault of the node's machine, not of the request; transient (``NODE_IO_ERROR``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorNumber.NODE_IO_ERROR, message)
+
+
+class RegistryBusy(NodeError):
+    """The node's registry database is locked by another process (an operator command, say)
+    past the wait allowed; try again. A request meeting it is answered ``NODE_BUSY``."""
