@@ -14,10 +14,8 @@ Arithmetic: each tensor is accumulated as ``sum_i(w_i * float64(p_i))`` and divi
 ``sum_i(w_i)`` (a float64 sum in the same order), then cast back to the parameter's dtype
 (integer buffers are rounded first). Weights are the nodes' training sample counts.
 
-Aggregator arguments follow the seed's split between small values carried in messages and
-heavy ones uploaded to the repository: :meth:`Aggregator.create_aggregator_args` returns both,
-per node, so a Scaffold-style aggregator can send each node its own correction file. FedAvg
-needs none and returns two empty mappings.
+:class:`FedAvg` is the :class:`~fedsm.strategies.base.Strategy` built on the accumulator;
+other strategies reuse :class:`FedAvgAccumulator` for their weighted means.
 """
 
 from __future__ import annotations
@@ -25,18 +23,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from fedsm.errors import FedsmError
+from fedsm.strategies.base import (
+    AggregateContext,
+    AggregateResult,
+    AggregationError,
+    Strategy,
+    register,
+)
 from fedsm.training.params import ParamsFileError, check_like, load_params, save_params
 
-__all__ = ["AggregationError", "Aggregator", "FedAvg", "FedAvgAccumulator", "fedavg"]
-
-
-class AggregationError(FedsmError, ValueError):
-    """Updates cannot be aggregated: none, all-zero weights, mismatched tensors, bad order."""
+__all__ = ["AggregationError", "FedAvg", "FedAvgAccumulator", "fedavg"]
 
 
 def _check_weight(node_id: str, weight: float) -> float:
@@ -175,59 +174,19 @@ def fedavg(
     return acc.result()
 
 
-class Aggregator:
-    """Interface of an aggregation strategy (Flower-like: orchestration around pure math).
-
-    ``name`` identifies the strategy in the job log; :meth:`state` / :meth:`load_state`
-    capture whatever per-job memory it keeps (none for FedAvg) as plain data.
-    """
-
-    name: str = "aggregator"
-
-    def create_aggregator_args(
-        self,
-        *,
-        round_number: int,
-        node_ids: Sequence[str],
-        global_params_path: Path | None = None,
-        out_dir: Path | None = None,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Path]]]:
-        """Return per-node aggregator args: (small values for the train messages, files).
-
-        The first mapping is ``{node_id: {arg: plain value}}``, sent inside each node's train
-        request; the second is ``{node_id: {arg: path}}``, files the caller uploads to the
-        repository (e.g. a Scaffold correction per node, written under ``out_dir``).
-        """
-        return {}, {}
-
-    def aggregate_files(
-        self,
-        items: Sequence[tuple[str, Path, float]],
-        out_path: Path,
-        *,
-        like: Mapping[str, torch.Tensor] | None = None,
-    ) -> str:
-        """Aggregate ``(node_id, params_path, weight)`` into ``out_path``; return its sha256."""
-        raise NotImplementedError
-
-    def state(self) -> dict[str, Any]:
-        """Plain-data state to record for replay/restore."""
-        return {}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state`."""
-
-
-class FedAvg(Aggregator):
-    """Federated averaging weighted by sample counts (McMahan et al., 2017)."""
+@register
+class FedAvg(Strategy):
+    """Federated averaging weighted by sample counts (McMahan et al., 2017). Nodes get no
+    arguments; the aggregate streams one reply at a time through :class:`FedAvgAccumulator`."""
 
     name = "fedavg"
 
-    def aggregate(
-        self, updates: Iterable[tuple[str, Mapping[str, torch.Tensor], float]]
-    ) -> dict[str, torch.Tensor]:
-        """In-memory form: see :func:`fedavg`."""
-        return fedavg(updates)
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
+        """Weighted mean of the replies, summed in sorted node order."""
+        acc = FedAvgAccumulator()
+        for update in ctx.updates:
+            acc.add(update.node_id, update.params(), update.weight)
+        return AggregateResult(acc.result())
 
     def aggregate_files(
         self,
@@ -236,15 +195,9 @@ class FedAvg(Aggregator):
         *,
         like: Mapping[str, torch.Tensor] | None = None,
     ) -> str:
-        """Stream the params files one at a time in sorted node order; write the mean.
-
-        Memory: the float64 running sum plus one update at a time. ``like`` (e.g. the
-        current global params) additionally checks every file's names/shapes/dtypes.
-
-        Returns
-        -------
-        str
-            sha256 of the aggregate written (atomically) to ``out_path``.
+        """FedAvg of ``(node_id, params_path, weight)`` files written to ``out_path``; its
+        sha256. A convenience for tools and tests; jobs and audits go through
+        :func:`fedsm.strategies.base.aggregate_files`, which runs :meth:`aggregate`.
 
         Raises
         ------
