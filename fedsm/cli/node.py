@@ -9,11 +9,23 @@ node directory (a lock names the PID that holds it); a start whose repository do
 answer, or whose bus stops for good, exits non-zero. ``witness`` lists and exports, signed with
 the node's key, the researchers' log heads the node received (for an auditor to check the
 job logs against).
+
+Faults of the machine are one line and a non-zero exit, never a traceback: a registry locked
+by another process past ``registry_busy_timeout_s`` (RegistryBusy: try again), a full or
+read-only disk, a missing permission (NodeDirIOError, RegistryIOError).
+
+A plan file with CRLF (or CR) line endings is refused by ``plan approve``/``reject`` unless
+the operator says which plan it is: ``--normalise-newlines`` decides on its text with LF
+newlines (what a job given the plan's class uploads, the digest ``fedsm plan hash
+FILE:CLASS`` prints), ``--keep-newlines`` on its bytes as written (what a job given
+``training_plan_path=FILE`` uploads, the digest of ``fedsm plan hash --verbatim``). The
+error names both digests, so the operator can compare them with the one the researcher sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import getpass
 import json
@@ -90,6 +102,19 @@ def register(sub: argparse._SubParsersAction) -> None:
             help="the plan's source file (as the researcher sent it), or a digest prefix",
         )
         target.add_argument("--sha256", metavar="DIGEST", help="a recorded plan's digest/prefix")
+        newlines = p.add_mutually_exclusive_group()
+        newlines.add_argument(
+            "--normalise-newlines",
+            action="store_true",
+            help="a FILE with CRLF/CR line endings: decide on its text with LF newlines, as "
+            "a job given the plan class uploads it (the digest of fedsm plan hash)",
+        )
+        newlines.add_argument(
+            "--keep-newlines",
+            action="store_true",
+            help="a FILE with CRLF/CR line endings: decide on its bytes as written, as a job "
+            "given training_plan_path=FILE uploads it (fedsm plan hash --verbatim)",
+        )
         p.add_argument("--name", help="a name for the plan")
         p.add_argument("--notes", default="", help="why (kept with the decision)")
         p.add_argument("--by", help="who decides (default: the login name)")
@@ -159,26 +184,53 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 
 def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """``func`` with sqlite's errors (a locked or damaged registry) as one clear line."""
+    """``func`` with sqlite's errors (a locked or damaged registry) and the machine's
+    (:class:`OSError`: no space left, read-only file system, permission) as one clear line."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         from fedsm.node.database import DB_FILE
-        from fedsm.node.witness import registry_error
 
         try:
             return func(args)
         except sqlite3.Error as exc:
-            raise registry_error(args.dir / DB_FILE, exc) from None
+            raise _sqlite_error(args.dir / DB_FILE, exc) from None
+        except OSError as exc:
+            raise _os_error(exc) from None
 
     return run
 
 
+#: errnos of a machine that can not keep the node's files: a NodeDirIOError whatever the file.
+_IO_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EFBIG")
+    if hasattr(errno, name)
+)
+
+
+def _os_error(exc: OSError) -> Exception:
+    """An :class:`OSError` that escaped a command, as a one-line fedsm error."""
+    from fedsm.node.errors import NodeError
+    from fedsm.node.settings import NodeDirIOError
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename:
+        return NodeDirIOError(f"could not read or write {exc.filename}: {reason}")
+    if exc.errno in _IO_ERRNOS:
+        return NodeDirIOError(f"could not read or write a file of the node: {reason}")
+    return NodeError(f"{type(exc).__name__}: {reason}")
+
+
+def _sqlite_error(path: Path, exc: sqlite3.Error) -> Exception:
+    """A sqlite error that escaped the registry, as a one-line fedsm error."""
+    from fedsm.node.database import registry_fault
+    from fedsm.node.witness import registry_error
+
+    return registry_fault(path, exc) or registry_error(path, exc)
+
+
 # --------------------------------------------------------------------------- helpers
-
-
-#: How long an operator's command waits for a node's write to finish before saying so.
-_CLI_BUSY_TIMEOUT_S = 5.0
 
 
 def _warn(message: str) -> None:
@@ -191,37 +243,43 @@ def _open(node_dir: Path) -> tuple[Any, Any]:
     from fedsm.node.settings import load_settings
 
     settings = load_settings(node_dir)
-    return settings, NodeDatabase(node_dir / DB_FILE, busy_timeout_s=_CLI_BUSY_TIMEOUT_S)
+    db = NodeDatabase(node_dir / DB_FILE, busy_timeout_s=settings.registry_busy_timeout_s)
+    return settings, db
 
 
 def _open_readonly(node_dir: Path) -> tuple[Any, Any]:
     """Settings and a read-only database of an initialised node directory."""
-    import sqlite3
-
     from fedsm.node.database import DB_FILE, NodeDatabase
     from fedsm.node.settings import load_settings
-    from fedsm.node.witness import registry_error
 
     settings = load_settings(node_dir)
     path = node_dir / DB_FILE
     try:
-        return settings, NodeDatabase(path, readonly=True, busy_timeout_s=3.0)
+        db = NodeDatabase(path, readonly=True, busy_timeout_s=settings.registry_busy_timeout_s)
     except sqlite3.Error as exc:
-        raise registry_error(path, exc) from None
+        raise _sqlite_error(path, exc) from None
+    return settings, db
+
+
+def _plans(settings: Any, db: Any) -> Any:
+    """The approval registry of ``db`` with the node's limits."""
+    from fedsm.node.registry import ApprovalRegistry
+
+    return ApprovalRegistry(
+        db, max_plan_bytes=settings.max_plan_bytes, max_pending_plans=settings.max_pending_plans
+    )
 
 
 def _witness_read(node_dir: Path, read: Any) -> Any:
     """``read(settings, WitnessStore)`` on the node's registry opened read-only; sqlite's
     errors (a locked or damaged file) become one clear line."""
-    import sqlite3
-
-    from fedsm.node.witness import WitnessStore, registry_error
+    from fedsm.node.witness import WitnessStore
 
     settings, db = _open_readonly(node_dir)
     try:
         return read(settings, WitnessStore(db))
     except sqlite3.Error as exc:
-        raise registry_error(db.path, exc) from None
+        raise _sqlite_error(db.path, exc) from None
     finally:
         db.close()
 
@@ -333,11 +391,11 @@ def _dataset_remove(args: argparse.Namespace) -> int:
 
 
 def _plan_list(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import ApprovalRegistry, short_digests
+    from fedsm.node.registry import short_digests
 
-    _, db = _open_readonly(args.dir)
+    settings, db = _open_readonly(args.dir)
     try:
-        rows = [p.summary() for p in ApprovalRegistry(db).list()]
+        rows = [p.summary() for p in _plans(settings, db).list()]
     finally:
         db.close()
     if args.status:
@@ -354,11 +412,9 @@ def _plan_list(args: argparse.Namespace) -> int:
 
 
 def _plan_show(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import ApprovalRegistry
-
-    _, db = _open_readonly(args.dir)
+    settings, db = _open_readonly(args.dir)
     try:
-        plans = ApprovalRegistry(db)
+        plans = _plans(settings, db)
         record = plans.get(plans.resolve(args.digest))
     finally:
         db.close()
@@ -375,8 +431,49 @@ def _looks_like_digest(text: str) -> bool:
     return 0 < len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
+#: Why a plan file with CR line endings can not be decided on as it is (see the module doc).
+CR_NEWLINES_ERROR = (
+    "{file} has CRLF (or CR) line endings, so which plan it is depends on how the job "
+    "uploads it: a job given the plan class uploads it with LF newlines, sha256 {lf} (what "
+    "`fedsm plan hash FILE:CLASS` prints); a job given training_plan_path=FILE uploads the "
+    "bytes as written, sha256 {raw} (`fedsm plan hash --verbatim`). Compare with the digest "
+    "the researcher sent, then run again with --normalise-newlines (to {action} {lf_short}) "
+    "or --keep-newlines (to {action} {raw_short})"
+)
+
+
+def _newlines_chosen(file: Path, source: bytes, args: argparse.Namespace) -> bytes:
+    """The bytes to decide on for a plan file: as read when it has no CR; else the operator's
+    choice (--normalise-newlines / --keep-newlines), or a ConfigurationError naming both
+    digests."""
+    from fedsm.digests import sha256_hex
+
+    if b"\r" not in source:
+        return source
+    normalised = source.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lf, raw = sha256_hex(normalised), sha256_hex(source)
+    action = "approve" if args.status == "approved" else "reject"
+    if args.normalise_newlines:
+        _warn(
+            f"{file} has CRLF/CR line endings: deciding on its text with LF newlines, sha256 "
+            f"{lf} (its bytes as written are sha256 {raw})"
+        )
+        return normalised
+    if args.keep_newlines:
+        _warn(
+            f"{file} has CRLF/CR line endings: deciding on its bytes as written, sha256 {raw} "
+            f"(with LF newlines it would be sha256 {lf})"
+        )
+        return source
+    raise ConfigurationError(
+        CR_NEWLINES_ERROR.format(
+            file=file, lf=lf, raw=raw, action=action, lf_short=lf[:12], raw_short=raw[:12]
+        )
+    )
+
+
 def _plan_decide(args: argparse.Namespace) -> int:
-    from fedsm.node.registry import ApprovalRegistry, plan_classes
+    from fedsm.node.registry import plan_classes
 
     source = file = prefix = None
     if args.sha256 is not None:
@@ -393,7 +490,14 @@ def _plan_decide(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"plan file {args.plan} does not exist (nor is it a digest prefix)"
         )
+    if file is None and (args.normalise_newlines or args.keep_newlines):
+        raise ConfigurationError(
+            "--normalise-newlines and --keep-newlines choose how to read a plan FILE; "
+            "a digest names one plan already"
+        )
     if source is not None:
+        assert file is not None
+        source = _newlines_chosen(file, source, args)
         found = plan_classes(source)
         if found is None:
             _warn(f"{file} is not valid Python: is it the training plan the researcher sent?")
@@ -403,9 +507,9 @@ def _plan_decide(args: argparse.Namespace) -> int:
                 "training plan the researcher sent?"
             )
     by = args.by or _login()
-    _, db = _open(args.dir)
+    settings, db = _open(args.dir)
     try:
-        plans = ApprovalRegistry(db)
+        plans = _plans(settings, db)
         record = plans.decide(
             args.status,
             sha256=None if prefix is None else plans.resolve(prefix),

@@ -7,6 +7,11 @@ writes it (UTF-8 bytes). ``--out FILE`` also writes those bytes, the file a node
 approves with ``fedsm node plan approve FILE``. ``--verbatim`` hashes a file as
 ``Job(training_plan_path=FILE, training_plan_class=CLASS)`` uploads it: the whole file, as
 written.
+
+Newlines: a class's source always has LF newlines (Python reads source files with universal
+newlines), whatever the file's; ``--verbatim`` keeps the file's bytes, CRLF included, and
+says so on stderr, since the operator must then approve the file with ``fedsm node plan
+approve --keep-newlines FILE`` (``--normalise-newlines`` approves the LF text instead).
 """
 
 from __future__ import annotations
@@ -190,6 +195,13 @@ def _hash(args: argparse.Namespace) -> int:
     from fedsm.digests import sha256_hex
 
     _, data = hash_plan(args.plan, verbatim=args.verbatim)
+    if b"\r" in data:  # only --verbatim keeps a file's CRs
+        print(
+            "fedsm: note: the file has CRLF (or CR) line endings and a job given "
+            "training_plan_path uploads them as written; this digest is of those bytes. A "
+            "node operator approves the file with `fedsm node plan approve --keep-newlines`.",
+            file=sys.stderr,
+        )
     if args.out is not None:
         try:
             args.out.write_bytes(data)

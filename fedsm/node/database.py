@@ -9,10 +9,17 @@ another process makes us wait instead of fail.
 The schema only grows by new tables (``CREATE TABLE IF NOT EXISTS``), so opening an older
 file for writing migrates it; a read-only connection (``readonly=True``) changes nothing, and
 its readers treat a table it lacks as empty (see :meth:`NodeDatabase.has_table`).
+
+sqlite's faults of the machine, not of the code, leave this module as fedsm errors with one
+clear line (:func:`registry_fault`): a lock another process holds past the busy timeout is
+:class:`~fedsm.node.errors.RegistryBusy` (try again), a full disk, a read-only file system or
+an I/O error is :class:`RegistryIOError`. Other sqlite errors (a constraint, a bug) pass
+through unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,8 +29,18 @@ from pathlib import Path
 
 from fedsm.core.eventschema import APPROVAL_STATUSES
 from fedsm.errors import ConfigurationError
+from fedsm.node.errors import RegistryBusy
+from fedsm.node.settings import DEFAULT_BUSY_TIMEOUT_S, NodeDirIOError
 
-__all__ = ["DB_FILE", "PLAN_STATUSES", "NodeDatabase", "ReplyCache", "utc_now"]
+__all__ = [
+    "DB_FILE",
+    "PLAN_STATUSES",
+    "NodeDatabase",
+    "RegistryIOError",
+    "ReplyCache",
+    "registry_fault",
+    "utc_now",
+]
 
 DB_FILE = "node.sqlite"
 
@@ -77,6 +94,49 @@ CREATE TABLE IF NOT EXISTS witnessed_heads (
 """
 
 
+class RegistryIOError(NodeDirIOError):
+    """The node's registry file could not be read or written: the disk is full, the file
+    system is read-only, or the disk failed (sqlite's ``SQLITE_FULL``, ``SQLITE_IOERR``,
+    ``SQLITE_READONLY``, ``SQLITE_CANTOPEN``). Nothing of the failed write was stored."""
+
+
+_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_IO = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+# Python < 3.11 has no sqlite_errorname: sqlite's messages for the same codes.
+_BUSY_TEXT = ("database is locked", "database table is locked", "database is busy")
+_IO_TEXT = (
+    "database or disk is full",
+    "disk i/o error",
+    "attempt to write a readonly database",
+    "unable to open database file",
+)
+_IO_HINT = {
+    "SQLITE_FULL": "no space left on the device?",
+    "SQLITE_READONLY": "a read-only file system, or no permission to write?",
+    "SQLITE_CANTOPEN": "a missing directory, or no permission?",
+}
+
+
+def registry_fault(
+    path: Path, exc: sqlite3.Error, busy_timeout_s: float | None = None
+) -> RegistryBusy | RegistryIOError | None:
+    """``exc`` as a one-line fedsm error if it is a fault of the machine (a lock held by
+    another process, a full or read-only disk), else None (re-raise ``exc`` as it is)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    text = str(exc)
+    if name.startswith(_BUSY) or (not name and text.lower().startswith(_BUSY_TEXT)):
+        waited = "" if busy_timeout_s is None else f" (waited {busy_timeout_s:g} s)"
+        return RegistryBusy(
+            f"the node registry {path} is locked by another process (a running node's write, "
+            f"or another operator command){waited}; try again in a moment"
+        )
+    if name.startswith(_IO) or (not name and text.lower().startswith(_IO_TEXT)):
+        hint = next((h for code, h in _IO_HINT.items() if name.startswith(code)), "")
+        hint = f"; {hint}" if hint else ""
+        return RegistryIOError(f"could not read or write the node registry {path}: {text}{hint}")
+    return None
+
+
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (what the registries store)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -90,6 +150,10 @@ class NodeDatabase:
 
     ``readonly=True`` opens an existing file without the right to write it (the operator's
     read-only commands): no schema is created, :meth:`write` fails.
+
+    A write waits up to ``busy_timeout_s`` for a lock another process holds, then raises
+    :class:`~fedsm.node.errors.RegistryBusy`; a full or read-only disk raises
+    :class:`RegistryIOError` (see :func:`registry_fault`), here and in :meth:`read`/:meth:`write`.
     """
 
     def __init__(
@@ -97,14 +161,30 @@ class NodeDatabase:
         path: str | Path,
         *,
         durable: bool = True,
-        busy_timeout_s: float = 10.0,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
         readonly: bool = False,
     ):
         self.path = Path(path)
         self.durable = durable
         self.readonly = readonly
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.RLock()
-        if readonly:
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            self.close()
+            fault = self._fault(exc)
+            if fault is None:
+                raise
+            raise fault from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        busy_timeout_s = self.busy_timeout_s
+        if self.readonly:
             if not self.path.is_file():
                 raise ConfigurationError(f"the node database {self.path} does not exist")
             self._conn = sqlite3.connect(
@@ -122,8 +202,8 @@ class NodeDatabase:
             check_same_thread=False,  # guarded by self._lock
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        if not durable:
+        self._conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+        if not self.durable:
             # Simulated nodes come by the thousand: cap each connection's page cache at
             # 256 KiB (the default lets it grow to 2 MB as the reply cache grows).
             self._conn.execute("PRAGMA cache_size=-256")
@@ -136,8 +216,14 @@ class NodeDatabase:
     def read(self) -> Iterator[sqlite3.Connection]:
         """The connection, for reading, under the lock."""
         with self._lock:
-            self._check_open()
-            yield self._conn
+            conn = self._check_open()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                fault = self._fault(exc)
+                if fault is None:
+                    raise
+                raise fault from exc
 
     @contextmanager
     def write(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
@@ -149,23 +235,41 @@ class NodeDatabase:
         every frame written before it).
         """
         with self._lock:
-            self._check_open()
+            conn = self._check_open()
             if self.readonly:
                 raise ConfigurationError(f"the node database {self.path} is open read-only")
             relax = self.durable and not sync
-            if relax:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            finally:
                 if relax:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout_s for a lock
+                    try:
+                        yield conn
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        self._rollback(conn)
+                        raise
+                finally:
+                    if relax:
+                        conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                fault = self._fault(exc)
+                if fault is None:
+                    raise
+                raise fault from exc
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        """Undo the open transaction, if sqlite has not already (it rolls back by itself
+        after a full disk or an I/O error); a failing rollback does not hide the cause."""
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _fault(self, exc: sqlite3.Error) -> RegistryBusy | RegistryIOError | None:
+        """``exc`` as a fedsm error when it is a fault of the machine, else None."""
+        return registry_fault(self.path, exc, self.busy_timeout_s)
 
     def has_table(self, name: str) -> bool:
         """Whether the file has table ``name`` (a read-only view of an older file may not)."""
@@ -175,16 +279,17 @@ class NodeDatabase:
             ).fetchone()
         return row is not None
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> sqlite3.Connection:
         if self._conn is None:
             raise ConfigurationError(f"the node database {self.path} is closed")
+        return self._conn
 
     def close(self) -> None:
         """Close the connection. Idempotent."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
-                self._conn = None  # type: ignore[assignment]
+                self._conn = None
 
 
 # --------------------------------------------------------------------------- reply cache

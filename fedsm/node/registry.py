@@ -5,12 +5,18 @@ running node see the same records. A plan is identified by the sha256 of its exa
 its source is kept, so an operator can read what was approved. Operators name plans by a
 unique prefix of that digest (:meth:`ApprovalRegistry.resolve`) and see them listed by the
 training-plan classes their source defines (:func:`plan_classes`: parsed, never imported).
+
+A plan's source is stored only up to ``max_plan_bytes`` (:class:`PlanTooLarge` past it, and
+nothing is stored), and at most ``max_pending_plans`` plans wait for a decision (a plan seen
+past it is not recorded and stays ``unknown``): a researcher's requests can not grow the
+node's registry without bound. A digest is stored once whatever the number of requests.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import sqlite3
 import uuid
@@ -22,11 +28,18 @@ from typing import Any
 from fedsm.digests import sha256_hex
 from fedsm.errors import ConfigurationError
 from fedsm.node.database import NodeDatabase, utc_now
-from fedsm.node.errors import AmbiguousPlanDigest, DatasetNotRegistered, PlanNotRegistered
+from fedsm.node.errors import (
+    AmbiguousPlanDigest,
+    DatasetNotRegistered,
+    NodeError,
+    PlanNotRegistered,
+)
+from fedsm.node.settings import DEFAULT_MAX_PENDING_PLANS, DEFAULT_MAX_PLAN_BYTES
 
 __all__ = [
     "DatasetRegistry",
     "PlanRecord",
+    "PlanTooLarge",
     "ApprovalRegistry",
     "public_dataset",
     "plan_classes",
@@ -42,6 +55,8 @@ _PLAN_BASE = "TorchTrainingPlan"
 _HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
 
 _DATA_TYPES = ("csv", "tensors")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -283,11 +298,44 @@ class PlanRecord:
         }
 
 
-class ApprovalRegistry:
-    """Which training plans may run on this node. Only the operator changes a decision."""
+class PlanTooLarge(NodeError):
+    """A training plan's source is larger than the node stores (``max_plan_bytes``);
+    nothing was stored. ``size`` and ``limit`` are in bytes."""
 
-    def __init__(self, db: NodeDatabase) -> None:
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class ApprovalRegistry:
+    """Which training plans may run on this node. Only the operator changes a decision.
+
+    ``max_plan_bytes`` caps the size of a source stored (:class:`PlanTooLarge` past it);
+    ``max_pending_plans`` caps how many undecided plans :meth:`record_pending` keeps (the
+    node's settings of the same names).
+    """
+
+    def __init__(
+        self,
+        db: NodeDatabase,
+        *,
+        max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES,
+        max_pending_plans: int = DEFAULT_MAX_PENDING_PLANS,
+    ) -> None:
         self._db = db
+        self.max_plan_bytes = max_plan_bytes
+        self.max_pending_plans = max_pending_plans
+
+    def check_size(self, source: bytes) -> None:
+        """Raise :class:`PlanTooLarge` if ``source`` is over ``max_plan_bytes``."""
+        if len(source) > self.max_plan_bytes:
+            raise PlanTooLarge(
+                f"training plan {sha256_hex(source)} is {len(source)} bytes, over this "
+                f"node's limit of {self.max_plan_bytes} bytes (max_plan_bytes); not stored",
+                size=len(source),
+                limit=self.max_plan_bytes,
+            )
 
     def status(self, sha256: str) -> str:
         """``approved``, ``rejected``, ``pending`` or ``unknown``."""
@@ -353,18 +401,38 @@ class ApprovalRegistry:
         return [PlanRecord(*r[:3], bytes(r[3]), *r[4:]) for r in rows]
 
     def record_pending(self, source: bytes, *, name: str, origin: str) -> str:
-        """Record a plan seen in a request as pending unless already known; return its status."""
+        """Record a plan seen in a request as pending unless already known; return its status.
+
+        Raises :class:`PlanTooLarge` (nothing stored) for a source over ``max_plan_bytes``.
+        With ``max_pending_plans`` plans already pending, a new plan is not recorded (a
+        warning is logged) and its status stays ``unknown``.
+        """
+        self.check_size(source)
         digest = sha256_hex(source)
         with self._db.write() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO training_plans "
-                "(sha256, status, name, source, first_seen, origin) VALUES (?,?,?,?,?,?)",
-                (digest, "pending", name, source, utc_now(), origin),
-            )
             row = conn.execute(
                 "SELECT status FROM training_plans WHERE sha256 = ?", (digest,)
             ).fetchone()
-        return row[0]
+            if row is not None:
+                return row[0]
+            (pending,) = conn.execute(
+                "SELECT COUNT(*) FROM training_plans WHERE status = 'pending'"
+            ).fetchone()
+            if pending >= self.max_pending_plans:
+                log.warning(
+                    "%d training plans await a decision (max_pending_plans): plan %s (%s) is "
+                    "not recorded; approve or reject pending plans with fedsm node plan",
+                    pending,
+                    digest,
+                    origin,
+                )
+                return "unknown"
+            conn.execute(
+                "INSERT INTO training_plans "
+                "(sha256, status, name, source, first_seen, origin) VALUES (?,?,?,?,?,?)",
+                (digest, "pending", name, source, utc_now(), origin),
+            )
+        return "pending"
 
     def decide(
         self,
@@ -378,13 +446,15 @@ class ApprovalRegistry:
     ) -> PlanRecord:
         """Approve or reject (``status``) a plan given by its source bytes or a known sha256.
 
-        A source not yet registered is added; a sha256 must already be known (the node
-        cannot approve code it has never seen).
+        A source not yet registered is added (:class:`PlanTooLarge` over ``max_plan_bytes``);
+        a sha256 must already be known (the node cannot approve code it has never seen).
         """
         if status not in ("approved", "rejected"):
             raise ConfigurationError(f"a decision is 'approved' or 'rejected', not {status!r}")
         if (sha256 is None) == (source is None):
             raise ConfigurationError("give either the plan's file or its --sha256, not both")
+        if source is not None:
+            self.check_size(source)
         now = utc_now()
         with self._db.write() as conn:
             if source is not None:

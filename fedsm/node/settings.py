@@ -8,12 +8,20 @@ a mounted secret, mode 0600), so it never has to appear on a command line. Appro
 be switched off with two keys (``approval_required = false`` *and* ``allow_unapproved =
 true``): running unapproved code on hospital data must be a deliberate act, never one
 mistyped line.
+
+Limits that keep a node's own files small and its operator's commands responsive are settings
+too: ``max_plan_bytes`` (the largest plan source the registry stores, 1 MiB),
+``max_pending_plans`` (how many plans nobody decided on yet it keeps, 200) and
+``registry_busy_timeout_s`` (how long a write waits for another process's lock on the
+registry, 5 s). A ``node.toml`` without them gets these defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -24,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from fedsm.errors import ConfigurationError
-from fedsm.node.errors import NodeNotInitialised
+from fedsm.node.errors import NodeError, NodeNotInitialised
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,6 +49,10 @@ __all__ = [
     "settings_toml",
     "write_settings",
     "init_node_dir",
+    "NodeDirIOError",
+    "DEFAULT_MAX_PLAN_BYTES",
+    "DEFAULT_MAX_PENDING_PLANS",
+    "DEFAULT_BUSY_TIMEOUT_S",
 ]
 
 SETTINGS_FILE = "node.toml"
@@ -53,6 +65,15 @@ SECRET_FILE_KEYS: dict[str, str] = {
     "repository_token": "repository_token_file",
 }
 _PATHS = frozenset(SECRET_FILE_KEYS.values())
+#: The largest training-plan source the registry stores (a status request's plan, or one the
+#: operator approves from its file): 1 MiB, far above any real plan.
+DEFAULT_MAX_PLAN_BYTES = 1 << 20
+#: How many plans nobody decided on yet the registry keeps; past it new plans are not recorded.
+DEFAULT_MAX_PENDING_PLANS = 200
+#: How long a registry write waits for another process's lock before it gives up.
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+_INTS = ("max_plan_bytes", "max_pending_plans")
+_SECONDS = ("training_time_limit_s", "broker_give_up_s", "registry_busy_timeout_s")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -83,6 +104,16 @@ class NodeSettings:
         File repository (HTTP URL or local directory) and its bearer token.
     repository_token_file
         The file the repository token was read from, if any.
+    max_plan_bytes
+        The largest training-plan source (bytes) the node's registry stores; a larger plan
+        is refused (:class:`~fedsm.node.registry.PlanTooLarge`) and nothing is stored.
+    max_pending_plans
+        How many plans awaiting the operator's decision the registry keeps; past it a new
+        plan is not recorded (it stays ``unknown``) until the operator decides on some.
+    registry_busy_timeout_s
+        How long a write to the registry waits for a lock another process holds (an
+        operator's command, a node's write) before it fails with
+        :class:`~fedsm.node.errors.RegistryBusy`; finite.
     """
 
     node_id: str
@@ -97,6 +128,9 @@ class NodeSettings:
     repository_url: str | None = None
     repository_token: str | None = None
     repository_token_file: str | None = None
+    max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES
+    max_pending_plans: int = DEFAULT_MAX_PENDING_PLANS
+    registry_busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not _ID_RE.match(self.node_id):
@@ -107,11 +141,17 @@ class NodeSettings:
         for name in ("approval_required", "allow_unapproved"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name} must be true or false")
-        for name in ("training_time_limit_s", "broker_give_up_s"):
+        for name in _SECONDS:
             limit = getattr(self, name)
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
                 raise ConfigurationError(f"{name} must be a number of seconds > 0, got {limit!r}")
             object.__setattr__(self, name, float(limit))
+        if not math.isfinite(self.registry_busy_timeout_s):
+            raise ConfigurationError("registry_busy_timeout_s must be a finite number of seconds")
+        for name in _INTS:
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigurationError(f"{name} must be a whole number >= 1, got {count!r}")
         if not self.approval_required and not self.allow_unapproved:
             raise ConfigurationError(
                 "approval_required = false also needs allow_unapproved = true: running "
@@ -135,6 +175,19 @@ class NodeSettings:
         return out
 
 
+class NodeDirIOError(NodeError):
+    """A file of the node directory (settings, registry, key, lock) could not be read or
+    written: no space left, a read-only file system, no permission. A fault of the node's
+    machine, which its operator fixes; the message names the file and the reason."""
+
+    @classmethod
+    def of(cls, exc: OSError, what: str) -> NodeDirIOError:
+        """``what`` (e.g. "could not write PATH") and ``exc``'s reason, as one line."""
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
+        return cls(f"{what}{where}: {reason}")
+
+
 def _mask_url_password(url: str) -> str:
     """``url`` with the password of its ``user:password@`` part, if any, as ``***``."""
     parts = urlsplit(url)
@@ -156,7 +209,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigurationError(f"{name} in {source} must be true or false, got {value!r}")
-    if name in ("training_time_limit_s", "broker_give_up_s"):
+    if name in _INTS:
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigurationError(f"{name} in {source} must be a whole number, got {value!r}")
+    if name in _SECONDS:
         if isinstance(value, str):
             try:
                 return float(value)
@@ -205,6 +267,8 @@ def load_settings(node_dir: str | Path, env: Mapping[str, str] | None = None) ->
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise NodeDirIOError.of(exc, f"could not read {path}") from None
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ConfigurationError(
@@ -273,8 +337,13 @@ def write_settings(node_dir: str | Path, settings: NodeSettings) -> Path:
     path = Path(node_dir) / SETTINGS_FILE
     header = "# fedsm node settings; FEDSM_<KEY> environment variables override them.\n"
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(header + settings_toml(settings, show_secrets=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(header + settings_toml(settings, show_secrets=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise NodeDirIOError.of(exc, f"could not write {path}") from None
     return path
 
 
@@ -293,6 +362,9 @@ def init_node_dir(
     if node_id is None:
         node_id = "node-" + os.urandom(6).hex()
     result = NodeSettings(node_id=node_id, **settings)
-    node_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        node_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NodeDirIOError.of(exc, f"could not create the node directory {node_dir}") from None
     write_settings(node_dir, result)
     return result
