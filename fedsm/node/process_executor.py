@@ -3,134 +3,254 @@
 Validation-only rounds (a task with ``do_training`` False) run in the worker too, under the
 same limit: they import and run the researcher's plan just the same.
 
-The worker is started once (``spawn`` by default, so it shares no threads or locks with the
-node) and trains round after round. Past the time limit the node kills it (SIGKILL) and
-starts a fresh one; a worker that dies during a training (a plan calling ``os._exit`` or
-killing its own process) is noticed by the pipe closing. Either way the request gets an
-error reply and the node keeps serving.
+The worker is a plain subprocess, ``python -m fedsm.node.worker_main`` (see that module for
+the wire format): no ``multiprocessing``, whose spawn bootstrap is unpickled, so a node
+trains with pickle forbidden. It is started once and trains round after round. Past the time
+limit the node kills it (SIGKILL, by PID), reaps it and starts a fresh one; a worker that dies
+during a training (a plan calling ``os._exit`` or killing its own process) is noticed by its
+pipe closing or its exit. Either way the request gets an error reply and the node keeps
+serving.
 
-Worker and node talk msgpack over a pipe, never pickle: the worker runs the researcher's
-plan, so what comes back from it is treated as untrusted data.
+Worker and node talk length-prefixed msgpack frames over the worker's stdin and stdout,
+never pickle: the worker runs the researcher's plan, so what comes back from it is untrusted
+data. A reply that is not a well-formed frame, or announces more than
+:data:`~fedsm.node.worker_main.MAX_REPLY_BYTES`, is a :class:`~fedsm.node.errors.WorkerCrashed`
+at once, not a hang; every wait on the worker has a deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import signal
+import select
+import site
+import subprocess
+import sys
 import threading
-import traceback
-from multiprocessing.connection import Connection
+import time
+from pathlib import Path
 from typing import Any
-
-import msgpack
 
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.node.errors import TrainingFailed, TrainingTimedOut, WorkerCrashed
-from fedsm.node.executor import (
-    TrainingExecutor,
-    TrainingOutcome,
-    TrainingTask,
-    error_code_for,
-    run_task,
+from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
+from fedsm.node.worker_main import (
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    FrameDecoder,
+    encode_frame,
+    unpack,
 )
 
 __all__ = ["ProcessTrainingExecutor"]
 
 log = logging.getLogger(__name__)
 
-_MAX_REPLY_BYTES = 1 << 20
+_POLL_S = 0.25  # how often a wait on the worker's pipe also checks that it is alive
+_REAP_S = 10.0  # how long a SIGKILLed worker may take to be reaped
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+class _Timeout(Exception):
+    """The worker did not answer before the deadline."""
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+class _Gone(Exception):
+    """The worker's pipe closed or the worker exited; ``args[0]`` is its exit code."""
 
 
-def _worker_main(conn: Connection, preload: bool) -> None:
-    """Body of the worker process: train each task received until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
-    if preload:  # pay torch's import once, before round 1; a failure resurfaces per task
-        try:
-            from fedsm.training.runner import warm_up
+class _Garbage(Exception):
+    """The worker wrote something that is not a frame of the protocol."""
 
-            warm_up()
-        except Exception:  # noqa: BLE001 - resurfaces, with its message, on the first task
-            pass
-    conn.send_bytes(_pack({"kind": "ready", "pid": os.getpid()}))
-    while True:
-        try:
-            request = _unpack(conn.recv_bytes())
-        except EOFError:  # the node went away
-            return
-        if request.get("kind") != "train":
-            return
-        try:
-            outcome = run_task(TrainingTask(**request["task"]))
-            reply = {
-                "kind": "ok",
-                "params_sha256": outcome.params_sha256,
-                "sample_size": outcome.sample_size,
-                "metrics": outcome.metrics,
-            }
-        except BaseException as exc:  # noqa: B036 - a plan's sys.exit() is a failure too
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            reply = {
-                "kind": "error",
-                "code": int(error_code_for(exc)),
-                "message": tail[-2000:],
-            }
-        conn.send_bytes(_pack(reply))
+
+def _worker_command(preload: bool) -> list[str]:
+    """The worker's command line: this interpreter, safe path (``-P``, Python 3.11+: the
+    node's working directory is not on ``sys.path``), the worker module."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [
+        sys.executable,
+        *safe_path,
+        "-m",
+        "fedsm.node.worker_main",
+        *(["--preload"] if preload else []),
+    ]
+
+
+def _worker_env() -> dict[str, str]:
+    """The node's environment, with the directory holding this ``fedsm`` on ``PYTHONPATH``
+    (appended) when it is not a site directory, so that the worker runs the same code."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in sites:
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in parts:
+            env["PYTHONPATH"] = os.pathsep.join([*parts, root])
+    return env
 
 
 class _Worker:
-    """One worker process and the node's end of its pipe."""
+    """One worker process and the node's ends of its pipes.
 
-    def __init__(self, ctx: Any, *, preload: bool) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(
-            target=_worker_main, args=(child, preload), name="fedsm-training-worker", daemon=True
+    :meth:`send` and :meth:`receive` are called by one thread at a time (the executor's
+    worker lock); :meth:`kill` may come from any thread and only signals and reaps, so the
+    pipes are closed (:meth:`release`) by the thread that uses them.
+    """
+
+    def __init__(self, *, preload: bool) -> None:
+        self.proc = subprocess.Popen(
+            _worker_command(preload),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the node's stderr: the worker's logs and tracebacks
+            close_fds=True,  # nothing of the node's but the two pipes
+            bufsize=0,
+            env=_worker_env(),
         )
-        self.process.start()
-        child.close()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._to_worker = self.proc.stdin
+        self._from_worker = self.proc.stdout
+        os.set_blocking(self._to_worker.fileno(), False)
+        os.set_blocking(self._from_worker.fileno(), False)
+        self._decoder = FrameDecoder(MAX_REPLY_BYTES)
+        self._kill_lock = threading.Lock()
 
-    def wait_ready(self, timeout_s: float) -> None:
-        if not self.conn.poll(timeout_s):
-            self.kill()
-            raise WorkerCrashed(f"the training worker did not start within {timeout_s:g} s")
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, frame: bytes, deadline: float) -> None:
+        """Write one frame (:func:`~fedsm.node.worker_main.encode_frame`); raise
+        :class:`_Gone` or :class:`_Timeout`."""
+        data = memoryview(frame)
+        fd = self._to_worker.fileno()
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout()
+            if not _wait_for(fd, select.POLLOUT, min(left, _POLL_S)):
+                if not self.alive():
+                    raise _Gone(self.proc.returncode)
+                continue
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                continue
+            except OSError:  # EPIPE: the worker is gone
+                raise _Gone(self._exit_code()) from None
+
+    def receive(self, deadline: float) -> Any:
+        """Read one frame and decode it; raise :class:`_Gone`, :class:`_Timeout` or
+        :class:`_Garbage`."""
+        fd = self._from_worker.fileno()
+        while True:
+            try:
+                body = self._decoder.next_frame()
+            except ValueError as exc:  # FrameTooLarge
+                raise _Garbage(str(exc)) from None
+            if body is not None:
+                try:
+                    return unpack(body)
+                except ValueError as exc:
+                    raise _Garbage(f"a frame that is not msgpack ({exc})") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout()
+            if not _wait_for(fd, select.POLLIN, min(left, _POLL_S)):
+                # The pipe may outlive the worker (a plan's forked child holding it open).
+                if not self.alive():
+                    raise _Gone(self.proc.returncode)
+                continue
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                raise _Gone(self._exit_code()) from None
+            if not chunk:
+                if self._decoder.pending:
+                    tail = self._decoder.pending
+                    raise _Gone(self._exit_code(), f"{tail} bytes of an unfinished frame")
+                raise _Gone(self._exit_code())
+            self._decoder.feed(chunk)
+
+    def _exit_code(self) -> int | None:
+        """The exit code of a worker whose pipe closed (it is dying: give it a moment)."""
         try:
-            hello = _unpack(self.conn.recv_bytes(_MAX_REPLY_BYTES))
-        except (EOFError, OSError, ValueError):
-            code = self.kill()
-            raise WorkerCrashed(
-                f"the training worker died while starting (exit code {code})"
-            ) from None
-        if hello.get("kind") != "ready":
-            self.kill()
-            raise WorkerCrashed(f"the training worker sent {hello!r} instead of 'ready'")
+            return self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> int | None:
-        """Kill the process (if alive), reap it and return its exit code."""
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(10)
-        self.conn.close()
-        return self.process.exitcode
+        """SIGKILL the worker (by PID, if it runs), reap it and return its exit code."""
+        with self._kill_lock:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+            try:
+                return self.proc.wait(timeout=_REAP_S)
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "training worker %s did not die within %g s of SIGKILL", self.pid, _REAP_S
+                )
+                return None
+
+    def release(self) -> None:
+        """Kill and reap the worker and close the node's ends of its pipes. Idempotent."""
+        self.kill()
+        for pipe in (self._to_worker, self._from_worker):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait for the worker's ``ready`` frame; on failure release it, raise WorkerCrashed."""
+        try:
+            hello = self.receive(time.monotonic() + timeout_s)
+        except _Timeout:
+            self.release()
+            raise WorkerCrashed(
+                f"the training worker did not start within {timeout_s:g} s"
+            ) from None
+        except _Gone as gone:
+            self.release()
+            raise WorkerCrashed(
+                f"the training worker died while starting ({_describe(gone)})"
+            ) from None
+        except _Garbage as exc:
+            self.release()
+            raise WorkerCrashed(f"the training worker sent garbage while starting: {exc}") from None
+        if not isinstance(hello, dict) or hello.get("kind") != "ready":
+            self.release()
+            raise WorkerCrashed(f"the training worker sent {hello!r:.200} instead of 'ready'")
 
     def stop(self, timeout_s: float) -> None:
-        """Ask the worker to exit; kill it if it does not within ``timeout_s``."""
+        """Ask the worker to exit; kill it if it does not within ``timeout_s``; release it."""
+        deadline = time.monotonic() + timeout_s
         try:
-            self.conn.send_bytes(_pack({"kind": "stop"}))
-        except OSError:
+            self.send(encode_frame({"kind": "stop"}), deadline)
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (_Gone, _Timeout, subprocess.TimeoutExpired):
             pass
-        self.process.join(timeout_s)
-        self.kill()
+        self.release()
+
+
+def _wait_for(fd: int, events: int, timeout_s: float) -> bool:
+    """Whether ``fd`` became ready for ``events`` (or hung up, or failed) within ``timeout_s``."""
+    poller = select.poll()  # not select.select: a node's fds may number above FD_SETSIZE
+    poller.register(fd, events)
+    return bool(poller.poll(max(0, int(timeout_s * 1000) + 1)))
+
+
+def _describe(gone: _Gone) -> str:
+    code = gone.args[0] if gone.args else None
+    text = f"exit code {code}"
+    return text if len(gone.args) < 2 else f"{text}, after {gone.args[1]}"
 
 
 class ProcessTrainingExecutor(TrainingExecutor):
@@ -141,7 +261,8 @@ class ProcessTrainingExecutor(TrainingExecutor):
     time_limit_s
         Default wall-clock limit of one training (a node passes its own setting).
     start_method
-        ``"spawn"`` (default: a clean interpreter) or ``"forkserver"``.
+        Kept for compatibility and ignored: the worker is always a fresh interpreter
+        started with ``subprocess`` (no ``multiprocessing``, hence no pickle).
     start_timeout_s
         How long a new worker may take to start (importing torch takes seconds).
     preload
@@ -163,9 +284,10 @@ class ProcessTrainingExecutor(TrainingExecutor):
         max_trainings_per_worker: int = 200,
     ) -> None:
         super().__init__(lane_threads=1, control_threads=2)
+        if start_method not in ("spawn", "forkserver", "subprocess"):
+            raise ValueError(f"unknown start_method {start_method!r}")
         self._max_trainings = max_trainings_per_worker
         self._trainings = 0  # by the current worker
-        self._ctx = multiprocessing.get_context(start_method)
         self._time_limit_s = time_limit_s
         self._start_timeout_s = start_timeout_s
         self._preload = preload
@@ -182,76 +304,91 @@ class ProcessTrainingExecutor(TrainingExecutor):
     def worker_pid(self) -> int | None:
         """Process id of the current worker, or None when none is running."""
         worker = self._worker
-        return None if worker is None else worker.process.pid
+        return None if worker is None else worker.pid
 
     def _ensure_worker(self) -> _Worker:
         if self._worker is not None and 0 < self._max_trainings <= self._trainings:
             log.info(
                 "recycling training worker %s after %d trainings",
-                self._worker.process.pid,
+                self._worker.pid,
                 self._trainings,
             )
             self._worker.stop(5.0)
-        if self._worker is None or not self._worker.process.is_alive():
+        if self._worker is None or not self._worker.alive():
             if self._worker is not None:
-                self._worker.kill()
+                self._worker.release()
                 self.restarts += 1
-            worker = _Worker(self._ctx, preload=self._preload)
-            worker.wait_ready(self._start_timeout_s)
-            self._worker = worker
+            # Current while it starts, so that close(wait=False) can kill it too.
+            worker = self._worker = _Worker(preload=self._preload)
+            try:
+                worker.wait_ready(self._start_timeout_s)
+            except BaseException:
+                if self._worker is worker:
+                    self._worker = None
+                raise
             self._trainings = 0
-            log.info("training worker %s ready", worker.process.pid)
+            log.info("training worker %s ready", worker.pid)
         return self._worker
 
-    def _discard_worker(self) -> int | None:
-        worker, self._worker = self._worker, None
+    def _discard(self, worker: _Worker) -> int | None:
+        """Kill and release ``worker`` (the current one); return its exit code."""
+        if self._worker is worker:
+            self._worker = None
         self.restarts += 1
-        return None if worker is None else worker.kill()
+        code = worker.kill()
+        worker.release()
+        return code
 
     def train(self, task: TrainingTask, *, time_limit_s: float | None = None) -> TrainingOutcome:
         limit = self._time_limit_s if time_limit_s is None else time_limit_s
+        frame = encode_frame({"kind": "train", "task": task.to_dict()})
+        if len(frame) > MAX_REQUEST_BYTES:
+            raise TrainingFailed(
+                f"the task ({len(frame)} bytes) is larger than a worker accepts "
+                f"({MAX_REQUEST_BYTES} bytes)"
+            )
         with self._worker_lock:
             worker = self._ensure_worker()
             self._trainings += 1
+            deadline = time.monotonic() + limit
             try:
-                worker.conn.send_bytes(_pack({"kind": "train", "task": task.to_dict()}))
-            except OSError:
-                code = self._discard_worker()
-                raise WorkerCrashed(
-                    f"the training worker died before the task was sent (exit code {code})"
-                ) from None
-            if not worker.conn.poll(limit):
-                self._discard_worker()
+                worker.send(frame, deadline)
+                reply = worker.receive(deadline)
+            except _Timeout:
+                self._discard(worker)
                 raise TrainingTimedOut(
                     f"training did not finish within the node's limit of {limit:g} s; the "
                     "worker was killed and restarted (raise training_time_limit_s if the "
                     "plan is expected to take longer)"
-                )
-            try:
-                reply = _unpack(worker.conn.recv_bytes(_MAX_REPLY_BYTES))
-            except (EOFError, OSError):
-                code = self._discard_worker()
-                raise WorkerCrashed(
-                    f"the training worker died during training (exit code {code}); a new "
-                    "worker was started"
                 ) from None
-            except ValueError as exc:  # unpack error or reply too large
-                self._discard_worker()
+            except _Gone as gone:
+                self._discard(worker)
                 raise WorkerCrashed(
-                    f"the training worker sent an unreadable reply: {exc}"
+                    f"the training worker died during training ({_describe(gone)}); a new "
+                    "worker will be started"
+                ) from None
+            except _Garbage as exc:
+                self._discard(worker)
+                raise WorkerCrashed(
+                    f"the training worker sent an unreadable reply: {exc}; it was killed"
                 ) from None
         return _outcome_from(reply)
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the worker. With ``wait``, queued trainings finish first; without, a running
         training is killed with its worker (its request gets no reply)."""
+        killed = None
         if not wait:
-            worker, self._worker = self._worker, None
-            if worker is not None:
-                worker.kill()
+            killed, self._worker = self._worker, None
+            if killed is not None:
+                killed.kill()  # the training thread sees the pipe close and gives up
         super().close(wait=wait)
+        # A training thread holding the lock gives up by its own deadlines (or at once when
+        # its worker was killed above).
         with self._worker_lock:
             worker, self._worker = self._worker, None
+            if killed is not None:
+                killed.release()
             if worker is not None:
                 worker.stop(5.0)
 
