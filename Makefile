@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deep lint bench clean
+.PHONY: demo test test-deep lint bench bench-quick bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check fedsm tests tools
 
 # Benchmarks print numbers; none of them fails for being slow.
+# bench: fedsm beside a plain torch loop at K = 10, 100, 1000, the 10M model and the MQTT path
+# (tools/bench_compare.py, under 10 minutes), then the component benchmarks.
 bench: $(STAMP)
+	$(BIN)/python tools/bench_compare.py
 	$(BIN)/python tools/bench_log.py
 	$(BIN)/python tools/bench_mqtt.py
 	$(BIN)/python tools/bench_repo.py
@@ -38,5 +41,21 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_scale.py --nodes 1000
 	$(BIN)/python tools/bench_witness.py
 
+# The same comparison at smaller sizes (under 2 minutes).
+bench-quick: $(STAMP)
+	$(BIN)/python tools/bench_compare.py --quick
+
+# Flower's rows beside fedsm's: Flower goes into its own virtualenv, never into fedsm's.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+$(PEERS_STAMP): tools/peers/requirements.txt
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	echo '*' > $(PEERS)/.gitignore
+	$(PEERS)/bin/python -m pip install --quiet -r tools/peers/requirements.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python tools/bench_compare.py --only k10,k100,10m --peers $(PEERS)/bin/python
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS) build *.egg-info .pytest_cache
