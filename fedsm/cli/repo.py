@@ -57,6 +57,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="BYTES",
         help="largest file accepted, e.g. 2147483648 or 2G (default 2 GiB)",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        metavar="N",
+        help="connections served at once, a thread each; more get a 503 (default 64)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest wait for any one read or write on a connection (default 10)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a request's headers, and its body, must arrive within this (default 30), plus "
+        "the body's size at --min-upload-rate",
+    )
+    serve.add_argument(
+        "--min-upload-rate",
+        type=parse_size,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="bytes per second an upload is given time for, e.g. 64K (default 64 KiB/s)",
+    )
     serve.set_defaults(func=_serve)
 
 
@@ -66,7 +95,15 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigurationError(f"--port {args.port} is not a TCP port (0-65535)")
     server = RepositoryServer(
-        args.root, host=args.host, port=args.port, token=args.token, max_size=args.max_size
+        args.root,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_size=args.max_size,
+        max_connections=args.max_connections,
+        read_timeout_s=args.read_timeout,
+        request_timeout_s=args.request_timeout,
+        min_upload_rate=args.min_upload_rate,
     )
     stop = threading.Event()
 

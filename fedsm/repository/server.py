@@ -9,7 +9,8 @@ with no dependency to install, audit or keep up to date in a hospital. It reads 
 bodies only as we pull them (so constant memory comes from our 1 MiB loop) and lets us send
 downloads with ``socket.sendfile`` (zero copy). Its limits (no TLS, no HTTP/2, a thread per
 connection) are fine for a handful of nodes; put a TLS-terminating proxy in front for
-deployment across sites.
+deployment across sites. Hostile clients are bounded (see the handler module): strict
+framing, at most ``max_connections`` threads, and timeouts on every read and every request.
 """
 
 from __future__ import annotations
@@ -51,7 +52,19 @@ class RepositoryServer:
     max_size
         The largest file accepted, in bytes (default 2 GiB).
     idle_timeout_s
-        A connection that sends nothing for this long is dropped.
+        A kept-alive connection may wait this long between two requests.
+    max_connections
+        Connections served at once, one thread each (default 64). Past it a new connection
+        gets a 503 (which :class:`~fedsm.repository.HttpRepository` retries) and is closed.
+    read_timeout_s
+        The longest wait for any one read or write on a connection (default 10 s).
+    request_timeout_s
+        A request's line and headers, and its body, must arrive within this many seconds
+        of its start (of the accept for a connection's first request; default 30 s) ...
+    min_upload_rate
+        ... plus ``Content-Length / min_upload_rate`` seconds for an accepted upload, in
+        bytes per second (default 64 KiB/s: a 2 GiB upload may take 9 hours). A request past
+        its deadline gets a 408 and the connection is closed.
 
     Use :meth:`start` / :meth:`stop` or ``with RepositoryServer(...) as server:``.
     """
@@ -65,9 +78,23 @@ class RepositoryServer:
         token: str | None = None,
         max_size: int = 2**31,
         idle_timeout_s: float = 60.0,
+        max_connections: int = 64,
+        read_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+        min_upload_rate: float = 64 * 1024,
     ) -> None:
         if max_size < 0:
             raise ConfigurationError(f"max_size must be >= 0 bytes, not {max_size}")
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, not {max_connections}")
+        for name, value in (
+            ("idle_timeout_s", idle_timeout_s),
+            ("read_timeout_s", read_timeout_s),
+            ("request_timeout_s", request_timeout_s),
+            ("min_upload_rate", min_upload_rate),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be > 0, not {value}")
         if token is not None and (not token or not token.isprintable() or " " in token):
             raise ConfigurationError("the token must be non-empty printable text without spaces")
         self.root = Path(root)
@@ -76,6 +103,10 @@ class RepositoryServer:
         self.token = token
         self.max_size = max_size
         self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.min_upload_rate = min_upload_rate
         self._httpd: RepositoryHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,6 +137,10 @@ class RepositoryServer:
                 token=self.token,
                 max_size=self.max_size,
                 idle_timeout_s=self.idle_timeout_s,
+                max_connections=self.max_connections,
+                read_timeout_s=self.read_timeout_s,
+                request_timeout_s=self.request_timeout_s,
+                min_upload_rate=self.min_upload_rate,
             )
         except OSError as exc:
             raise ConfigurationError(
@@ -122,7 +157,14 @@ class RepositoryServer:
             target=self._httpd.serve_forever, name="fedsm-repository", daemon=True
         )
         self._thread.start()
-        _log.info("repository serving %s at %s", store.root, self.url)
+        _log.info(
+            "repository serving %s at %s (at most %d connections, %g s per read, %g s per request)",
+            store.root,
+            self.url,
+            self.max_connections,
+            self.read_timeout_s,
+            self.request_timeout_s,
+        )
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
