@@ -51,39 +51,49 @@ def test_unusable_replies_fail_their_nodes_and_the_round_aggregates(tmp_path: Pa
 class ArgsFedAvg(FedAvg):
     """FedAvg that also hands each node a small arg and a per-node file (Scaffold-like)."""
 
-    def __init__(self, other: bool = False) -> None:
-        super().__init__()
-        self.other = other  # compute other args than the first time (a changed strategy)
+    #: Set to compute other args than the first time (a strategy changed under a restore).
+    other = False
 
-    def create_aggregator_args(
-        self, *, round_number, node_ids, global_params_path=None, out_dir=None
-    ):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        small, files = {}, {}
-        for node in node_ids:
-            path = out_dir / f"correction-{node}-{round_number}.bin"
-            path.write_bytes(f"{node}:{round_number}:{self.other}".encode())
-            small[node] = {"server_lr": 0.5 + self.other, "round": round_number}
-            files[node] = {"correction": path}
-        return small, files
+    def node_args(self, ctx):
+        import torch
+
+        flag = float(type(self).other)
+        return {
+            node: {
+                "server_lr": 0.5 + flag,
+                "round": ctx.round,
+                "correction": {"w": torch.tensor([float(i), float(ctx.round), flag])},
+            }
+            for i, node in enumerate(ctx.node_ids)
+        }
 
 
 def test_aggregator_args_reach_each_node_and_a_resend_repeats_them(tmp_path: Path) -> None:
+    from fedsm.training.params import load_params
+
+    ArgsFedAvg.other = False
     world = Scripted(tmp_path, aggregator=ArgsFedAvg())
     first = {n: node.requests[1] for n, node in world.nodes.items()}
-    for node_id, request in first.items():
+    for i, (node_id, request) in enumerate(sorted(first.items())):
         args = request.aggregator_args
         assert args["server_lr"] == 0.5 and args["round"] == 1
-        _, path = world.repo.download_file(args["correction"]["url"], tmp_path / f"{node_id}.bin")
-        assert path.read_bytes() == f"{node_id}:1:False".encode()  # each node its own file
+        _, path = world.repo.download_file(args["correction"]["url"], tmp_path / f"{node_id}.st")
+        assert load_params(path)["w"].tolist() == [float(i), 1.0, 0.0]  # each node its own file
+    created = next(e for e in world.events() if type(e).__name__ == "JobCreated")
+    assert created.aggregator.endswith(":ArgsFedAvg")  # a user's strategy: by import path
     # A restore mid-round (a new process: nothing published yet as far as it knows) re-sends
     # the very requests RoundSent recorded, args included, even if the strategy would now
-    # compute other args (the restored job aggregates with plain FedAvg: no args at all).
+    # compute other args.
     world.job.close()
+    ArgsFedAvg.other = True
     for node in world.nodes.values():
         node.requests.clear()
-    job = Job.restore(tmp_path / "run", reqs=Requests(world.researcher), repository=world.repo)
-    decision = job.step(max_wait_s=0.0)
+    try:
+        job = Job.restore(tmp_path / "run", reqs=Requests(world.researcher), repository=world.repo)
+        assert type(job._aggregator).__name__ == "ArgsFedAvg"
+        decision = job.step(max_wait_s=0.0)
+    finally:
+        ArgsFedAvg.other = False
     assert [type(e).__name__ for e in decision.events] == ["RoundResent"]
     for node_id, node in world.nodes.items():
         again = node.requests[1]

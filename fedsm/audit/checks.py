@@ -20,9 +20,11 @@
   different bytes under their digest are an error as for any artifact.
 - :meth:`RepositoryAudit.check_aggregates`: every ``Aggregated`` is recomputed from the
   recorded replies (their parameter files, weighted by their sample sizes, in sorted node
-  order) with the same :meth:`FedAvg.aggregate_files` call the Job makes, and the result
-  must be the recorded file bit for bit. A validation-only round has no aggregate to
-  recompute. Rounds after a settings change are recomputed from the nodes they went to.
+  order) by the strategy the log names, from the round's global parameters and the
+  strategy's recorded state, with the same ``aggregate_files`` call the Job makes; the
+  result and the new state must be the recorded files bit for bit. A validation-only round
+  has no aggregate to recompute. Rounds after a settings change are recomputed from the
+  nodes they went to.
 
 Artifacts are fetched *by digest* through the repository given (``url_for(digest)``), not by
 the URL in the log: an auditor often has the repository directory while the log names a
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedsm.core import events as ev
+from fedsm.core import lifecycle
+from fedsm.core.jobstate import JobState, initial_state
 from fedsm.errors import FedsmError
 from fedsm.log.read import Finding, LogError, Record, scan
 from fedsm.repository import (
@@ -406,84 +410,151 @@ class RepositoryAudit:
         return findings
 
     def check_aggregates(self, path: Path) -> list[Finding]:
-        """Every ``Aggregated`` recomputed from its round's replies matches bit for bit."""
+        """Every ``Aggregated`` recomputed from its round's replies matches bit for bit: the
+        strategy the log names (with its recorded settings), the round's global parameters,
+        the strategy's state after the previous round and the replies' files, all fetched by
+        digest, through the one :func:`~fedsm.strategies.base.aggregate_files` the Job runs.
+        The new state must be the recorded one too, so the chain of states is proven round
+        by round."""
         refused = self._refused("recompute")
         if refused:
             return refused
         records, notes = _records(Path(path), "recompute")
         findings: list[Finding] = list(notes)
-        replies: dict[tuple[int, str], Record] = {}
-        validating: set[int] = set()  # validation-only rounds: nothing to recompute
+        state = initial_state()
+        strategy: Any = None
         for r in records:
             e: Any = r.event
-            if isinstance(e, ev.RoundSent) and not e.do_training:
-                validating.add(e.round)
-            elif isinstance(e, ev.ReplyReceived):
-                # The first reply counts; a second one is the lifecycle check's finding.
-                replies.setdefault((e.round, e.node_id), r)
-            elif isinstance(e, ev.Aggregated) and e.round not in validating:
-                # An aggregated validation round is check_validation's (and the lifecycle's).
-                findings.extend(self._recompute(r, e, replies))
+            if isinstance(e, ev.Aggregated) and state.round_do_training:
+                if strategy is None:
+                    strategy = self._strategy(r, state, findings)
+                if strategy is not False:
+                    findings.extend(self._recompute(r, e, state, strategy))
+            try:
+                state = lifecycle.apply(state, e)
+            except FedsmError:  # the lifecycle check reports it; recomputing stops here
+                findings.append(
+                    AuditFinding(
+                        r.offset,
+                        r.seq,
+                        "recompute: stopped at an event the lifecycle refuses",
+                        False,
+                        "recompute",
+                    )
+                )
+                break
         return findings
 
+    def _strategy(self, r: Record, state: JobState, findings: list[Finding]) -> Any:
+        """The strategy the log's opening names, or False (and a finding) if it can't be
+        built here (unknown, or user code this Python can not import)."""
+        config = state.config
+        assert config is not None
+        from fedsm.strategies.base import StrategyError, resolve  # torch: only when needed
+
+        try:
+            return resolve(config.aggregator, config.aggregator_args)
+        except StrategyError as exc:
+            findings.append(
+                AuditFinding(
+                    r.offset,
+                    r.seq,
+                    f"recompute: can't recompute any round: {exc}",
+                    True,
+                    "recompute",
+                    f"strategy {config.aggregator}",
+                    "not available here",
+                )
+            )
+            return False
+
     def _recompute(
-        self, r: Record, e: ev.Aggregated, replies: dict[tuple[int, str], Record]
+        self, r: Record, e: ev.Aggregated, state: JobState, strategy: Any
     ) -> Iterator[Finding]:
+        name = state.config.aggregator if state.config is not None else "?"
+
         def finding(what: str, expected: str, found: str) -> AuditFinding:
             return AuditFinding(
                 r.offset,
                 r.seq,
-                f"recompute: round {e.round}: {what}",
+                f"recompute: round {e.round} ({name}): {what}",
                 True,
                 "recompute",
                 expected,
                 found,
             )
 
-        if e.aggregator != "fedavg":
+        if e.aggregator != name:
+            yield finding("aggregated by another strategy than the job's", name, e.aggregator)
+            return
+        replies = state.round_replies
+        if tuple(sorted(replies)) != tuple(e.nodes):
             yield finding(
-                f"aggregator {e.aggregator!r} is not one the audit can recompute",
-                "fedavg",
-                e.aggregator,
+                "the nodes aggregated are not the nodes that replied",
+                repr(sorted(replies)),
+                repr(list(e.nodes)),
             )
             return
-        items: list[tuple[str, Path, float]] = []
+        needed = {"global parameters": state.params_sha256}
+        if state.strategy_state_sha256 is not None:
+            needed["the strategy's state of the previous round"] = state.strategy_state_sha256
         for node in e.nodes:
-            reply = replies.get((e.round, node))
-            if reply is None:
-                yield finding(f"{node} contributed but has no reply in the log", "a reply", "none")
-                return
-            reply_event: Any = reply.event
-            weight = float(reply_event.sample_size)
+            reply = replies[node]
+            weight = float(reply.sample_size)
             if e.weights.get(node) != weight:
                 yield finding(
-                    f"weight of {node} is not its sample size (reply at seq {reply.seq})",
+                    f"weight of {node} is not its sample size",
                     repr(weight),
                     repr(e.weights.get(node)),
                 )
-            got = self.fetch(reply_event.params_sha256)
-            if isinstance(got, Unavailable):
+            needed[f"the parameters of {node}"] = reply.params_sha256
+        got: dict[str, Path] = {}
+        for what, digest in needed.items():
+            assert digest is not None
+            fetched = self.fetch(digest)
+            if isinstance(fetched, Unavailable):
                 yield finding(
-                    f"can't recompute: the parameters of {node} (seq {reply.seq}): {got.why}",
-                    f"a file with sha256 {reply_event.params_sha256}",
-                    got.found,
+                    f"can't recompute: {what}: {fetched.why}",
+                    f"a file with sha256 {digest}",
+                    fetched.found,
                 )
                 return
-            items.append((node, got, weight))
-        from fedsm.strategies.fedavg import FedAvg  # torch: only when an audit recomputes
+            got[what] = fetched
+        items = [
+            (n, got[f"the parameters of {n}"], float(replies[n].sample_size), replies[n].extras)
+            for n in e.nodes
+        ]
+        from fedsm.strategies.base import aggregate_files  # torch: only when an audit recomputes
 
         out = self._scratch / f"recomputed-round-{e.round}.safetensors"
+        state_out = self._scratch / f"recomputed-state-{e.round}.safetensors"
         try:
-            digest = FedAvg().aggregate_files(items, out)
+            digest, state_digest = aggregate_files(
+                strategy,
+                round=e.round,
+                global_params_path=got["global parameters"],
+                replies=items,
+                all_nodes=state.strategy_nodes,
+                state_path=got.get("the strategy's state of the previous round"),
+                out_path=out,
+                state_out_path=state_out,
+            )
         except FedsmError as exc:
             yield finding(f"can't recompute: {exc}", e.params_sha256, "an error")
             return
         finally:
             out.unlink(missing_ok=True)
+            state_out.unlink(missing_ok=True)
         if digest != e.params_sha256:
             yield finding(
                 f"the recorded aggregate does not follow from the replies of "
-                f"{list(e.nodes)}: FedAvg of their files gives another file",
+                f"{list(e.nodes)}: {name} of their files gives another file",
                 e.params_sha256,
                 digest,
+            )
+        if state_digest != e.state_sha256:
+            yield finding(
+                "the recorded strategy state does not follow from the previous one and the replies",
+                str(e.state_sha256),
+                str(state_digest),
             )

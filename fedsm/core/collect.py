@@ -113,6 +113,7 @@ def classify(state: JobState, message: Message) -> Verdict:
             metrics=dict(message.metrics),
             timing=dict(message.timing),
             training_plan_sha256=message.training_plan_sha256,
+            extras=dict(message.extras),
         )
     except EventDecodeError as exc:  # the protocol and the log disagree on what is valid
         return failed(ErrorNumber.BAD_REQUEST, f"{node}'s reply can not be recorded: {exc}")

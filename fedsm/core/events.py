@@ -233,10 +233,11 @@ class ReplyReceived(Event):
 
     Version 2 adds ``training_plan_sha256``: the digest of the plan the node says it ran
     (None in version-1 logs, which did not record it). Version 3 drops ``params_url``: the
-    parameters are named by digest.
+    parameters are named by digest. Version 4 adds ``extras``: the numbers the node sent
+    beside its parameters (``num_updates``, ``lr``: what Scaffold needs), empty before.
     """
 
-    version: ClassVar[int] = 3
+    version: ClassVar[int] = 4
 
     round: int = _f("nonneg_int")
     node_id: str = _f("str")
@@ -246,6 +247,7 @@ class ReplyReceived(Event):
     metrics: dict[str, float] = _f("float_map")
     timing: dict[str, float] = _f("float_map")
     training_plan_sha256: str | None = field(default=None, metadata={"kind": "opt_sha256"})
+    extras: dict[str, float] = field(default_factory=dict, metadata={"kind": "float_map"})
 
     @staticmethod
     def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +258,11 @@ class ReplyReceived(Event):
     def upcast_v2_v3(data: dict[str, Any]) -> dict[str, Any]:
         """Version 2 also recorded the URL the node uploaded to."""
         return _without(data, "params_url")
+
+    @staticmethod
+    def upcast_v3_v4(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 3 recorded no reply extras."""
+        return {**data, "extras": {}}
 
 
 @dataclass(frozen=True)
@@ -280,20 +287,28 @@ class RoundTimedOut(Event):
 @dataclass(frozen=True)
 class Aggregated(Event):
     """The round's replies were aggregated into new global parameters (by digest; uploaded
-    after this is recorded). Version 2 drops ``params_url``."""
+    after this is recorded). Version 2 drops ``params_url``. Version 3 adds
+    ``state_sha256``: the strategy's state after this round (a file of tensors: a server
+    optimiser's moments, Scaffold's control variates), None for a stateless strategy."""
 
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
 
     round: int = _f("nonneg_int")
     params_sha256: str = _f("sha256")
     nodes: tuple[str, ...] = _f("str_tuple")
     weights: dict[str, float] = _f("float_map")
     aggregator: str = _f("str")
+    state_sha256: str | None = field(default=None, metadata={"kind": "opt_sha256"})
 
     @staticmethod
     def upcast_v1_v2(data: dict[str, Any]) -> dict[str, Any]:
         """Version 1 also recorded the upload URL."""
         return _without(data, "params_url")
+
+    @staticmethod
+    def upcast_v2_v3(data: dict[str, Any]) -> dict[str, Any]:
+        """Version 2 had no strategy state (FedAvg keeps none)."""
+        return {**data, "state_sha256": None}
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,21 @@ class JobState:
             and bool(self.training_args.get("test_on_global_updates"))
         )
 
+    @property
+    def strategy_nodes(self) -> tuple[str, ...]:
+        """Every node the job has had (the opening's and the current ones), sorted: the N a
+        strategy averages its per-node memory over (Scaffold)."""
+        assert self.config is not None
+        return tuple(sorted(set(self.config.nodes) | set(self.nodes)))
+
+    @property
+    def strategy_state_sha256(self) -> str | None:
+        """The strategy's state after the latest aggregation (None: none yet, or stateless)."""
+        for r in range(self.round, 0, -1):  # a validation round aggregates nothing: look back
+            if r in self.aggregates:
+                return self.aggregates[r].state_sha256
+        return None
+
     def approval_refusals(self) -> dict[str, str]:
         """Nodes of the job that may not run its plan by the last approval check, with their
         status (every node when no check is recorded). Empty: rounds may be sent."""

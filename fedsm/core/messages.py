@@ -268,7 +268,9 @@ class TrainRequest(Request):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainReply(Reply):
-    """``timing`` holds seconds: download, training, upload, total."""
+    """``timing`` holds seconds: download, training, upload, total. ``extras`` are numbers
+    the node sends beside its parameters for the strategy (``num_updates``: optimiser steps
+    taken, ``lr``: the optimiser's learning rate), recorded with the reply."""
 
     command: ClassVar[str] = "train-reply"
     job_id: str = _f("id")
@@ -282,6 +284,7 @@ class TrainReply(Reply):
     sample_size: int = _f("nonneg_int")
     metrics: dict[str, float] = _f("float_map", default_factory=dict)
     timing: dict[str, float] = _f("float_map", default_factory=dict)
+    extras: dict[str, float] = _f("float_map", default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -75,6 +75,10 @@ class TrainingTask:
     seed: int
     out_path: str
     do_training: bool = True
+    #: The strategy's values for this node (``fedprox_mu``...), and its files (name -> local
+    #: path of a safetensors file already checked against its digest).
+    aggregator_args: dict[str, Any] = field(default_factory=dict)
+    aggregator_files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map of the fields."""
@@ -92,6 +96,8 @@ class TrainingOutcome:
     params_sha256: str
     sample_size: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Numbers for the strategy sent beside the parameters (``num_updates``, ``lr``).
+    extras: dict[str, float] = field(default_factory=dict)
 
 
 def run_task(task: TrainingTask) -> TrainingOutcome:
@@ -109,7 +115,12 @@ def run_task(task: TrainingTask) -> TrainingOutcome:
         seed=task.seed,
     )
     if task.do_training:
-        result = train_round(**common, out_path=Path(task.out_path))
+        result = train_round(
+            **common,
+            out_path=Path(task.out_path),
+            aggregator_args=task.aggregator_args,
+            aggregator_files=task.aggregator_files,
+        )
     else:
         result = validate_round(**common)
     metrics = {str(k): float(v) for k, v in dict(result.metrics).items()}
@@ -117,6 +128,7 @@ def run_task(task: TrainingTask) -> TrainingOutcome:
         params_sha256=str(result.params_sha256),
         sample_size=int(result.sample_size),
         metrics=metrics,
+        extras={str(k): float(v) for k, v in dict(result.extras).items()},
     )
 
 

@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequest
 from fedsm.core.protocol_errors import ErrorNumber
@@ -148,6 +149,31 @@ def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> N
     )
 
 
+def _aggregator_args(
+    ctx: RoundContext, request: TrainRequest, work: Path
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The strategy's args for this node: values as sent, and each file arg (``{"url",
+    "sha256"}``) downloaded into ``work`` and checked against its digest before the plan
+    sees it (it is loaded as safetensors, never unpickled)."""
+    values: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for i, (name, value) in enumerate(sorted(request.aggregator_args.items())):
+        if isinstance(value, dict) and set(value) == {"url", "sha256"}:
+            dest = work / f"aggregator-{i}.safetensors"
+            _download(
+                ctx,
+                str(value["url"]),
+                str(value["sha256"]),
+                dest,
+                what=f"aggregator file {name!r}",
+                mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
+            )
+            files[name] = str(dest)
+        else:
+            values[name] = value
+    return values, files
+
+
 def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
     """Serve one train request and return the reply; refusals raise ``RequestFailed``."""
     started = time.monotonic()
@@ -177,6 +203,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             raise RequestFailed(
                 ErrorNumber.PLAN_IMPORT_FAILED, f"the training plan is not UTF-8 text: {exc}"
             ) from None
+        agg_values, agg_files = _aggregator_args(ctx, request, work)
         downloaded = time.monotonic()
         out_path = work / "params_out.safetensors"
         task = TrainingTask(
@@ -189,6 +216,8 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             seed=request.seed,
             out_path=str(out_path),
             do_training=request.do_training,
+            aggregator_args=agg_values,
+            aggregator_files=agg_files,
         )
         outcome = ctx.executor.train(task, time_limit_s=ctx.settings.training_time_limit_s)
         trained = time.monotonic()
@@ -232,6 +261,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 "upload": finished - trained,
                 "total": finished - started,
             },
+            extras=outcome.extras,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

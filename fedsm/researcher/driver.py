@@ -40,7 +40,13 @@ from fedsm.core.seeds import derive_seed
 from fedsm.digests import is_sha256, sha256_file
 from fedsm.repository.base import DigestMismatch, RepositoryError
 from fedsm.researcher.errors import JobError, JobFailedError
-from fedsm.strategies.fedavg import AggregationError
+from fedsm.strategies.base import (
+    MissingReplyData,
+    NodeArgsContext,
+    NodeUpdate,
+    StrategyError,
+    aggregate_files,
+)
 from fedsm.training.params import ParamsFileError, load_params, save_params
 
 if TYPE_CHECKING:
@@ -170,13 +176,27 @@ class RoundDriver:
         job = self.job
         state = job.state
         assert state.params_sha256 is not None
-        small, files = job._aggregator.create_aggregator_args(
-            round_number=round_number,
-            node_ids=list(job.nodes),
-            global_params_path=self.local_params(state.params_sha256),
-            out_dir=job._files.root / "aggregator",
-        )
-        out: dict[str, dict[str, Any]] = {n: dict(small.get(n, {})) for n in job.nodes}
+        node_ids = tuple(sorted(job.nodes))
+        try:
+            wanted = job._aggregator.node_args(
+                NodeArgsContext(
+                    round=round_number,
+                    node_ids=node_ids,
+                    all_nodes=job.state.strategy_nodes,
+                    global_params=self._global_params(),
+                    state=self._strategy_state(),
+                )
+            )
+        except StrategyError as exc:
+            raise JobError(f"round {round_number}: the strategy's node args: {exc}") from exc
+        out: dict[str, dict[str, Any]] = {n: {} for n in node_ids}
+        files: dict[str, dict[str, Any]] = {}
+        for node, args in wanted.items():
+            for name, value in args.items():
+                if _is_file_arg(value):
+                    files.setdefault(node, {})[name] = value
+                else:
+                    out.setdefault(node, {})[name] = value
         for node, args in (args_thr_msg or {}).items():
             # A file named the seed's way ({arg_name, filename, url, sha256}, as
             # upload_aggregator_args returns it) is recorded by digest only: a local path or
@@ -361,7 +381,13 @@ class RoundDriver:
             if event.sample_size <= 0:
                 raise ParamsFileError(f"the node reported {event.sample_size} training samples")
             load_params(path, like=self._global_params())
+            if job.state.round_do_training:  # what the strategy needs beside the parameters
+                job._aggregator.check_update(
+                    NodeUpdate(event.node_id, float(event.sample_size), event.extras, dict)
+                )
             return event
+        except MissingReplyData as exc:
+            code, text = ErrorNumber.BAD_REQUEST, f"unusable reply: {exc}"
         except DigestMismatch as exc:
             code, text = ErrorNumber.PARAMS_DIGEST_MISMATCH, f"could not fetch params: {exc}"
         except RepositoryError as exc:
@@ -420,33 +446,72 @@ class RoundDriver:
 
     # ------------------------------------------------------------------ aggregate
 
+    def _strategy_state(self) -> dict[str, torch.Tensor] | None:
+        """The strategy's state after the last aggregation (by the digest ``Aggregated``
+        recorded; fetched from the repository when this machine lacks it), or None."""
+        sha = self.job.state.strategy_state_sha256
+        if sha is None:
+            return None
+        return load_params(self._local_file(sha))
+
+    def _local_file(self, sha256: str) -> Path:
+        """A job artifact kept by digest (not parameters), fetched by digest when absent."""
+        job = self.job
+        path = job._files.find(sha256)
+        if path is None:
+            path = job._files.aggregator(sha256)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            job.repository.download_file(job.repository.url_for(sha256), path)
+        return path
+
     def aggregate(self) -> str:
         """Aggregate the round's replies in sorted node order; record ``Aggregated``, then
-        upload the result. An aggregation that fails records ``JobFailed`` and raises."""
+        upload the result (and the strategy's new state). An aggregation that fails records
+        ``JobFailed`` and raises."""
         job = self.job
         state = job.state
+        assert state.params_sha256 is not None
         replies = state.round_replies
         nodes = sorted(replies)
         weights = {n: float(replies[n].sample_size) for n in nodes}
-        items = [(n, self.local_params(replies[n].params_sha256), weights[n]) for n in nodes]
+        items = [
+            (n, self.local_params(replies[n].params_sha256), weights[n], replies[n].extras)
+            for n in nodes
+        ]
+        state_sha = state.strategy_state_sha256
         tmp = job._files.root / "params" / "aggregate.tmp"
+        state_tmp = job._files.root / "aggregator" / "state.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        state_tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
-            sha = job._aggregator.aggregate_files(items, tmp)
-        except AggregationError as exc:  # replies were checked one by one; a set can still fail
+            sha, new_state = aggregate_files(
+                job._aggregator,
+                round=state.round,
+                global_params_path=self.local_params(state.params_sha256),
+                replies=items,
+                all_nodes=job.state.strategy_nodes,
+                state_path=None if state_sha is None else self._local_file(state_sha),
+                out_path=tmp,
+                state_out_path=state_tmp,
+            )
+        except (StrategyError, ParamsFileError) as exc:  # a set of checked replies can fail
             tmp.unlink(missing_ok=True)
+            state_tmp.unlink(missing_ok=True)
             reason = f"round {state.round}: aggregation failed: {exc}"
             job._record(JobFailed(round=state.round, reason=reason))
             raise JobFailedError(reason) from exc
         job._files.store(tmp, sha)
+        if new_state is not None:
+            job._files.store(state_tmp, new_state, kind="aggregator")
         job._record(
             Aggregated(
                 round=state.round,
                 params_sha256=sha,
                 nodes=tuple(nodes),
                 weights=weights,
-                aggregator=job._aggregator.name,
+                aggregator=job.state.config.aggregator,  # type: ignore[union-attr]
+                state_sha256=new_state,
             )
         )
-        self.ensure_uploaded([sha])
+        self.ensure_uploaded([sha] if new_state is None else [sha, new_state])
         return sha

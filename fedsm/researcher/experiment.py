@@ -27,7 +27,7 @@ from fedsm.researcher.job import LOG_NAME, Job
 from fedsm.researcher.plansource import plan_source
 from fedsm.researcher.requests import DISCOVERY_S, FederatedDataSet, Requests
 from fedsm.researcher.setup import JobFiles
-from fedsm.strategies.fedavg import FedAvg
+from fedsm.strategies.base import Strategy, as_strategy, strategy_name
 from fedsm.training.args import TrainingArgs
 from fedsm.transport.base import Bus
 
@@ -107,7 +107,7 @@ class Experiment:
         training_args: Mapping[str, Any] | None = None,
         model_args: Mapping[str, Any] | None = None,
         round_limit: int = 1,
-        aggregator: FedAvg | type[FedAvg] | None = None,
+        aggregator: Strategy | type[Strategy] | str | None = None,
         *,
         min_nodes: int | None = None,
         reply_deadline_s: float = 60.0,
@@ -497,7 +497,7 @@ def _check_same_settings(
     training_args: Mapping[str, Any] | None,
     model_args: Mapping[str, Any] | None,
     round_limit: int,
-    aggregator: FedAvg | type[FedAvg] | None,
+    aggregator: Strategy | type[Strategy] | str | None,
     min_nodes: int | None,
     reply_deadline_s: float,
     seed: int,
@@ -549,9 +549,9 @@ def _check_same_settings(
         differ("reply_deadline_s", created.reply_deadline_s, float(reply_deadline_s))
     except (TypeError, ValueError):
         differ("reply_deadline_s", created.reply_deadline_s, reply_deadline_s)
-    if isinstance(aggregator, type):
-        aggregator = aggregator()
-    differ("aggregator", created.aggregator, (aggregator or FedAvg()).name)
+    strategy = as_strategy(aggregator)
+    differ("aggregator", created.aggregator, strategy_name(strategy))
+    differ("aggregator settings", dict(created.aggregator_args), strategy.config())
     if diffs:
         raise JobError(
             f"{run_dir / LOG_NAME} holds job {created.job_id}, created with other settings "

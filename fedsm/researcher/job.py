@@ -41,6 +41,7 @@ from fedsm.researcher.errors import (
 from fedsm.researcher.jobsettings import JobSettings
 from fedsm.researcher.plansource import plan_source
 from fedsm.researcher.requests import FederatedDataSet, Requests
+from fedsm.strategies.base import Strategy, as_strategy, resolve, strategy_name
 from fedsm.strategies.fedavg import FedAvg
 from fedsm.training.args import TrainingArgs
 
@@ -88,7 +89,7 @@ class Job(JobSettings):
         reply_deadline_s: float = 60.0,
         seed: int = 0,
         tags: Iterable[str] = (),
-        aggregator: FedAvg | type[FedAvg] | None = None,
+        aggregator: Strategy | type[Strategy] | str | None = None,
         durability: str = "always",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -97,9 +98,7 @@ class Job(JobSettings):
         if data is None or len(data) == 0:
             raise JobError("a Job needs a FederatedDataSet with at least one node (run a search)")
         check_data_quality(data)  # as the seed's constructor does, before anything is written
-        if isinstance(aggregator, type):  # Experiment(aggregator=FedAvg), as in the seed
-            aggregator = aggregator()
-        aggregator = aggregator or FedAvg()
+        strategy = as_strategy(aggregator)  # also the seed's aggregator=FedAverage (a class)
         targs = (
             training_args
             if isinstance(training_args, TrainingArgs)
@@ -118,7 +117,8 @@ class Job(JobSettings):
             round_limit=round_limit,
             min_nodes=min_nodes,
             reply_deadline_s=reply_deadline_s,
-            aggregator=aggregator.name,
+            aggregator=strategy_name(strategy),
+            aggregator_args=strategy.config(),
             tags=tags,
         )
         run_dir = Path(run_dir)
@@ -128,7 +128,7 @@ class Job(JobSettings):
                 f"{log_path} already holds a job: continue it with Job.restore({str(run_dir)!r}"
                 ", ...) or Experiment.resume(...), or choose a new run directory"
             )
-        self._init_shell(run_dir, keep_files_dir, reqs, repository, aggregator, clock)
+        self._init_shell(run_dir, keep_files_dir, reqs, repository, strategy, clock)
         # Record: the local artifacts first (nobody sees them), then the opening in one append.
         opening = jobsetup.opening_events(self._files, source, created)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ class Job(JobSettings):
         keep_files_dir: str | Path | None,
         reqs: Requests,
         repository: Repository,
-        aggregator: FedAvg,
+        aggregator: Strategy,
         clock: Callable[[], float],
     ) -> None:
         self._reqs, self._repo, self._clock, self._aggregator = reqs, repository, clock, aggregator
@@ -183,7 +183,7 @@ class Job(JobSettings):
         if not log_path.exists():
             raise JobError(f"no job log at {log_path}")
         job = cls.__new__(cls)
-        job._init_shell(run_dir, keep_files_dir, reqs, repository, FedAvg(), clock)
+        job._init_shell(run_dir, keep_files_dir, reqs, repository, FedAvg(), clock)  # until read
         job._log = EventLog.open(log_path, durability=durability)
         try:
             job._restore_from_log(log_path)
@@ -198,7 +198,9 @@ class Job(JobSettings):
         with gc_paused():
             self._state = lifecycle.replay(self._log.events())
         state = self._state
-        jobsetup.check_restorable(state, log_path, self._reqs.researcher_id, self._aggregator.name)
+        jobsetup.check_restorable(state, log_path, self._reqs.researcher_id)
+        if state.config is not None:  # the strategy the log names, with its recorded settings
+            self._aggregator = resolve(state.config.aggregator, state.config.aggregator_args)
         missing = jobsetup.complete_opening(state, self._files, log_path)
         if missing:
             log.warning("completing the job's opening cut short in %s", log_path)

@@ -91,6 +91,7 @@ def job_created(
     reply_deadline_s: float,
     aggregator: str,
     tags: Iterable[str],
+    aggregator_args: Mapping[str, Any] | None = None,
 ) -> JobCreated:
     """The first event of a new job; raise :class:`JobError` on settings that can not work.
 
@@ -134,7 +135,7 @@ def job_created(
             min_nodes=int(min_nodes),
             reply_deadline_s=deadline,
             aggregator=aggregator,
-            aggregator_args={},
+            aggregator_args=dict(aggregator_args or {}),
             tags=tuple(tags),
         )
     except ValueError as exc:  # a field the log could not record (EventDecodeError)
@@ -218,13 +219,8 @@ def complete_opening(state: JobState, files: JobFiles, log_path: Path) -> list[E
     return missing
 
 
-def check_restorable(state: JobState, log_path: Path, researcher_id: str, aggregator: str) -> None:
+def check_restorable(state: JobState, log_path: Path, researcher_id: str) -> None:
     """Raise :class:`JobError` saying why the job folded from ``log_path`` can not go on."""
-    if state.config is not None and state.config.aggregator != aggregator:
-        raise JobError(
-            f"{log_path} was aggregated with {state.config.aggregator!r}, which this version "
-            "can not resume"
-        )
     if state.researcher_id is not None and researcher_id != state.researcher_id:
         # Nodes answer a re-sent request from their reply cache only if it is the same
         # request, from the same researcher (and, over MQTT, to the same reply topic).

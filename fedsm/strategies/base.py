@@ -54,6 +54,7 @@ __all__ = [
     "StrategyNotImportable",
     "UnknownStrategy",
     "aggregate_files",
+    "as_strategy",
     "check_number",
     "register",
     "registered",
@@ -298,6 +299,23 @@ def resolve(name: str, config: Mapping[str, Any] | None = None) -> Strategy:
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise StrategyNotImportable(f"{name!r} is not a fedsm Strategy subclass")
     return cls.from_config(config or {})
+
+
+def as_strategy(value: Strategy | type[Strategy] | str | None) -> Strategy:
+    """What a researcher may pass as ``aggregator=``: a strategy, its class (the seed's
+    ``aggregator=FedAverage``), a registered name, or None (FedAvg)."""
+    if value is None:
+        return registered()["fedavg"]()
+    if isinstance(value, str):
+        return resolve(value.strip().lower() if ":" not in value else value)
+    if isinstance(value, type) and issubclass(value, Strategy):
+        return value()
+    if isinstance(value, Strategy):
+        return value
+    raise StrategyError(
+        f"aggregator must be a fedsm Strategy (e.g. FedProx(mu=0.01)), its class or its name, "
+        f"got {type(value).__name__}"
+    )
 
 
 # ---------------------------------------------------------------------------- files

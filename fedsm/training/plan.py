@@ -30,7 +30,7 @@ import os
 import sys
 import textwrap
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,13 @@ class TorchTrainingPlan:
         self._model_args: dict[str, Any] = {}
         self._training_args: TrainingArgs = TrainingArgs()
         self._dependencies: list[str] = []
+        #: What the researcher's strategy sent this node for the round: numbers, and
+        #: tensors (files through the repository, loaded). :meth:`training_routine` knows
+        #: ``fedprox_mu`` (FedProx's proximal term) and ``aggregator_correction`` (SCAFFOLD's
+        #: gradient correction ``c - c_i``); a plan's own routine may read anything else.
+        self.aggregator_args: dict[str, Any] = {}
+        #: Numbers sent back beside the parameters (``num_updates``, ``lr``), for the strategy.
+        self.reply_extras: dict[str, float] = {}
 
     # ----------------------------------------------------------------- researcher hooks
 
@@ -448,6 +455,9 @@ class TorchTrainingPlan:
             raise TrainingError("the training data loader holds no sample")
         args = self._training_args
         model, optimizer = self.model(), self.optimizer()
+        proximal = self._proximal_term()
+        correction = self._gradient_correction()
+        self.reply_extras = {}
         budget = args["num_updates"]
         if args["dry_run"]:
             budget = 1
@@ -470,14 +480,65 @@ class TorchTrainingPlan:
                         f"loss is {value} at step {len(losses) + 1} (epoch {epoch}); training "
                         "diverged, try a lower lr"
                     )
+                if proximal is not None:
+                    loss = loss + proximal()
                 loss.backward()
+                for param, delta in correction:
+                    if param.grad is not None:
+                        param.grad.add_(delta)
                 optimizer.step()
                 losses.append(value)
+                self._count_update(optimizer)
                 if len(losses) % args["log_interval"] == 0:
                     _LOG.info("epoch %d step %d loss %.6f", epoch, len(losses), value)
                 if budget is not None and len(losses) >= budget:
                     return losses
         return losses
+
+    def _count_update(self, optimizer: torch.optim.Optimizer) -> None:
+        extras = self.reply_extras
+        extras["num_updates"] = extras.get("num_updates", 0.0) + 1.0
+        extras["lr"] = float(optimizer.param_groups[0].get("lr", float("nan")))
+
+    def _proximal_term(self) -> Callable[[], torch.Tensor] | None:
+        """FedProx (Li et al., 2020): ``mu/2 * ||w - w_global||^2`` added to each step's loss,
+        ``w_global`` the parameters the round started from. None when ``mu`` is 0 (the same
+        bits as FedAvg's training) or not sent. The logged loss stays the plan's own."""
+        mu = self.aggregator_args.get("fedprox_mu")
+        if mu is None:
+            return None
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+            raise TrainingError(f"fedprox_mu must be a number >= 0, got {mu!r}")
+        if mu == 0:
+            return None
+        pairs = [(p, p.detach().clone()) for p in self.model().parameters() if p.requires_grad]
+
+        def term() -> torch.Tensor:
+            total = sum(((p - start) ** 2).sum() for p, start in pairs)
+            return (float(mu) / 2.0) * total  # type: ignore[return-value]
+
+        return term
+
+    def _gradient_correction(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """SCAFFOLD (Karimireddy et al., 2020): each step's gradient plus ``c - c_i``, the
+        correction the strategy sent as tensors named like the model's parameters."""
+        sent = self.aggregator_args.get("aggregator_correction")
+        if sent is None:
+            return []
+        if not isinstance(sent, Mapping):
+            raise TrainingError("aggregator_correction must be a mapping of parameter tensors")
+        out = []
+        for name, param in self.model().named_parameters():
+            delta = sent.get(name)
+            if delta is None:
+                continue
+            if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(param.shape):
+                raise TrainingError(
+                    f"aggregator_correction[{name!r}] does not match the parameter's shape "
+                    f"{tuple(param.shape)}"
+                )
+            out.append((param, delta.to(param.dtype)))
+        return out
 
     def testing_routine(self, loader: BatchLoader | None = None) -> dict[str, float]:
         """Evaluate on ``loader`` (default ``testing_data_loader``) in eval mode.

@@ -85,6 +85,7 @@ class RoundResult:
     sample_size: int
     metrics: dict[str, float] = field(default_factory=dict)
     losses: tuple[float, ...] = ()
+    extras: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (msgpack/JSON-ready); ``losses`` as a list."""
@@ -209,6 +210,7 @@ def train_plan(
     dataset: Mapping[str, Any],
     seed: int,
     out_path: Path,
+    aggregator_args: Mapping[str, Any] | None = None,
 ) -> RoundResult:
     """Train ``plan_cls`` for one round and write its parameters; see :func:`train_round`.
 
@@ -226,6 +228,7 @@ def train_plan(
             dataset=dataset,
             seed=seed,
         )
+        plan.aggregator_args = dict(aggregator_args or {})
         metrics: dict[str, float] = {}
         if test is not None and args["test_on_global_updates"]:
             metrics.update(_global_validation(plan, test))
@@ -242,6 +245,7 @@ def train_plan(
         sample_size=train.sample_count,
         metrics=dict(sorted(metrics.items())),
         losses=tuple(losses),
+        extras={str(k): float(v) for k, v in sorted(plan.reply_extras.items())},
     )
 
 
@@ -284,6 +288,8 @@ def train_round(
     dataset: Mapping[str, Any],
     seed: int,
     out_path: Path,
+    aggregator_args: Mapping[str, Any] | None = None,
+    aggregator_files: Mapping[str, str] | None = None,
 ) -> RoundResult:
     """Run one node-side training round: import the plan, load params, train, save params.
 
@@ -302,12 +308,18 @@ def train_round(
         training args fix ``random_seed``).
     out_path
         Where the updated parameters are written (atomically).
+    aggregator_args, aggregator_files
+        The strategy's values for this node, and its files (safetensors, already checked
+        against their digests), loaded as tensors: together ``plan.aggregator_args``.
 
     Raises
     ------
     PlanImportError, TrainingArgsError, ParamsFileError, DatasetError, PlanError, TrainingError
         All :class:`~fedsm.errors.FedsmError`; plan exceptions arrive as ``TrainingError``.
     """
+    sent = dict(aggregator_args or {})
+    for name, path in sorted((aggregator_files or {}).items()):
+        sent[name] = load_params(Path(path))
     with loaded_plan_class(plan_source, plan_class) as plan_cls:
         return train_plan(
             plan_cls,
@@ -317,6 +329,7 @@ def train_round(
             dataset=dataset,
             seed=seed,
             out_path=Path(out_path),
+            aggregator_args=sent,
         )
 
 

@@ -50,10 +50,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="seconds a round waits for replies (default 60)",
     )
+    p.add_argument(
+        "--aggregator",
+        help="aggregation strategy: fedavg (default), fedprox, scaffold, fedadam, fedyogi, "
+        "fedadagrad, fedmedian or fedtrimmedmean, with its default settings",
+    )
     p.epilog = (
         "On an existing run directory the flags given override its stored settings; "
-        "--nodes, --rounds, --seed and --iid/--label-skew can change only before its job "
-        "has started."
+        "--nodes, --rounds, --seed, --iid/--label-skew and --aggregator can change only "
+        "before its job has started."
     )
     p.set_defaults(func=_run)
 

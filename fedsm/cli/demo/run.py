@@ -158,7 +158,7 @@ def log_has_records(log_path: Path) -> bool:
 
 
 #: The settings that define the job: fixed once the job log holds a record.
-JOB_SETTINGS = ("nodes", "rounds", "seed", "iid")
+JOB_SETTINGS = ("nodes", "rounds", "seed", "iid", "aggregator")
 #: The command-line flag of each setting, for messages.
 FLAGS = {
     "nodes": "--nodes",
@@ -168,6 +168,7 @@ FLAGS = {
     "transport": "--transport",
     "broker": "--broker",
     "reply_deadline_s": "--reply-deadline",
+    "aggregator": "--aggregator",
 }
 #: A node share with fewer rows than this gets no validation rows (test_ratio 0.1).
 MIN_SHARE_ROWS = 10
@@ -186,6 +187,7 @@ class DemoConfig:
     transport: str = "memory"
     broker: str = "mqtt://127.0.0.1:1883"
     reply_deadline_s: float = 60.0
+    aggregator: str = "fedavg"
 
     def __post_init__(self) -> None:
         from fedsm.transport import parse_broker_url
@@ -214,6 +216,12 @@ class DemoConfig:
             )
         if not isinstance(self.broker, str):
             raise ConfigurationError(f"--broker must be a URL, not {self.broker!r}")
+        from fedsm.strategies.base import registered
+
+        if self.aggregator not in registered():
+            raise ConfigurationError(
+                f"--aggregator must be one of {', '.join(registered())}, not {self.aggregator!r}"
+            )
         try:
             parse_broker_url(self.broker)
         except ConfigurationError as exc:
@@ -359,6 +367,7 @@ def run_demo(
                 repository=repository,
                 seed=config.seed,
                 reply_deadline_s=config.reply_deadline_s,
+                aggregator=config.aggregator,
                 on_round=report,
             )
         try:
