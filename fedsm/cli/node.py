@@ -196,7 +196,7 @@ def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[...,
         except sqlite3.Error as exc:
             raise _sqlite_error(args.dir / DB_FILE, exc) from None
         except OSError as exc:
-            raise _os_error(exc) from None
+            raise _os_error(exc, args.dir) from None
 
     return run
 
@@ -209,8 +209,8 @@ _IO_ERRNOS = frozenset(
 )
 
 
-def _os_error(exc: OSError) -> Exception:
-    """An :class:`OSError` that escaped a command, as a one-line fedsm error."""
+def _os_error(exc: OSError, node_dir: Path) -> Exception:
+    """An :class:`OSError` that escaped a command on ``node_dir``, as a one-line fedsm error."""
     from fedsm.node.errors import NodeError
     from fedsm.node.settings import NodeDirIOError
 
@@ -218,7 +218,9 @@ def _os_error(exc: OSError) -> Exception:
     if exc.filename:
         return NodeDirIOError(f"could not read or write {exc.filename}: {reason}")
     if exc.errno in _IO_ERRNOS:
-        return NodeDirIOError(f"could not read or write a file of the node: {reason}")
+        return NodeDirIOError(
+            f"could not read or write a file in the node directory {node_dir}: {reason}"
+        )
     return NodeError(f"{type(exc).__name__}: {reason}")
 
 

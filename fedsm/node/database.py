@@ -114,6 +114,7 @@ _IO_HINT = {
     "SQLITE_FULL": "no space left on the device?",
     "SQLITE_READONLY": "a read-only file system, or no permission to write?",
     "SQLITE_CANTOPEN": "a missing directory, or no permission?",
+    "SQLITE_IOERR": "no space left, a file size limit, or a failing disk?",
 }
 
 
@@ -125,10 +126,10 @@ def registry_fault(
     name = getattr(exc, "sqlite_errorname", None) or ""
     text = str(exc)
     if name.startswith(_BUSY) or (not name and text.lower().startswith(_BUSY_TEXT)):
-        waited = "" if busy_timeout_s is None else f" (waited {busy_timeout_s:g} s)"
+        waited = "" if busy_timeout_s is None else f", gave up after {busy_timeout_s:g} s"
         return RegistryBusy(
             f"the node registry {path} is locked by another process (a running node's write, "
-            f"or another operator command){waited}; try again in a moment"
+            f"or another operator command{waited}); try again in a moment"
         )
     if name.startswith(_IO) or (not name and text.lower().startswith(_IO_TEXT)):
         hint = next((h for code, h in _IO_HINT.items() if name.startswith(code)), "")
