@@ -5,12 +5,19 @@ same bytes as training in-process)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from plans import Researcher, head, initial_params, plan_bytes, train_request, write_csv
 
 from fedsm.core.messages import ErrorReply, PingReply, PingRequest, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.node.errors import TrainingTimedOut, WorkerCrashed
 from fedsm.node.executor import InProcessTrainingExecutor, TrainingTask
 from fedsm.node.node import Node
 from fedsm.node.process_executor import ProcessTrainingExecutor
@@ -177,3 +184,275 @@ def test_validation_task_in_the_worker_matches_in_process(world, tmp_path):
         "global_val_loss",
         "global_val_recall",
     }
+
+
+# --------------------------------------------------------------------------- the worker process
+#
+# The worker is `python -m fedsm.node.worker_main` speaking length-prefixed msgpack on its
+# stdin/stdout. What a plan does to fds 0 and 1 must not reach the protocol; what a broken or
+# hostile worker writes must give a typed error at once; no worker is left behind.
+
+PRINTING_PLAN = """
+
+import os as _os
+import sys as _sys
+
+
+class PrintingPlan(LinearPlan):
+    def training_step(self, data, target):
+        print("a plan's print")
+        _sys.stdout.write("sys.stdout.write\\n")
+        _sys.__stdout__.write("sys.__stdout__.write\\n")
+        _os.write(1, b"\\xff\\xff\\xff\\xff raw bytes on fd 1\\n")
+        assert _sys.stdin.read() == ""  # stdin is /dev/null, not the node's frames
+        return super().training_step(data, target)
+"""
+
+
+def _linear_task(tmp_path, *, source=None, plan_class="LinearPlan", name="out", **fields):
+    source = plan_bytes("linear_plan.py") if source is None else source
+    repo = LocalRepository(tmp_path / "repo")
+    params = initial_params(repo, plan_bytes("linear_plan.py"), "LinearPlan", tmp_path)
+    _, params_path = repo.download_file(params["file"], tmp_path / "p.safetensors")
+    csv = write_csv(tmp_path / "d.csv", seed=3)
+    args = dict(
+        plan_source=source.decode(),
+        plan_class=plan_class,
+        model_args={"in_features": 3},
+        training_args={"epochs": 2, "batch_size": 5},
+        params_path=str(params_path),
+        dataset={"data_type": "csv", "path": str(csv), "target": "target"},
+        seed=7,
+        out_path=str(tmp_path / f"{name}.safetensors"),
+    )
+    args.update(fields)
+    return TrainingTask(**args)
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended and been reaped (or is a zombie of someone else's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] == "Z"
+
+
+def _wait_gone(pid: int, within_s: float) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return _gone(pid)
+
+
+def test_a_plan_that_prints_or_reads_stdin_does_not_touch_the_protocol(world, tmp_path):
+    _, executor, _, _ = world
+    source = plan_bytes("linear_plan.py") + PRINTING_PLAN.encode()
+    printing = executor.train(_linear_task(tmp_path, source=source, plan_class="PrintingPlan"))
+    plain = executor.train(_linear_task(tmp_path, name="plain"))
+    assert printing.params_sha256 == plain.params_sha256
+
+
+def test_the_worker_inherits_no_unrelated_file_descriptor(tmp_path):
+    read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
+    os.set_inheritable(write_end, True)
+    ours = {os.readlink(f"/proc/self/fd/{read_end}")}
+    executor = ProcessTrainingExecutor(preload=False)
+    try:
+        executor.start()
+        pid = executor.worker_pid
+        links = {
+            int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+        }
+        assert not ours & set(links.values()), links
+        assert links[0] == "/dev/null"  # a plan reading stdin gets nothing
+        assert links[1] == links[2]  # fd 1 is the log, not the protocol pipe
+        to_node = os.readlink(f"/proc/self/fd/{executor._worker.proc.stdout.fileno()}")
+        assert to_node in links.values() and to_node not in (links[1], links[2])
+    finally:
+        executor.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert _gone(pid)
+
+
+# A stand-in worker (`python -c FAKE_WORKER KIND PIDFILE`) that misbehaves in one way.
+FAKE_WORKER = r"""
+import os, struct, sys, time
+import msgpack
+
+kind, pidfile = sys.argv[1], sys.argv[2]
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+
+def frame(obj):
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+if kind == "garbage-at-start":
+    os.write(1, b"Traceback (most recent call last): not a frame\n")
+    time.sleep(60)
+if kind == "silent":
+    time.sleep(60)
+os.write(1, frame({"kind": "ready", "pid": os.getpid()}))
+if kind == "oversized":
+    os.write(1, struct.pack(">I", 512 << 20) + b"\x00" * 100)
+elif kind == "not-msgpack":
+    os.write(1, struct.pack(">I", 5) + b"\xc1" * 5)
+elif kind == "not-a-map":
+    os.write(1, frame([1, 2, 3]))
+elif kind == "half-a-frame":
+    os.write(1, struct.pack(">I", 100) + b"x" * 10)
+elif kind == "exits":
+    os.write(1, struct.pack(">I", 100) + b"x" * 10)
+    os._exit(3)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def fake_worker(monkeypatch, tmp_path):
+    """``start(kind)`` -> an executor whose worker is FAKE_WORKER; the fake's PID is read from
+    its pid file; every fake is checked to be killed and reaped."""
+    from fedsm.node import process_executor
+
+    pidfiles = []
+
+    def start(kind: str, **kwargs):
+        pidfile = tmp_path / f"{kind}.pid"
+        pidfiles.append(pidfile)
+        monkeypatch.setattr(
+            process_executor,
+            "_worker_command",
+            lambda preload: [sys.executable, "-c", FAKE_WORKER, kind, str(pidfile)],
+        )
+        return ProcessTrainingExecutor(preload=False, **kwargs)
+
+    yield start
+    for pidfile in pidfiles:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"fake worker {pid} was left running")
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "words"),
+    [
+        ("oversized", WorkerCrashed, "exceeds the limit"),
+        ("not-msgpack", WorkerCrashed, "not msgpack"),
+        ("not-a-map", WorkerCrashed, "not a map"),
+        ("exits", WorkerCrashed, "exit code 3, after 14 bytes of an unfinished frame"),
+        ("half-a-frame", TrainingTimedOut, "limit of 1 s"),
+    ],
+)
+def test_a_worker_writing_garbage_is_a_typed_error_not_a_hang(
+    fake_worker, tmp_path, kind, error, words
+):
+    executor = fake_worker(kind)
+    try:
+        started = time.monotonic()
+        with pytest.raises(error, match=words):
+            executor.train(_linear_task(tmp_path), time_limit_s=1.0)
+        assert time.monotonic() - started < 15
+        pid = int((tmp_path / f"{kind}.pid").read_text())
+        assert _gone(pid)  # killed by PID and reaped
+        assert executor.worker_pid is None
+    finally:
+        executor.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [("garbage-at-start", "sent garbage while starting"), ("silent", "did not start within")],
+)
+def test_a_worker_that_does_not_say_ready_is_a_typed_error(fake_worker, tmp_path, kind, words):
+    executor = fake_worker(kind, start_timeout_s=2.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed, match=words):
+            executor.start()
+        assert time.monotonic() - started < 15
+        assert _gone(int((tmp_path / f"{kind}.pid").read_text()))
+    finally:
+        executor.close()
+
+
+HANGING_WITH_MARKER = """
+
+class MarkingHangingPlan(_Base):
+    def training_step(self, data, target):
+        open(MARKER_PATH, "w").close()
+        time.sleep(3600)
+"""
+
+
+def test_close_without_wait_kills_a_running_training(tmp_path):
+    marker = tmp_path / "training-started"
+    source = (
+        plan_bytes("failing_plans.py")
+        + HANGING_WITH_MARKER.replace("MARKER_PATH", repr(str(marker))).encode()
+    )
+    task = _linear_task(tmp_path, source=source, plan_class="MarkingHangingPlan")
+    executor = ProcessTrainingExecutor(preload=False)
+    executor.start()
+    pid = executor.worker_pid
+    errors = []
+
+    def train():
+        try:
+            executor.train(task, time_limit_s=120)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        end = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert marker.exists()
+        started = time.monotonic()
+        executor.close(wait=False)
+        thread.join(15)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 15
+        assert len(errors) == 1 and isinstance(errors[0], WorkerCrashed), errors
+        assert _gone(pid)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+NODE_THAT_DIES = """
+import sys, time
+from fedsm.node.process_executor import ProcessTrainingExecutor
+executor = ProcessTrainingExecutor(preload=False)
+executor.start()
+print(executor.worker_pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_worker_ends_when_its_node_is_killed():
+    node = subprocess.Popen(
+        [sys.executable, "-c", NODE_THAT_DIES], stdout=subprocess.PIPE, text=True
+    )
+    worker_pid = None
+    try:
+        worker_pid = int(node.stdout.readline())
+        assert not _gone(worker_pid)
+        node.kill()
+        node.wait(10)
+        assert _wait_gone(worker_pid, 10), "the worker outlived its node"
+    finally:
+        node.kill()
+        node.wait(10)
+        node.stdout.close()
+        if worker_pid is not None and not _gone(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)

@@ -353,7 +353,7 @@ class ProcessTrainingExecutor(TrainingExecutor):
             deadline = time.monotonic() + limit
             try:
                 worker.send(frame, deadline)
-                reply = worker.receive(deadline)
+                return _outcome_from(worker.receive(deadline))
             except _Timeout:
                 self._discard(worker)
                 raise TrainingTimedOut(
@@ -372,7 +372,6 @@ class ProcessTrainingExecutor(TrainingExecutor):
                 raise WorkerCrashed(
                     f"the training worker sent an unreadable reply: {exc}; it was killed"
                 ) from None
-        return _outcome_from(reply)
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the worker. With ``wait``, queued trainings finish first; without, a running
@@ -394,9 +393,10 @@ class ProcessTrainingExecutor(TrainingExecutor):
 
 
 def _outcome_from(reply: Any) -> TrainingOutcome:
-    """Validate the worker's reply (it comes from a process running foreign code)."""
+    """Validate the worker's reply (it comes from a process running foreign code): an error
+    reply raises TrainingFailed, anything malformed :class:`_Garbage`."""
     if not isinstance(reply, dict):
-        raise WorkerCrashed(f"the training worker sent {type(reply).__name__}, not a map")
+        raise _Garbage(f"{type(reply).__name__}, not a map")
     if reply.get("kind") == "error":
         try:
             code = ErrorNumber(reply.get("code"))
@@ -411,4 +411,4 @@ def _outcome_from(reply: Any) -> TrainingOutcome:
             metrics=metrics,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise WorkerCrashed(f"the training worker sent a malformed result: {exc}") from None
+        raise _Garbage(f"a malformed result ({type(exc).__name__}: {exc})") from None
