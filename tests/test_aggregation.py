@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedsm.digests import sha256_file as file_sha256
+from fedsm.strategies.base import AggregateContext, NodeArgsContext, NodeUpdate, aggregate_files
 from fedsm.strategies.fedavg import AggregationError, FedAvg, FedAvgAccumulator, fedavg
 from fedsm.testing.strategy import StrategyContract
 from fedsm.training.params import ParamsFileError, load_params, save_params
@@ -173,11 +174,49 @@ def test_aggregate_files_checks_against_like_and_refuses_bad_files(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_fedavg_needs_no_aggregator_args_and_has_no_state():
+def test_fedavg_needs_no_node_args_and_has_no_state():
     agg = FedAvg()
-    assert agg.name == "fedavg"
-    assert agg.create_aggregator_args(round_number=1, node_ids=["a", "b"]) == ({}, {})
-    assert agg.state() == {}
+    assert agg.name == "fedavg" and agg.config() == {}
+    params = _update(1)
+    ctx = NodeArgsContext(
+        round=1, node_ids=("a", "b"), all_nodes=("a", "b"), global_params=params, state=None
+    )
+    assert agg.node_args(ctx) == {}
+    result = agg.aggregate(
+        AggregateContext(
+            round=1,
+            global_params=params,
+            updates=(NodeUpdate.of("a", _update(2), 1), NodeUpdate.of("b", _update(3), 2)),
+            all_nodes=("a", "b"),
+            state=None,
+        )
+    )
+    assert result.state is None
+    expected = fedavg([("a", _update(2), 1), ("b", _update(3), 2)])
+    assert all(torch.equal(result.params[name], expected[name]) for name in expected)
+
+
+def test_aggregate_files_of_the_interface_agrees_with_the_convenience(tmp_path):
+    """FedAvg().aggregate_files (a convenience) and base.aggregate_files (what the Job and
+    the audit run) write the same bytes."""
+    save_params(tmp_path / "global", _update(0))
+    items = []
+    for node, seed, weight in (("b", 2, 3.0), ("a", 1, 5.0), ("c", 3, 1.0)):
+        save_params(tmp_path / node, _update(seed))
+        items.append((node, tmp_path / node, weight))
+    convenience = FedAvg().aggregate_files(items, tmp_path / "one")
+    digest, state_digest = aggregate_files(
+        FedAvg(),
+        round=1,
+        global_params_path=tmp_path / "global",
+        replies=[(n, p, w, {}) for n, p, w in items],
+        all_nodes=["a", "b", "c"],
+        state_path=None,
+        out_path=tmp_path / "two",
+        state_out_path=tmp_path / "two.state",
+    )
+    assert digest == convenience and state_digest is None
+    assert not (tmp_path / "two.state").exists()
 
 
 class TestFedAvgContract(StrategyContract):

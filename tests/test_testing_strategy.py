@@ -1,78 +1,94 @@
 """fedsm.testing.StrategyContract catches strategies that break it, with a readable example.
 
-A strategy weighting each reply by its position in the list it is given depends on the
-order the replies arrive in; one weighting by position after sorting the node ids depends on
-which node sent which file. Each must fail the property it breaks, and only that one, with
-hypothesis' counterexample and a message naming the property.
+Each broken strategy below must fail the property it breaks, with hypothesis'
+counterexample and a message naming the property. (Under the Strategy interface the order
+replies arrive in can not reach a strategy at all: ``aggregate_files`` sorts them and the
+strategy sees ``ctx.updates`` by node id. The kit still checks it, as a guard on the
+plumbing; there is no broken strategy to show for it.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hypothesis import Phase, settings
 
-from fedsm.strategies.fedavg import FedAvg
+from fedsm.strategies.base import AggregateContext, AggregateResult, NodeUpdate
+from fedsm.strategies.fedavg import FedAvg, FedAvgAccumulator
 from fedsm.testing import StrategyContract
 
 
-class ByArrivalPosition(FedAvg):
-    """Broken: the n-th reply in the list it is given counts n times."""
-
-    name = "by-arrival"
-
-    def aggregate_files(self, items, out_path, *, like=None) -> str:
-        weighted = [(n, p, w * (i + 1)) for i, (n, p, w) in enumerate(items)]
-        return super().aggregate_files(weighted, out_path, like=like)
-
-
 class BySortedPosition(FedAvg):
-    """Broken, subtly: sorts first, then the n-th node id counts n times."""
+    """Broken, subtly: the n-th node id (sorted) counts n times."""
 
     name = "by-sorted-position"
 
-    def aggregate_files(self, items, out_path, *, like=None) -> str:
-        ordered = sorted(items, key=lambda item: item[0])
-        weighted = [(n, p, w * (i + 1)) for i, (n, p, w) in enumerate(ordered)]
-        return super().aggregate_files(weighted, out_path, like=like)
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
+        acc = FedAvgAccumulator()
+        for i, update in enumerate(ctx.updates):
+            acc.add(update.node_id, update.params(), update.weight * (i + 1))
+        return AggregateResult(acc.result())
 
 
 class Counting(FedAvg):
-    """Broken: every call scales the result a little more (memory kept outside state())."""
+    """Broken: every call scales the result a little more (memory kept outside the state)."""
 
     name = "counting"
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def aggregate_files(self, items, out_path, *, like=None) -> str:
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
         self.calls += 1
-        extra = [("~extra", items[0][1], float(self.calls))] if self.calls > 1 else []
-        return super().aggregate_files([*items, *extra], out_path, like=like)
+        updates = list(ctx.updates)
+        if self.calls > 1:
+            first = updates[0]
+            updates.append(NodeUpdate("~extra", float(self.calls), {}, first.params))
+        acc = FedAvgAccumulator()
+        for update in updates:
+            acc.add(update.node_id, update.params(), update.weight)
+        return AggregateResult(acc.result())
 
 
-class PathDependent(FedAvg):
-    """Broken: weights by the file's name (1 to 4 times, from a hash of the name: the same
-    for the same example, so hypothesis sees a steady failure, never a flaky one)."""
+class Forgetful(FedAvg):
+    """Broken: its hyper-parameter is not in config(), so a restore builds another one."""
 
-    name = "paths"
+    name = "forgetful"
 
-    def aggregate_files(self, items, out_path, *, like=None) -> str:
-        def factor(path) -> int:
-            return 1 + hashlib.sha256(Path(path).name.encode()).digest()[0] % 4
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
 
-        weighted = [(n, p, w * factor(p)) for n, p, w in items]
-        return super().aggregate_files(weighted, out_path, like=like)
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
+        params = super().aggregate(ctx).params
+        return AggregateResult({k: v * self.scale for k, v in params.items()})
+
+
+class DictOrder(FedAvg):
+    """Broken: reads its state by the dict's order (the first entry), which a state file
+    does not keep (names come back sorted)."""
+
+    name = "dict-order"
+
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
+        params = super().aggregate(ctx).params
+        if ctx.state is not None:
+            shift = next(iter(ctx.state.values())).sum()
+            params = {k: v + shift.to(v.dtype) for k, v in params.items()}
+        bias = params["bias"].detach().double()
+        return AggregateResult(params, {"z-last": bias, "a-first": torch.zeros_like(bias)})
 
 
 class FakeFedAvg(FedAvg):
     """Broken for the audit: named fedavg, yet not FedAvg's arithmetic."""
 
-    def aggregate_files(self, items, out_path, *, like=None) -> str:
-        return super().aggregate_files([(n, p, 1.0) for n, p, _ in items], out_path, like=like)
+    def aggregate(self, ctx: AggregateContext) -> AggregateResult:
+        acc = FedAvgAccumulator()
+        for update in ctx.updates:
+            acc.add(update.node_id, update.params(), 1.0)
+        return AggregateResult(acc.result())
 
 
 class ArgsWithClock(FedAvg):
@@ -82,16 +98,25 @@ class ArgsWithClock(FedAvg):
 
     nonces = itertools.count()
 
-    def create_aggregator_args(self, *, round_number, node_ids, **_):
-        return {n: {"nonce": next(self.nonces)} for n in node_ids}, {}
+    def node_args(self, ctx: Any) -> dict[str, dict[str, Any]]:
+        return {n: {"nonce": next(self.nonces)} for n in ctx.node_ids}
 
 
-def contract_for(cls: type) -> StrategyContract:
+class ArgsNotPlain(FedAvg):
+    """Broken: a message value that is neither JSON-like nor a mapping of tensors."""
+
+    name = "args-not-plain"
+
+    def node_args(self, ctx: Any) -> dict[str, dict[str, Any]]:
+        return {n: {"when": object()} for n in ctx.node_ids}
+
+
+def contract_for(factory: Any) -> StrategyContract:
     class Contract(StrategyContract):
         max_examples = 50  # room to find the counterexample even under small profiles
 
         def make_strategy(self):
-            return cls()
+            return factory()
 
         def hypothesis_settings(self) -> settings:
             # Find and shrink, but skip the costly explain phase and keep these deliberate
@@ -110,19 +135,13 @@ def failure(contract: StrategyContract, prop: str) -> str:
     return str(info.value) + "\n" + notes
 
 
-def test_reply_order_dependence_fails_with_a_counterexample():
-    contract = contract_for(ByArrivalPosition)
-    text = failure(contract, "test_order_of_items_does_not_matter")
-    assert "depends on the order of the replies" in text
-    assert "(replies)" in text and "(order)" in text  # hypothesis' labelled draws
-
-
 def test_sorted_position_passes_ordering_but_fails_relabelling():
     contract = contract_for(BySortedPosition)
-    contract.test_order_of_items_does_not_matter()
+    contract.test_order_of_replies_does_not_matter()
     contract.test_same_inputs_give_the_same_bytes()
-    text = failure(contract, "test_which_node_sent_which_file_does_not_matter")
+    text = failure(contract, "test_which_node_sent_which_reply_does_not_matter")
     assert "depends on which node sent which reply" in text
+    assert "(replies)" in text and "(relabelling)" in text  # hypothesis' labelled draws
 
 
 def test_memory_outside_state_fails_determinism_and_restore():
@@ -131,34 +150,41 @@ def test_memory_outside_state_fails_determinism_and_restore():
     assert "restored job" in failure(contract, "test_restored_instance_gives_the_same_result")
 
 
-def test_path_dependence_fails_the_audit_recomputation():
-    contract = contract_for(PathDependent)
-    assert "recomputed from the stored reply files" in failure(
-        contract, "test_audit_recomputes_the_recorded_digest"
-    )
+def test_a_state_read_by_dict_order_fails_restore():
+    contract = contract_for(DictOrder)
+    contract.test_same_inputs_give_the_same_bytes()
+    contract.test_audit_recomputes_the_recorded_digest()  # files both times: consistent
+    text = failure(contract, "test_restored_instance_gives_the_same_result")
+    assert "outside its state, or lose it in the file" in text
+
+
+def test_a_configuration_that_does_not_rebuild_the_strategy_fails_restore():
+    contract = contract_for(lambda: Forgetful(scale=3.0))
+    assert "restored job" in failure(contract, "test_restored_instance_gives_the_same_result")
 
 
 def test_a_strategy_named_fedavg_must_be_fedavg():
     contract = contract_for(FakeFedAvg)
-    contract.test_order_of_items_does_not_matter()
+    contract.test_order_of_replies_does_not_matter()
     assert "the audit recomputes" in failure(contract, "test_audit_recomputes_the_recorded_digest")
 
 
-def test_aggregator_args_must_be_a_function_of_their_inputs():
+def test_node_args_must_be_a_function_of_their_inputs():
     contract = contract_for(ArgsWithClock)
-    assert "create_aggregator_args(round_number=" in failure(
-        contract, "test_aggregator_args_are_a_function_of_their_inputs"
-    )
+    assert "node_args(round=" in failure(contract, "test_node_args_are_a_function_of_their_inputs")
 
 
-def test_node_asymmetric_strategies_may_opt_out_of_relabelling():
-    class Contract(StrategyContract):
+def test_node_args_message_values_must_be_json_like():
+    contract = contract_for(ArgsNotPlain)
+    assert "neither JSON-like" in failure(contract, "test_node_args_are_a_function_of_their_inputs")
+
+
+def test_node_asymmetric_strategies_skip_relabelling():
+    class Asymmetric(BySortedPosition):
+        name = "asymmetric"
         node_symmetric = False
 
-        def make_strategy(self):
-            return BySortedPosition()
-
-    Contract().test_which_node_sent_which_file_does_not_matter()
+    contract_for(Asymmetric).test_which_node_sent_which_reply_does_not_matter()
 
 
 def test_the_contract_is_not_collected_itself():
