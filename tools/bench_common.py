@@ -165,9 +165,10 @@ def fedavg(results: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torc
 
 class RssSampler:
     """Peak of the summed RSS of this process and its descendants, sampled every ``every_s``
-    (psutil if present, else /proc), plus this process's own ``ru_maxrss``."""
+    (psutil if present, else /proc; reading /proc costs CPU, so not too often), plus this
+    process's own ``ru_maxrss``."""
 
-    def __init__(self, every_s: float = 0.05) -> None:
+    def __init__(self, every_s: float = 0.25) -> None:
         self.peak_mb = 0.0
         self._every = every_s
         self._stop = threading.Event()

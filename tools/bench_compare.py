@@ -12,7 +12,7 @@ FedAvg) and reports, each scenario run in a fresh process:
 * ``startup_s``: from nothing running to the first round's start (nodes started, search,
   plan and parameters uploaded, approval asked); ``round1_s``: the first round, which pays
   the warm-ups (torch's first training, worker processes, Flower's Ray actors);
-* ``peak_mb``: peak RSS of the scenario's process tree (sampled every 50 ms);
+* ``peak_mb``: peak RSS of the scenario's process tree (sampled every 250 ms);
 * ``kb/node``: memory the nodes add, per node (RSS after the nodes started minus before,
   for in-process nodes; the node processes' RSS for the MQTT path).
 
@@ -118,7 +118,7 @@ def scenario_fedsm(args: argparse.Namespace) -> dict:
         plan = root / "plan.py"
         BreastCancerPlan().save_code(plan)
         broker = MemoryBroker()
-        repo = LocalRepository(root / "repository")
+        repo = LocalRepository(root / "repository", durable=False)  # as the memory demo
         before = rss.sample()
         t0 = time.perf_counter()
         extra = {"workers": args.workers} if args.workers else {}

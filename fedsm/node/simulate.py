@@ -11,6 +11,8 @@ again where the CSV is now.
 
 from __future__ import annotations
 
+import atexit
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +23,18 @@ from fedsm.node.settings import SETTINGS_FILE, NodeSettings, init_node_dir, load
 from fedsm.repository.base import Repository
 from fedsm.transport import MemoryBroker, MemoryBus
 
-__all__ = ["start_memory_nodes", "register_csv_dataset", "shared_executor"]
+__all__ = [
+    "close_shared_executors",
+    "register_csv_dataset",
+    "shared_executor",
+    "shared_pool",
+    "start_memory_nodes",
+]
 
 _SHARED: InProcessTrainingExecutor | None = None
+#: Process-wide training pools by worker count (started on first use, closed at exit).
+_POOLS: dict[int, TrainingExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def shared_executor() -> InProcessTrainingExecutor:
@@ -32,6 +43,42 @@ def shared_executor() -> InProcessTrainingExecutor:
     if _SHARED is None:
         _SHARED = InProcessTrainingExecutor()
     return _SHARED
+
+
+def shared_pool(workers: int) -> TrainingExecutor:
+    """The process-wide :class:`~fedsm.node.pool_executor.PoolTrainingExecutor` of
+    ``workers`` worker processes, started on first use (its workers import torch once) and
+    shared by every simulation of this process that asks for as many; closed at exit or by
+    :func:`close_shared_executors`. The workers start in the background."""
+    from fedsm.node.pool_executor import PoolTrainingExecutor
+
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = PoolTrainingExecutor(workers)
+            # The workers import torch while the nodes are set up; a training waits for its
+            # worker to be ready (ProcessTrainingExecutor starts one at the latest then).
+            threading.Thread(target=_start_quietly, args=(pool,), daemon=True).start()
+            if not _POOLS:
+                atexit.register(close_shared_executors)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _start_quietly(pool: TrainingExecutor) -> None:
+    try:
+        pool.start()
+    except Exception:  # noqa: BLE001 - each training starts (and reports) its worker itself
+        pass
+
+
+def close_shared_executors() -> None:
+    """Stop the worker processes of the shared pools (the next simulation starts new ones)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.close()
 
 
 def register_csv_dataset(
@@ -73,6 +120,7 @@ def start_memory_nodes(
     target: str = "target",
     approve: Sequence[Path] = (),
     executor: TrainingExecutor | None = None,
+    workers: int = 0,
 ) -> list[Node]:
     """Start one node per CSV in ``datasets`` (ids ``node-1`` .. ``node-K``) and return them.
 
@@ -80,8 +128,14 @@ def start_memory_nodes(
     has every plan file in ``approve`` approved. The nodes share ``executor`` (default: one
     process-wide :class:`InProcessTrainingExecutor`), so they cost a registry each, not a
     process. Stop them with :meth:`Node.stop`; the caller closes an executor it passed.
+
+    ``workers`` > 0 (and no ``executor``): the nodes train in a process-wide pool of that
+    many worker processes (:func:`shared_pool`), so trainings use every core; the final
+    parameters are bit-identical to a one-core run (trainings are pure functions of their
+    tasks and aggregation goes in sorted node order).
     """
-    executor = executor if executor is not None else shared_executor()
+    if executor is None:
+        executor = shared_pool(workers) if workers > 0 else shared_executor()
     sources = [Path(p).read_bytes() for p in approve]
     nodes: list[Node] = []
     try:
