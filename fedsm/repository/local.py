@@ -10,6 +10,14 @@ URL, another directory, a malformed id) raises :class:`InvalidRepositoryUrl`.
 
 Every write is atomic (temporary file, fsync, rename) and every download re-hashes the stored
 bytes, so a file corrupted or tampered with on disk is refused, never handed out.
+
+``durable=False`` (simulations: the memory demo, benchmarks) drops the fsyncs of those writes
+and keeps everything else (temporary file, digest, atomic rename, the check on download).
+That is safe against the death of the process, as the simulated nodes' registries are
+(``NodeDatabase(durable=False)``): a file renamed into place is whole in the kernel's page
+cache whatever happens to the process, so a killed simulation resumes to the same digest.
+Only a crash of the machine can lose such a file's bytes, and then the digest check refuses
+it instead of handing out wrong parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from fedsm.repository._files import (
     copy_and_hash,
     resolve_destination,
 )
-from fedsm.repository._store import DigestStore
+from fedsm.repository._store import DigestStore, Stored
 from fedsm.repository.base import DigestMismatch, FileNotInRepository, Repository, Uploaded
 from fedsm.repository.errors import InvalidRepositoryUrl
 
@@ -43,11 +51,23 @@ class LocalRepository(Repository):
         The repository directory, created if missing.
     download_dir
         Where :meth:`download_file` puts relative file names (default: the current directory).
+    durable
+        fsync every file written (uploads and downloads) and its directory; ``False`` for
+        simulations (see the module docstring: safe against a killed process, not a crashed
+        machine).
     """
 
-    def __init__(self, root: str | Path, *, download_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        download_dir: str | Path | None = None,
+        durable: bool = True,
+    ) -> None:
         self._store = DigestStore(root)
+        self._root_text = str(self._store.root)
         self.download_dir = Path(download_dir).expanduser().absolute() if download_dir else None
+        self.durable = durable
 
     @property
     def root(self) -> Path:
@@ -55,6 +75,8 @@ class LocalRepository(Repository):
         return self._store.root
 
     def __repr__(self) -> str:
+        if not self.durable:
+            return f"LocalRepository({str(self.root)!r}, durable=False)"
         return f"LocalRepository({str(self.root)!r})"
 
     def url_for(self, digest: str) -> str:
@@ -67,7 +89,10 @@ class LocalRepository(Repository):
         Returns ``{"file": url, "sha256": digest, "size": n}``. Uploading the same content
         twice stores it once. Raises :class:`OSError` if ``path`` cannot be read.
         """
-        stored = self._store.ingest_file(Path(path))
+        if self.durable:
+            stored = self._store.ingest_file(Path(path))
+        else:
+            stored = self._ingest_unsynced(Path(path))
         _log.debug(
             "stored %s (%d bytes, %s) from %s",
             stored.sha256,
@@ -76,6 +101,18 @@ class LocalRepository(Repository):
             path,
         )
         return {"file": self.url_for(stored.sha256), "sha256": stored.sha256, "size": stored.size}
+
+    def _ingest_unsynced(self, source: Path) -> Stored:
+        """``DigestStore.ingest_file`` without the fsyncs (``durable=False``)."""
+        tmp, digest, size = copy_and_hash(source, self._store.tmp_dir)
+        try:
+            final = self._store.path_for(digest)
+            existed = final.is_file()
+            commit_temp(tmp, final, sync=False)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Stored(sha256=digest, size=size, created=not existed)
 
     def digest_of_url(self, url: str) -> str:
         """The digest named by ``url`` if it is one of this repository's URLs.
@@ -92,7 +129,12 @@ class LocalRepository(Repository):
         if parts.query or parts.fragment:
             raise InvalidRepositoryUrl(f"{url!r}: a repository URL has no query or fragment")
         path = Path(unquote(parts.path))
-        if not is_sha256(path.name) or path.parent.resolve() != self.root:
+        # The URLs this repository hands out name its resolved root exactly: only another
+        # spelling of a directory needs resolving (a system call per path component).
+        parent = path.parent
+        if not is_sha256(path.name) or (
+            str(parent) != self._root_text and parent.resolve() != self.root
+        ):
             raise InvalidRepositoryUrl(
                 f"{url!r} does not name a file of the local repository at {self.root} "
                 f"(expected {self.root.as_uri()}/<sha256>)"
@@ -125,7 +167,7 @@ class LocalRepository(Repository):
                     f"the stored file {source} hashes to {actual}, not to {digest}: it was "
                     "corrupted or tampered with on disk; upload the original again"
                 )
-            commit_temp(tmp, dest)
+            commit_temp(tmp, dest, sync=self.durable)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

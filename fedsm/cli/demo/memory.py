@@ -32,7 +32,9 @@ def memory_world(
     nodes of one process start at once, so there are none.)"""
     from fedsm.cli.demo.run import TAGS
 
-    repository = LocalRepository(run_dir / "repository")
+    # Simulated nodes and researcher in one process: files need not survive a crash of the
+    # machine, only of the process (see LocalRepository's durable=False).
+    repository = LocalRepository(run_dir / "repository", durable=False)
     broker = MemoryBroker()
     nodes = start_memory_nodes(
         run_dir / "nodes",
