@@ -16,6 +16,7 @@ An executor does two jobs for the nodes that use it:
 from __future__ import annotations
 
 import abc
+import errno
 import logging
 import threading
 from collections import deque
@@ -33,7 +34,10 @@ __all__ = [
     "TrainingOutcome",
     "TrainingExecutor",
     "InProcessTrainingExecutor",
+    "NODE_IO_ERRNOS",
+    "describe_io_fault",
     "error_code_for",
+    "io_fault",
     "run_task",
 ]
 
@@ -45,11 +49,93 @@ _CODES_BY_CLASS = {
     "PlanImportError": ErrorNumber.PLAN_IMPORT_FAILED,
     "ParamsFileError": ErrorNumber.PARAMS_INVALID,
     "DatasetError": ErrorNumber.DATASET_INVALID,
+    # The node's registry: locked by another process past its busy timeout (try again), a
+    # plan source over the node's max_plan_bytes (the request's fault).
+    "RegistryBusy": ErrorNumber.NODE_BUSY,
+    "PlanTooLarge": ErrorNumber.BAD_REQUEST,
 }
+
+#: errno values that say the node's machine could not keep its own files: a fault of the
+#: node (its operator makes room, remounts, raises a limit), never of the request.
+NODE_IO_ERRNOS: frozenset[int] = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EMFILE", "ENFILE", "EFBIG")
+    if hasattr(errno, name)
+)
+#: The node's own typed I/O errors (settings, registry), by class name along the MRO.
+_IO_CLASSES = ("NodeDirIOError", "RegistryIOError", "NodeIOError")
+#: sqlite's messages for a full or failing disk (``sqlite3.OperationalError``).
+_SQLITE_IO_TEXT = ("database or disk is full", "disk i/o error")
+_IO_HINTS = {
+    errno.ENOSPC: "disk full",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "disk I/O error",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system",
+    errno.EFBIG: "file too large",
+}
+if hasattr(errno, "EDQUOT"):
+    _IO_HINTS[errno.EDQUOT] = "disk quota exceeded"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes and contexts, each once, nearest first (bounded)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 64:
+        current = todo.pop(0)
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return seen
+
+
+def io_fault(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain (itself, ``__cause__``, ``__context__``) that says
+    the node's machine could not read or write its own files, or None.
+
+    That is an :class:`OSError` whose errno is in :data:`NODE_IO_ERRNOS` (no space, quota,
+    read-only file system, I/O error, too many open files), sqlite's "database or disk is
+    full" / "disk I/O error", or one of the node's typed I/O errors (``NodeIOError``, the
+    registry's ``RegistryIOError``, ``NodeDirIOError``).
+    """
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in NODE_IO_ERRNOS:
+            return link
+        names = {cls.__name__ for cls in type(link).__mro__}
+        if names.intersection(_IO_CLASSES):
+            return link
+        if "Error" in names and type(link).__module__ == "sqlite3":
+            if str(link).lower().startswith(_SQLITE_IO_TEXT):
+                return link
+    return None
+
+
+def describe_io_fault(fault: BaseException, what: str = "") -> str:
+    """One line for an operator: ``what`` failed, the file, and why (``disk full``...)."""
+    if isinstance(fault, OSError) and fault.errno is not None:
+        hint = _IO_HINTS.get(fault.errno, "")
+        reason = fault.strerror or str(fault)
+        if hint and hint.lower() not in reason.lower():
+            reason = f"{reason} ({hint})"
+        text = f"{reason}: {fault.filename}" if fault.filename else reason
+    else:
+        text = str(fault).splitlines()[0] if str(fault) else type(fault).__name__
+        if "full" in text.lower() and "disk full" not in text.lower():
+            text += " (disk full)"
+    return f"{what}: {text}" if what else text
 
 
 def error_code_for(exc: BaseException) -> ErrorNumber:
-    """The :class:`ErrorNumber` for an exception raised while training."""
+    """The :class:`ErrorNumber` for an exception raised while training (or serving).
+
+    A node-local I/O failure anywhere in the exception's chain (a ``ParamsFileError`` raised
+    because the params file could not be written on a full disk, say) is ``NODE_IO_ERROR``,
+    not a fault of the request: see :func:`io_fault`.
+    """
+    if io_fault(exc) is not None:
+        return ErrorNumber.NODE_IO_ERROR
     for cls in type(exc).__mro__:
         code = _CODES_BY_CLASS.get(cls.__name__)
         if code is not None:

@@ -5,7 +5,20 @@ and search are answered right there (sqlite reads); a plan-status request (a dow
 to the executor's control pool; a train request goes to the node's lane on the executor, so
 trainings run one at a time and never on the delivery thread. A train request already
 answered is answered again from the reply cache (in sqlite, so it survives a restart) and a
-copy arriving while the first is still being served gets the same reply when it is ready.
+copy arriving while the first is still being served gets the same reply when it is ready
+(it is not trained again).
+
+The reply cache is scoped by researcher, request id and content (:func:`cache_key`): anyone
+who may publish on a node's request topic can send a request under an id the genuine
+researcher uses, and that request is served as its own; it never answers, nor blocks, the
+genuine one. Only train replies are cached, never an error: a request that met a transient
+fault of the node (``NODE_BUSY``: its registry locked by another process; ``NODE_IO_ERROR``:
+no space left, a read-only file system) is served again, from the start, when it is re-sent
+under the same id.
+
+Failures become one error reply and one warning line, without a traceback, when they are
+faults of the node's machine (see :func:`~fedsm.node.executor.io_fault`) or of the request;
+only an unexpected error (``INTERNAL``) logs its traceback.
 
 Every job-scoped request carries the researcher's log head; the node records it (see
 :mod:`fedsm.node.witness`) on the delivery thread as soon as the request is addressed to it,
@@ -47,16 +60,16 @@ from fedsm.core.protocol import decode, encode
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.digests import sha256_hex
 from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache
-from fedsm.node.errors import RequestFailed
-from fedsm.node.executor import TrainingExecutor
-from fedsm.node.registry import ApprovalRegistry, DatasetRegistry, public_dataset
+from fedsm.node.errors import RegistryBusy, RequestFailed
+from fedsm.node.executor import TrainingExecutor, describe_io_fault, io_fault
+from fedsm.node.registry import ApprovalRegistry, DatasetRegistry, PlanTooLarge, public_dataset
 from fedsm.node.round import RoundContext, fetch_plan, run_train_request
 from fedsm.node.settings import NodeSettings, load_settings
 from fedsm.node.witness import WitnessStore
 from fedsm.repository.base import Repository
 from fedsm.transport.base import Bus
 
-__all__ = ["Node", "request_fingerprint"]
+__all__ = ["Node", "cache_key", "failure", "request_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +124,28 @@ def _fingerprint_v1(request: TrainRequest) -> str:
     return sha256_hex(msgpack.packb(body, use_bin_type=True))
 
 
+def cache_key(request: TrainRequest, fingerprint: str | None = None) -> str:
+    """The reply cache's key of a train request: its id, its researcher and its content, so
+    that a request sent under another's id never shares the other's entry."""
+    fingerprint = request_fingerprint(request) if fingerprint is None else fingerprint
+    return f"{request.request_id}/{request.researcher_id}/{fingerprint}"
+
+
+def failure(exc: BaseException) -> tuple[ErrorNumber, str] | None:
+    """The code and one-line detail an error reply carries for ``exc``, or None for an
+    unexpected error (``INTERNAL``, whose traceback belongs in the log)."""
+    if isinstance(exc, RequestFailed):
+        return exc.code, exc.detail
+    fault = io_fault(exc)
+    if fault is not None:
+        return ErrorNumber.NODE_IO_ERROR, describe_io_fault(fault)
+    if isinstance(exc, RegistryBusy):
+        return ErrorNumber.NODE_BUSY, str(exc)
+    if isinstance(exc, PlanTooLarge):
+        return ErrorNumber.BAD_REQUEST, str(exc)
+    return None
+
+
 class Node:
     """A hospital node: its registries, its settings, and the request handlers.
 
@@ -153,9 +188,17 @@ class Node:
 
             executor = ProcessTrainingExecutor(time_limit_s=self.settings.training_time_limit_s)
         self.executor = executor
-        self.db = NodeDatabase(self.node_dir / DB_FILE, durable=durable)
+        self.db = NodeDatabase(
+            self.node_dir / DB_FILE,
+            durable=durable,
+            busy_timeout_s=self.settings.registry_busy_timeout_s,
+        )
         self.datasets = DatasetRegistry(self.db)
-        self.plans = ApprovalRegistry(self.db)
+        self.plans = ApprovalRegistry(
+            self.db,
+            max_plan_bytes=self.settings.max_plan_bytes,
+            max_pending_plans=self.settings.max_pending_plans,
+        )
         self.replies = ReplyCache(self.db)
         self.witness = WitnessStore(self.db)
         self._ctx = RoundContext(
@@ -168,7 +211,7 @@ class Node:
             plans=self.plans,
         )
         self._lock = threading.Lock()
-        self._in_flight: dict[str, int] = {}  # request id -> copies waiting for the reply
+        self._in_flight: dict[str, int] = {}  # cache key -> copies waiting for the reply
         self._started = False
         self._stopped = False
         self.trainings_run = 0  # trainings actually started (idempotence is visible here)
@@ -255,11 +298,8 @@ class Node:
                 raise RequestFailed(
                     ErrorNumber.UNKNOWN_COMMAND, f"command {message.command!r} is not served"
                 )
-        except RequestFailed as exc:
-            self._send_error(message, exc.code, exc.detail)
         except Exception as exc:  # never let one request take the node down
-            log.exception("node %s: %s request failed", self.node_id, message.command)
-            self._send_error(message, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._fail(message, exc)
 
     def _witness(self, request: Request) -> None:
         """Keep the log head a job-scoped request carries (before serving it: a request that
@@ -315,17 +355,22 @@ class Node:
             )
         )
 
+    def _fail(self, request: Request, exc: Exception) -> None:
+        """Answer ``request`` with the error reply for ``exc`` (see :func:`failure`)."""
+        known = failure(exc)
+        if known is None:
+            log.exception("node %s: %s request failed", self.node_id, request.command)
+            known = ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}"
+        self._send_error(request, *known)
+
     def _guarded(self, request: Request, serve: Callable[[Any], None]) -> None:
         """Run ``serve(request)`` off the delivery thread, turning failures into replies."""
         if self._stopped:
             return
         try:
             serve(request)
-        except RequestFailed as exc:
-            self._send_error(request, exc.code, exc.detail)
         except Exception as exc:
-            log.exception("node %s: %s request failed", self.node_id, request.command)
-            self._send_error(request, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._fail(request, exc)
 
     # ----------------------------------------------------------------- plan status
 
@@ -354,43 +399,58 @@ class Node:
 
     # ----------------------------------------------------------------- train
 
-    def _cached_reply(self, request: TrainRequest) -> Reply | None:
-        cached = self.replies.get(request.request_id)
+    def _cached_reply(self, request: TrainRequest, key: str) -> Reply | None:
+        """The reply cached for this very request (same id, researcher and content), or None.
+
+        An entry of another request under the same id (another researcher's, or other
+        content) is not this request's: it is left alone and this request is served."""
+        cached = self.replies.get(key)
         if cached is None:
-            return None
-        fingerprint, data = cached
-        if fingerprint not in (request_fingerprint(request), _fingerprint_v1(request)):
-            raise RequestFailed(
-                ErrorNumber.BAD_REQUEST,
-                f"request id {request.request_id} was already used for a different train "
-                "request; use a new request id for a new request",
-            )
-        reply = decode(data)
+            # Nodes of earlier versions keyed the cache by request id alone; their
+            # fingerprints cover the researcher id and the content too.
+            cached = self.replies.get(request.request_id)
+            if cached is None:
+                return None
+            if cached[0] not in (request_fingerprint(request), _fingerprint_v1(request)):
+                log.info(
+                    "node %s: request id %s is cached for another request (another "
+                    "researcher, or other content); serving this one as its own",
+                    self.node_id,
+                    request.request_id,
+                )
+                return None
+        reply = decode(cached[1])
         assert isinstance(reply, Reply)
         return reply
 
     def _accept_train(self, request: TrainRequest) -> None:
-        cached = self._cached_reply(request)
+        key = cache_key(request)
+        cached = self._cached_reply(request, key)
         if cached is not None:
             log.info("node %s answers train %s from its cache", self.node_id, request.request_id)
             self._send(cached)
             return
         with self._lock:
-            if request.request_id in self._in_flight:
-                self._in_flight[request.request_id] += 1
+            if key in self._in_flight:
+                self._in_flight[key] += 1
                 log.info(
                     "node %s: train %s is already being served", self.node_id, request.request_id
                 )
                 return
-            self._in_flight[request.request_id] = 1
-        self.executor.submit(self, lambda: self._serve_train(request))
+            self._in_flight[key] = 1
+        try:
+            self.executor.submit(self, lambda: self._serve_train(request, key))
+        except BaseException:
+            with self._lock:
+                self._in_flight.pop(key, None)
+            raise
 
-    def _serve_train(self, request: TrainRequest) -> None:
+    def _serve_train(self, request: TrainRequest, key: str) -> None:
         reply: Reply | None = None
         try:
             if self._stopped:
                 return
-            reply = self._cached_reply(request)  # answered while this copy was queued
+            reply = self._cached_reply(request, key)  # answered while this copy was queued
             if reply is None:
                 self.trainings_run += 1
                 train_reply = run_train_request(self._ctx, request)
@@ -401,18 +461,15 @@ class Node:
                         request.request_id,
                     )
                     return
-                self.replies.put(
-                    request.request_id, request_fingerprint(request), encode(train_reply)
-                )
+                # Kept before it is sent: a reply that could not be kept (a full disk) is not
+                # sent; the request is answered NODE_IO_ERROR and served again when re-sent.
+                self.replies.put(key, request_fingerprint(request), encode(train_reply))
                 reply = train_reply
-        except RequestFailed as exc:
-            self._send_error(request, exc.code, exc.detail)
         except Exception as exc:
-            log.exception("node %s: train request %s failed", self.node_id, request.request_id)
-            self._send_error(request, ErrorNumber.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._fail(request, exc)
         finally:
             with self._lock:
-                copies = self._in_flight.pop(request.request_id, 1)
+                copies = self._in_flight.pop(key, 1)
         if reply is not None:
             for _ in range(copies):
                 self._send(reply)

@@ -9,7 +9,11 @@ The order is the safety argument. The plan's bytes are downloaded and hashed, th
 compared with the request and looked up in the approval registry, and only then may anything
 import them; the parameters are checked against their digest before the plan ever sees them.
 Every refusal raises :class:`~fedsm.node.errors.RequestFailed` with the code the researcher
-gets.
+gets. A file the node cannot write because of its own machine (no space left, a quota, a
+read-only file system: see :func:`~fedsm.node.executor.io_fault`) is not the request's fault:
+the scratch directory, every download, the training's output and the upload raise
+:class:`~fedsm.node.errors.NodeIOError` (``NODE_IO_ERROR``, transient: the researcher may ask
+again once there is room), with one line naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ import math
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequest
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.digests import sha256_file, sha256_hex
-from fedsm.node.errors import DatasetNotRegistered, RequestFailed
-from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
+from fedsm.node.errors import DatasetNotRegistered, NodeIOError, RequestFailed
+from fedsm.node.executor import (
+    TrainingExecutor,
+    TrainingOutcome,
+    TrainingTask,
+    describe_io_fault,
+    io_fault,
+)
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry
 from fedsm.node.settings import NodeSettings
 from fedsm.repository.base import (
@@ -37,9 +49,37 @@ from fedsm.repository.base import (
     RepositoryUnreachable,
 )
 
-__all__ = ["RoundContext", "fetch_plan", "check_approval", "run_train_request"]
+__all__ = [
+    "RoundContext",
+    "fetch_plan",
+    "check_approval",
+    "node_io",
+    "run_train_request",
+]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def node_io(what: str) -> Iterator[None]:
+    """Turn a node-local I/O failure inside the block into :class:`NodeIOError` naming
+    ``what`` (e.g. "could not write the parameters file"); other errors pass unchanged."""
+    try:
+        yield
+    except RequestFailed:
+        raise
+    except Exception as exc:
+        fault = io_fault(exc)
+        if fault is None:
+            raise
+        raise NodeIOError(describe_io_fault(fault, what)) from exc
+
+
+def _io(what: str, call: Callable[[], _T]) -> _T:
+    with node_io(what):
+        return call()
 
 
 class RoundContext:
@@ -67,7 +107,8 @@ class RoundContext:
     def scratch_dir(self, request_id: str) -> Path:
         """A fresh directory for one request's files (removed by the caller)."""
         path = self.node_dir / "work" / f"{request_id}-{uuid.uuid4().hex[:8]}"
-        path.mkdir(parents=True)
+        with node_io(f"could not make the scratch directory {path}"):
+            path.mkdir(parents=True)
         return path
 
 
@@ -82,7 +123,8 @@ def _download(
 ) -> None:
     """Download ``url`` to ``dest`` and check it hashes to ``expected_sha256``."""
     try:
-        ctx.repository.download_file(url, dest)
+        with node_io(f"could not write the downloaded {what} to {dest}"):
+            ctx.repository.download_file(url, dest)
     except DigestMismatch as exc:
         raise RequestFailed(
             mismatch, f"the {what} at {url} failed its digest check: {exc}"
@@ -97,7 +139,7 @@ def _download(
         ) from None
     except (RepositoryError, ValueError) as exc:
         raise RequestFailed(ErrorNumber.BAD_REQUEST, f"bad {what} URL {url!r}: {exc}") from None
-    actual = sha256_file(dest)
+    actual = _io(f"could not read the downloaded {what} {dest}", lambda: sha256_file(dest))
     if actual != expected_sha256:
         raise RequestFailed(
             mismatch,
@@ -118,7 +160,7 @@ def fetch_plan(
         what="training plan",
         mismatch=ErrorNumber.PLAN_DIGEST_MISMATCH,
     )
-    return dest.read_bytes()
+    return _io(f"could not read the downloaded training plan {dest}", dest.read_bytes)
 
 
 def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> None:
@@ -223,7 +265,10 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
         trained = time.monotonic()
         if not request.do_training:
             return _validation_reply(ctx, request, source, outcome, started, downloaded, trained)
-        if not out_path.is_file() or sha256_file(out_path) != outcome.params_sha256:
+        written = out_path.is_file() and _io(
+            f"could not read the trained parameters {out_path}", lambda: sha256_file(out_path)
+        )
+        if written != outcome.params_sha256:
             raise RequestFailed(
                 ErrorNumber.INTERNAL,
                 "training finished but its parameters file is missing or does not match the "
@@ -237,7 +282,8 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 "rate?); its parameters were not sent",
             )
         try:
-            uploaded = ctx.repository.upload_file(out_path)
+            with node_io("could not store the trained parameters in the repository"):
+                uploaded = ctx.repository.upload_file(out_path)
         except RepositoryError as exc:
             raise RequestFailed(
                 ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
