@@ -12,13 +12,14 @@ newline, no upper case): the same rule as ``fedsm.core.fields.HEX64_RE`` used wi
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the module imports nothing that does I/O
     from os import PathLike
 
-__all__ = ["CHUNK_SIZE", "is_sha256", "sha256_file", "sha256_hex"]
+__all__ = ["CHUNK_SIZE", "is_sha256", "keyed_sha256_hex", "sha256_file", "sha256_hex"]
 
 #: Bytes read per step by :func:`sha256_file`: constant memory whatever the file size.
 CHUNK_SIZE = 1 << 20
@@ -34,6 +35,14 @@ def sha256_hex(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8")
     return hashlib.sha256(data).hexdigest()
+
+
+def keyed_sha256_hex(key: bytes, data: bytes | str) -> str:
+    """HMAC-SHA256 of ``data`` under ``key`` (64 lowercase hex): a digest nobody without the
+    key can predict, the same for the same inputs."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def sha256_file(path: str | PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> str:

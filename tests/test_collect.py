@@ -22,6 +22,7 @@ from fedsm.core.messages import ErrorReply, PingReply, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
 
 JOB = "job-1"
+KEY = b"k" * 32
 NODES = ("node-a", "node-b", "node-c")
 SHA = "0" * 64  # the plan and the global parameters
 REPLY_SHA = "ab" * 32  # what every node says it sent
@@ -71,7 +72,7 @@ def state_in_round(round_number: int = 2):
         ),
     ]
     for rnd in range(1, round_number + 1):
-        ids = {n: train_request_id(JOB, rnd, n) for n in NODES}
+        ids = {n: train_request_id(JOB, rnd, n, KEY) for n in NODES}
         events.append(
             RoundSent(
                 round=rnd,
@@ -120,7 +121,7 @@ reply = st.builds(
 
 
 def build(kind, job, rnd, node, right_id, url):
-    request_id = train_request_id(job, rnd, node) if right_id else "req-stale"
+    request_id = train_request_id(job, rnd, node, KEY) if right_id else "req-stale"
     head = dict(request_id=request_id, researcher_id="res", node_id=node)
     if kind.startswith("train"):
         return TrainReply(
@@ -179,8 +180,8 @@ def test_each_node_is_counted_at_most_once_and_only_when_it_should(draws) -> Non
 
 
 def test_request_ids_are_a_function_of_job_round_and_node() -> None:
-    assert train_request_id(JOB, 1, "a") == train_request_id(JOB, 1, "a")
-    ids = {train_request_id(j, r, n) for j in (JOB, "j2") for r in (1, 2) for n in ("a", "b")}
+    assert train_request_id(JOB, 1, "a", KEY) == train_request_id(JOB, 1, "a", KEY)
+    ids = {train_request_id(j, r, n, KEY) for j in (JOB, "j2") for r in (1, 2) for n in ("a", "b")}
     assert len(ids) == 8
 
 
@@ -202,7 +203,7 @@ def test_a_reply_whose_url_names_another_file_fails_the_node_and_counts_it() -> 
     failed = classify(state, bad).event
     assert isinstance(failed, NodeFailed) and failed.node_id == "node-b"
     assert failed.code == int(ErrorNumber.PARAMS_DIGEST_MISMATCH) == 202
-    assert failed.request_id == train_request_id(JOB, 2, "node-b") and failed.round == 2
+    assert failed.request_id == train_request_id(JOB, 2, "node-b", KEY) and failed.round == 2
     state = lifecycle.apply(lifecycle.apply(state, accepted), failed)
     assert sorted(state.round_replies) == ["node-a"] and sorted(state.round_failures) == ["node-b"]
     # Counted once: the same reply again (even with a good URL) is a duplicate.

@@ -343,17 +343,21 @@ _V1_OF: dict[type[ev.Event], Any] = {
     },
     ev.RoundResent: lambda d: {k: v for k, v in d.items() if k != "deadline"},
     ev.ReplyReceived: lambda d: {
-        **{k: v for k, v in d.items() if k != "training_plan_sha256"},
+        **{k: v for k, v in d.items() if k not in ("training_plan_sha256", "extras")},
         "params_url": URL + d["params_sha256"],
     },
-    ev.Aggregated: lambda d: {**d, "params_url": URL + d["params_sha256"]},
+    ev.Aggregated: lambda d: {
+        **{k: v for k, v in d.items() if k != "state_sha256"},
+        "params_url": URL + d["params_sha256"],
+    },
     ev.JobCompleted: lambda d: {**d, "params_url": URL + d["params_sha256"]},
 }
 
 _V1_EXPRESSIBLE: dict[type[ev.Event], Any] = {
     ev.RoundSent: lambda e: dataclasses.replace(e, aggregator_args={}, do_training=True),
     ev.RoundResent: lambda e: dataclasses.replace(e, deadline=0.0),
-    ev.ReplyReceived: lambda e: dataclasses.replace(e, training_plan_sha256=None),
+    ev.ReplyReceived: lambda e: dataclasses.replace(e, training_plan_sha256=None, extras={}),
+    ev.Aggregated: lambda e: dataclasses.replace(e, state_sha256=None),
 }
 
 

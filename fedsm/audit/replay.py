@@ -160,6 +160,8 @@ def summarize(event: ev.Event, before: JobState | None = None) -> str:
         )
     if isinstance(e, ev.NodeFailed):
         return f"round {e.round} {e.node_id} failed [{e.code}] {e.message}"
+    if isinstance(e, ev.NodeRetrying):
+        return f"round {e.round} {e.node_id} busy [{e.code}], asked again later: {e.message}"
     if isinstance(e, ev.RoundTimedOut):
         return f"round {e.round} timed out, missing [{_nodes(e.missing)}]"
     if isinstance(e, ev.Aggregated):

@@ -11,25 +11,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsm.core.events import NodeFailed, ReplyReceived
+from fedsm.core.events import NodeFailed, NodeRetrying, ReplyReceived
 from fedsm.core.eventschema import EventDecodeError
 from fedsm.core.jobstate import JobState
 from fedsm.core.messages import ErrorReply, Message, TrainReply
-from fedsm.core.protocol_errors import ErrorNumber
-from fedsm.digests import sha256_hex
+from fedsm.core.protocol_errors import TRANSIENT_ERRORS, ErrorNumber
+from fedsm.digests import keyed_sha256_hex
 
-__all__ = ["Verdict", "classify", "digest_in_url", "train_request_id"]
+__all__ = ["Verdict", "classify", "digest_in_url", "retry_backoff_s", "train_request_id"]
 
 
-def train_request_id(job_id: str, round_number: int, node_id: str) -> str:
-    """The request id of a train request: a function of (job, round, node) only.
+def train_request_id(job_id: str, round_number: int, node_id: str, key: bytes) -> str:
+    """The request id of a train request: a keyed hash of (job, round, node).
 
-    Deterministic so that a request published just before a crash, and not yet recorded,
-    is re-sent under the same id after a restore: the node answers it from its reply cache
-    instead of training twice.
+    Unguessable without ``key`` (the job's secret, kept beside its log and never in it), so
+    nobody who may publish to a node's request topic can pre-claim a future id; and the same
+    after a restore, so a decision taken again names the same requests.
     """
-    digest = sha256_hex(f"{job_id}\x00{round_number}\x00{node_id}")
+    digest = keyed_sha256_hex(key, f"{job_id}\x00{round_number}\x00{node_id}")
     return f"train-{digest[:32]}"
+
+
+def retry_backoff_s(reply_deadline_s: float) -> float:
+    """How long after a transient error a node is asked again: a twentieth of the round's
+    window, between 0.2 s and 5 s (a full disk is freed by a person, a busy registry by a
+    command that ends)."""
+    return min(5.0, max(0.2, reply_deadline_s / 20.0))
 
 
 def digest_in_url(url: str) -> str | None:
@@ -50,12 +57,13 @@ def digest_in_url(url: str) -> str | None:
 class Verdict:
     """``event`` to record, or ``None`` and the ``reason`` the message was ignored."""
 
-    event: ReplyReceived | NodeFailed | None
+    event: ReplyReceived | NodeFailed | NodeRetrying | None
     reason: str = ""
 
 
-def classify(state: JobState, message: Message) -> Verdict:
-    """Decide what a message taken from the bus means for the current round of ``state``."""
+def classify(state: JobState, message: Message, now: float = 0.0) -> Verdict:
+    """Decide what a message taken from the bus means for the current round of ``state``
+    at ``now`` (the job's clock: when a transient error's node is asked again)."""
     if not isinstance(message, (TrainReply, ErrorReply)):
         return Verdict(None, f"{message.command} is not a training reply")
     if not state.status.in_round:
@@ -84,6 +92,18 @@ def classify(state: JobState, message: Message) -> Verdict:
         )
 
     if isinstance(message, ErrorReply):
+        if message.code in TRANSIENT_ERRORS:
+            assert state.config is not None
+            return Verdict(
+                NodeRetrying(
+                    round=state.round,
+                    node_id=node,
+                    request_id=message.request_id,
+                    code=int(message.code),
+                    message=message.message,
+                    retry_at=now + retry_backoff_s(state.config.reply_deadline_s),
+                )
+            )
         return failed(message.code, message.message)
     if message.training_plan_sha256 != state.plan_sha256:
         return failed(

@@ -38,6 +38,7 @@ __all__ = [
     "JobCreated",
     "JobFailed",
     "NodeFailed",
+    "NodeRetrying",
     "ParamsUploaded",
     "ReplyReceived",
     "RoundResent",
@@ -277,6 +278,21 @@ class NodeFailed(Event):
 
 
 @dataclass(frozen=True)
+class NodeRetrying(Event):
+    """A node answered the round's request with a transient error (its disk was full, its
+    registry busy: :data:`~fedsm.core.protocol_errors.TRANSIENT_ERRORS`). It stays pending;
+    the same request goes to it again at ``retry_at`` (the job's clock) if the round is
+    still open then (a ``RoundResent`` naming it)."""
+
+    round: int = _f("nonneg_int")
+    node_id: str = _f("str")
+    request_id: str = _f("str")
+    code: int = _f("int")
+    message: str = _f("text")
+    retry_at: float = _f("float")
+
+
+@dataclass(frozen=True)
 class RoundTimedOut(Event):
     """The round's deadline passed; these nodes had neither replied nor failed."""
 
@@ -356,6 +372,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         RoundResent,
         ReplyReceived,
         NodeFailed,
+        NodeRetrying,
         RoundTimedOut,
         Aggregated,
         JobCompleted,

@@ -116,6 +116,9 @@ class JobState:
     overrides: Mapping[str, Any] = field(default_factory=empty)
     round_replies: AppendMap[str, ReplyReceived] = field(default_factory=empty)
     round_failures: AppendMap[str, NodeFailed] = field(default_factory=empty)
+    #: Pending nodes of the current round that answered a transient error, and when
+    #: (job clock) they are to be asked again (cleared by the ``RoundResent`` that asks).
+    round_retries: Mapping[str, float] = field(default_factory=dict)
     past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=empty)
     past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = field(default_factory=empty)
     timed_out: AppendMap[int, tuple[str, ...]] = field(default_factory=empty)

@@ -48,6 +48,7 @@ from fedsm.core.events import (
     JobCreated,
     JobFailed,
     NodeFailed,
+    NodeRetrying,
     ParamsUploaded,
     ReplyReceived,
     RoundResent,
@@ -94,6 +95,8 @@ TRANSITIONS: tuple[tuple[str, tuple[JobStatus, ...], JobStatus], ...] = (
     ("RoundResent", (_S.COLLECTING,), _S.COLLECTING),
     ("ReplyReceived", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
     ("NodeFailed", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
+    # A transient error: the node stays pending and is asked again (RoundResent).
+    ("NodeRetrying", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
     ("RoundTimedOut", (_S.ROUND_SENT, _S.COLLECTING), _S.COLLECTING),
     ("Aggregated", (_S.COLLECTING,), _S.AGGREGATED),
     ("JobCompleted", (_S.AGGREGATED,), _S.COMPLETED),
@@ -267,6 +270,8 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
     if not e.do_training:
         values["validation_rounds"] = (*s.validation_rounds, e.round)
     values["round_replies"] = values["round_failures"] = EMPTY
+    if s.round_retries:
+        values["round_retries"] = {}
     if s.round > 0:  # archive the finished round's replies and failures
         values["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
         values["past_failures"] = s.past_failures.plus(s.round, s.round_failures)
@@ -283,6 +288,8 @@ def _on_round_resent(s: JobState, e: RoundResent, values: dict[str, Any]) -> Non
     _check(not strangers, f"nodes {strangers} are not in round {s.round}")
     if e.deadline > 0.0:  # 0.0: a version-1 record, which kept the round's deadline
         values["round_deadline"] = e.deadline
+    if s.round_retries:  # the nodes asked again are no longer waiting for a retry
+        values["round_retries"] = {n: t for n, t in s.round_retries.items() if n not in e.nodes}
 
 
 def _answered(amap: AppendMap[Any, Any], key: Any) -> bool:
@@ -320,6 +327,11 @@ def _on_reply(s: JobState, e: ReplyReceived, values: dict[str, Any]) -> None:
 def _on_node_failed(s: JobState, e: NodeFailed, values: dict[str, Any]) -> None:
     _check_answer(s, e.round, e.node_id, e.request_id)
     values["round_failures"] = s.round_failures.plus_new(e.node_id, e)
+
+
+def _on_node_retrying(s: JobState, e: NodeRetrying, values: dict[str, Any]) -> None:
+    _check_answer(s, e.round, e.node_id, e.request_id)
+    values["round_retries"] = {**s.round_retries, e.node_id: e.retry_at}
 
 
 def _on_timed_out(s: JobState, e: RoundTimedOut, values: dict[str, Any]) -> None:
@@ -375,6 +387,7 @@ _HANDLERS: dict[str, Callable[[JobState, Any, dict[str, Any]], None]] = {
     "RoundResent": _on_round_resent,
     "ReplyReceived": _on_reply,
     "NodeFailed": _on_node_failed,
+    "NodeRetrying": _on_node_retrying,
     "RoundTimedOut": _on_timed_out,
     "Aggregated": _on_aggregated,
     "JobCompleted": _on_completed,

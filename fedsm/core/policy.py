@@ -41,6 +41,7 @@ States and decisions::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,9 @@ class Collect:
 
     round: int
     until: float
+    #: ``until`` is the round's deadline: a wait that reaches it closes the round. False
+    #: for a wait cut short to ask a node again (a transient error's retry time).
+    closes: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,13 +161,16 @@ class Progress:
     call of ``Experiment.run``, asks again when the last answer was not all-approved);
     ``waited_round``: the round whose whole reply window this process waited out (so a clock
     that does not reach the recorded deadline can not keep a round open for ever);
-    ``end_announced``: this process sent the nodes the final head of a finished job.
+    ``end_announced``: this process sent the nodes the final head of a finished job;
+    ``came_online``: nodes the bus saw come (back) online since this process last sent them
+    their request (a node restarted mid-round lost it: it is sent again, same id).
     """
 
     published_round: int = 0
     approval_asked: bool = False
     waited_round: int = 0
     end_announced: bool = False
+    came_online: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- decisions
@@ -229,7 +236,27 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
         return Decision(
             events=(RoundTimedOut(round=state.round, missing=state.unanswered_nodes()),)
         )
-    return Decision(commands=(Collect(state.round, state.round_deadline),))
+    # Asked again, same request: a node back online (it may have lost the request with its
+    # process) and a node whose transient error's retry time has come.
+    retries = state.round_retries
+    again = tuple(
+        n for n in pending if n in progress.came_online or retries.get(n, math.inf) <= now
+    )
+    if again:
+        resent = RoundResent(round=state.round, nodes=again, deadline=state.round_deadline)
+        return Decision(
+            events=(resent,), commands=(Publish(state.round, again), _collect(state, pending))
+        )
+    return Decision(commands=(_collect(state, pending),))
+
+
+def _collect(state: JobState, pending: tuple[str, ...]) -> Collect:
+    """Collect until the round's deadline, or until the next retry of a pending node."""
+    retries = state.round_retries
+    next_retry = min((retries[n] for n in pending if n in retries), default=math.inf)
+    if next_retry < state.round_deadline:
+        return Collect(state.round, next_retry, closes=False)
+    return Collect(state.round, state.round_deadline)
 
 
 def round_sent(
@@ -239,13 +266,15 @@ def round_sent(
     aggregator_args: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     do_training: bool = True,
+    id_key: bytes = b"",
 ) -> Decision:
     """Record round ``round_number`` (``RoundSent``), then publish it to every node of the job
     and collect until its deadline.
 
     ``aggregator_args``: per node, what the strategy sends with the request, files as
-    ``{"sha256": digest}``. Request ids are a function of (job, round, node), so the same
-    round decided again after a crash has the same ids. The caller checks the event against
+    ``{"sha256": digest}``. Request ids are a keyed hash of (job, round, node) under
+    ``id_key`` (the job's secret), so the same round decided again after a crash has the
+    same ids and nobody else can predict them. The caller checks the event against
     the lifecycle before doing anything (it raises ``IllegalTransition`` for a round that
     may not start, and nothing has happened then).
     """
@@ -257,7 +286,7 @@ def round_sent(
     event = RoundSent(
         round=round_number,
         nodes=nodes,
-        request_ids={n: train_request_id(state.job_id, round_number, n) for n in nodes},
+        request_ids={n: train_request_id(state.job_id, round_number, n, id_key) for n in nodes},
         params_sha256=state.params_sha256 or "",
         deadline=deadline,
         aggregator_args=args,

@@ -25,6 +25,7 @@ from fedsm.core.events import (
     ApprovalChecked,
     JobFailed,
     NodeFailed,
+    NodeRetrying,
     ReplyReceived,
     RoundSent,
 )
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: How long the end of a job waits for nodes to acknowledge its final head.
 END_WAIT_S = 5.0
+#: The longest a collect waits without looking whether a pending node came back online.
+ONLINE_POLL_S = 0.25
 
 
 def _is_file_arg(value: Any) -> bool:
@@ -334,6 +337,8 @@ class RoundDriver:
             window_end = True
         backlog: int | None = None  # messages already queued when the wait ended
         while job.state.pending_nodes():
+            if job.requests.came_online().intersection(job.state.pending_nodes()):
+                return False  # a pending node is back: the policy sends it its request again
             remaining = stop_at - time.monotonic()
             if remaining <= 0:
                 # Replies that arrived by the deadline still count, even if handling the ones
@@ -341,11 +346,12 @@ class RoundDriver:
                 backlog = job.requests.queued() if backlog is None else backlog - 1
                 if backlog <= 0:
                     return window_end
-            message = job.requests.next_message(max(0.0, remaining))
+            # Bounded waits: a node coming back online is noticed within ONLINE_POLL_S.
+            message = job.requests.next_message(max(0.0, min(remaining, ONLINE_POLL_S)))
             if message is None:
                 continue
             self.last_message = message
-            verdict = classify(job.state, message)
+            verdict = classify(job.state, message, job._clock())
             if verdict.event is None:
                 log.debug(
                     "ignored %s from %s: %s", message.command, message.node_id, verdict.reason
@@ -355,6 +361,17 @@ class RoundDriver:
             if isinstance(event, ReplyReceived):
                 event = self._fetch(event)
             job._record(event)
+            if isinstance(event, NodeRetrying):
+                log.warning(
+                    "node %s answered round %d with a transient error, asked again in %.1f s: "
+                    "[%d] %s",
+                    event.node_id,
+                    event.round,
+                    max(0.0, event.retry_at - job._clock()),
+                    event.code,
+                    event.message,
+                )
+                return False  # the policy schedules the retry
             if isinstance(event, NodeFailed):
                 log.warning(
                     "node %s failed in round %d: [%d] %s",

@@ -132,6 +132,7 @@ class Job(JobSettings):
         # Record: the local artifacts first (nobody sees them), then the opening in one append.
         opening = jobsetup.opening_events(self._files, source, created)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._id_key = jobsetup.job_key(run_dir)
         self._log = EventLog.open(log_path, durability=durability)
         try:
             self._record_all(opening)
@@ -186,6 +187,7 @@ class Job(JobSettings):
         job._init_shell(run_dir, keep_files_dir, reqs, repository, FedAvg(), clock)  # until read
         job._log = EventLog.open(log_path, durability=durability)
         try:
+            job._id_key = jobsetup.job_key(run_dir)
             job._restore_from_log(log_path)
         except BaseException:
             job._log.close()
@@ -338,11 +340,23 @@ class Job(JobSettings):
                 command.round, None, None, max_wait_s, do_training=command.do_training
             )
         elif isinstance(command, policy.Publish):
+            self._reqs.forget_came_online(command.nodes)  # they get their request now
             driver.publish(command.round, command.nodes)
-            self._progress = replace(self._progress, published_round=command.round)
+            self._progress = replace(
+                self._progress,
+                published_round=command.round,
+                came_online=self._progress.came_online - set(command.nodes),
+            )
         elif isinstance(command, policy.Collect):
-            if driver.collect(command.until, max_wait_s):
-                self._progress = replace(self._progress, waited_round=command.round)
+            ran_out = driver.collect(command.until, max_wait_s)
+            came = self._reqs.take_came_online()
+            self._progress = replace(
+                self._progress,
+                waited_round=(
+                    command.round if ran_out and command.closes else self._progress.waited_round
+                ),
+                came_online=self._progress.came_online | came,
+            )
         elif isinstance(command, policy.Aggregate):
             driver.aggregate()
         elif isinstance(command, policy.AnnounceEnd):
@@ -368,7 +382,9 @@ class Job(JobSettings):
             self.require_approval()  # raises with the operators' command; nothing was sent
         # Checked first with no args: an illegal round prepares nothing.
         now = self._clock()
-        probe = policy.round_sent(self._state, round_number, now, do_training=do_training)
+        probe = policy.round_sent(
+            self._state, round_number, now, do_training=do_training, id_key=self._id_key
+        )
         self._check_event(probe.events[0])
         args = (
             self._driver.aggregator_args(round_number, args_thr_msg, args_thr_files)
@@ -376,7 +392,12 @@ class Job(JobSettings):
             else {}
         )
         decision = policy.round_sent(
-            self._state, round_number, self._clock(), args, do_training=do_training
+            self._state,
+            round_number,
+            self._clock(),
+            args,
+            do_training=do_training,
+            id_key=self._id_key,
         )
         self._record_all(decision.events)
         for command in decision.commands:

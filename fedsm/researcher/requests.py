@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -211,6 +212,33 @@ class Requests:
         self.last_search: SearchSummary | None = None
         self._inbox: queue.Queue[Message] = queue.Queue()
         bus.subscribe(self._inbox.put)
+        self._online_lock = threading.Lock()
+        self._came_online: set[str] = set()
+        on_status = getattr(bus, "on_status", None)
+        if on_status is not None:  # transports that see nodes come and go
+            on_status(self._status_changed)
+
+    def _status_changed(self, node_id: str, online: bool) -> None:
+        if online:
+            with self._online_lock:
+                self._came_online.add(node_id)
+
+    def came_online(self) -> frozenset[str]:
+        """Nodes seen coming (back) online since they were last taken or forgotten."""
+        with self._online_lock:
+            return frozenset(self._came_online)
+
+    def take_came_online(self) -> frozenset[str]:
+        """:meth:`came_online`, and forget them."""
+        with self._online_lock:
+            out = frozenset(self._came_online)
+            self._came_online.clear()
+        return out
+
+    def forget_came_online(self, nodes: Iterable[str]) -> None:
+        """Forget that these nodes came online (they are being sent their request now)."""
+        with self._online_lock:
+            self._came_online.difference_update(nodes)
 
     # ------------------------------------------------------------------ low level
 

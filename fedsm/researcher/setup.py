@@ -27,6 +27,8 @@ __all__ = [
     "LOG_NAME",
     "PLAN_FILE",
     "JobFiles",
+    "KEY_NAME",
+    "job_key",
     "check_restorable",
     "complete_opening",
     "job_created",
@@ -37,6 +39,8 @@ __all__ = [
 LOG_NAME = "job.log"
 #: The plan source the job uploads, in its files directory.
 PLAN_FILE = "training_plan.py"
+#: The job's secret, beside its log (never in it): the key of its request ids.
+KEY_NAME = "job.key"
 
 
 class JobFiles:
@@ -228,3 +232,36 @@ def check_restorable(state: JobState, log_path: Path, researcher_id: str) -> Non
             f"job {state.job_id} belongs to researcher {state.researcher_id!r}; resume it "
             f"with a bus whose participant id is that researcher, not {researcher_id!r}"
         )
+
+
+def job_key(run_dir: Path) -> bytes:
+    """The job's secret (32 random bytes in ``run_dir/job.key``, mode 0600), made on first use.
+
+    It keys the train request ids so that nobody can predict them (a participant who may
+    publish to a node's request topic could otherwise pre-claim an id). Losing it loses
+    nothing: ids already sent are recorded in the log, and every id is recorded before its
+    request goes out, so a new key only names the requests of later rounds differently.
+    """
+    path = Path(run_dir) / KEY_NAME
+    try:
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise JobError(f"can not read the job's key {path}: {exc}") from exc
+    key = os.urandom(32)
+    tmp = path.with_name(f".{KEY_NAME}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise JobError(f"can not write the job's key {path}: {exc}") from exc
+    return key

@@ -133,9 +133,19 @@ _EVENT_BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         metrics=_float_maps,
         timing=_float_maps,
         training_plan_sha256=st.none() | _sha256s,
+        extras=_float_maps,
     ),
     ev.NodeFailed: st.builds(
         ev.NodeFailed, round=_nonneg, node_id=_ids, request_id=_ids, code=_ints, message=_texts
+    ),
+    ev.NodeRetrying: st.builds(
+        ev.NodeRetrying,
+        round=_nonneg,
+        node_id=_ids,
+        request_id=_ids,
+        code=_ints,
+        message=_texts,
+        retry_at=st.floats(allow_nan=False, allow_infinity=False),
     ),
     ev.RoundTimedOut: st.builds(ev.RoundTimedOut, round=_nonneg, missing=_id_tuples),
     ev.Aggregated: st.builds(
@@ -145,6 +155,7 @@ _EVENT_BUILDERS: dict[type[ev.Event], st.SearchStrategy[Any]] = {
         nodes=_id_tuples,
         weights=_float_maps,
         aggregator=_texts,
+        state_sha256=st.none() | _sha256s,
     ),
     ev.JobCompleted: st.builds(ev.JobCompleted, round=_nonneg, params_sha256=_sha256s),
     ev.JobFailed: st.builds(ev.JobFailed, round=_nonneg, reason=_texts),
