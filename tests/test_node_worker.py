@@ -307,6 +307,12 @@ elif kind == "not-a-map":
     os.write(1, frame([1, 2, 3]))
 elif kind == "half-a-frame":
     os.write(1, struct.pack(">I", 100) + b"x" * 10)
+elif kind == "replies-then-exits":
+    (length,) = struct.unpack(">I", sys.stdin.buffer.read(4))
+    sys.stdin.buffer.read(length)  # the task
+    reply = {"kind": "ok", "params_sha256": "0" * 64, "sample_size": 1, "metrics": {}}
+    os.write(1, frame(reply))
+    os._exit(0)
 elif kind == "exits":
     os.write(1, struct.pack(">I", 100) + b"x" * 10)
     os._exit(3)
@@ -379,6 +385,17 @@ def test_a_worker_that_does_not_say_ready_is_a_typed_error(fake_worker, tmp_path
             executor.start()
         assert time.monotonic() - started < 15
         assert _gone(int((tmp_path / f"{kind}.pid").read_text()))
+    finally:
+        executor.close()
+
+
+def test_a_reply_written_just_before_the_worker_exits_is_read(fake_worker, tmp_path):
+    """The worker's last words count, even when it is already gone when the node looks."""
+    executor = fake_worker("replies-then-exits")
+    try:
+        outcome = executor.train(_linear_task(tmp_path), time_limit_s=30)
+        assert outcome.params_sha256 == "0" * 64 and outcome.sample_size == 1
+        assert _wait_gone(int((tmp_path / "replies-then-exits.pid").read_text()), 10)
     finally:
         executor.close()
 

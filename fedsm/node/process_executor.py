@@ -145,6 +145,7 @@ class _Worker:
         """Read one frame and decode it; raise :class:`_Gone`, :class:`_Timeout` or
         :class:`_Garbage`."""
         fd = self._from_worker.fileno()
+        exited = False
         while True:
             try:
                 body = self._decoder.next_frame()
@@ -155,26 +156,34 @@ class _Worker:
                     return unpack(body)
                 except ValueError as exc:
                     raise _Garbage(f"a frame that is not msgpack ({exc})") from None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Timeout()
-            if not _wait_for(fd, select.POLLIN, min(left, _POLL_S)):
-                # The pipe may outlive the worker (a plan's forked child holding it open).
-                if not self.alive():
-                    raise _Gone(self.proc.returncode)
-                continue
+            if not exited:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Timeout()
+                if not _wait_for(fd, select.POLLIN, min(left, _POLL_S)):
+                    if self.alive():
+                        continue
+                    # The pipe may outlive the worker (a plan's forked child holding it
+                    # open): it has exited, so take what it wrote and stop waiting. This
+                    # ends: every chunk completes a frame or grows one towards the limit.
+                    exited = True
             try:
                 chunk = os.read(fd, 1 << 16)
             except BlockingIOError:
+                if exited:
+                    raise self._gone() from None
                 continue
             except OSError:
-                raise _Gone(self._exit_code()) from None
-            if not chunk:
-                if self._decoder.pending:
-                    tail = self._decoder.pending
-                    raise _Gone(self._exit_code(), f"{tail} bytes of an unfinished frame")
-                raise _Gone(self._exit_code())
+                raise self._gone() from None
+            if not chunk:  # EOF: every writer is gone (a complete frame was returned above)
+                raise self._gone()
             self._decoder.feed(chunk)
+
+    def _gone(self) -> _Gone:
+        code = self._exit_code()
+        if self._decoder.pending:
+            return _Gone(code, f"{self._decoder.pending} bytes of an unfinished frame")
+        return _Gone(code)
 
     def _exit_code(self) -> int | None:
         """The exit code of a worker whose pipe closed (it is dying: give it a moment)."""
