@@ -357,6 +357,16 @@ class Node:
 
     def _fail(self, request: Request, exc: Exception) -> None:
         """Answer ``request`` with the error reply for ``exc`` (see :func:`failure`)."""
+        if self._stopped:  # stopped while serving it (its registry closed): not a failure
+            log.info(
+                "node %s stopped while serving %s %s; not answered (%s: %s)",
+                self.node_id,
+                request.command,
+                request.request_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
         known = failure(exc)
         if known is None:
             log.exception("node %s: %s request failed", self.node_id, request.command)
