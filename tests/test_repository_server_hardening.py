@@ -21,10 +21,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from fedsm.cli import main as cli_main
 from fedsm.errors import ConfigurationError
-from fedsm.repository import RepositoryServer
+from fedsm.repository import HttpRepository, RepositoryServer
 from fedsm.repository._http_handler import _BadFraming, body_length
 
 TOKEN = "s3cret-token"
@@ -396,3 +397,17 @@ def test_cli_refuses_bad_limits(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "max_connections" in capsys.readouterr().err
     assert cli_main(["repo", "serve", "--root", root, "--read-timeout", "-1"]) == 2
     assert "read_timeout_s" in capsys.readouterr().err
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [("1024", 1024), (" 7 ", 7), ("1\u00b2", None), ("-5", None), ("\u0663", None), ("", None)],
+)
+def test_the_client_reads_the_max_size_header_strictly(value: str, hint: int | None) -> None:
+    response = requests.Response()
+    response.headers["X-Fedsm-Max-Size"] = value
+    with HttpRepository("http://127.0.0.1:9", None) as client:
+        assert client._max_size_hint(response) == hint

@@ -15,6 +15,7 @@ escapes this module.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,8 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _MAX_BACKOFF_S = 5.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A size header from the server: ASCII digits only (str.isdigit() also accepts "1\u00b2").
+_SIZE_HEADER = re.compile(r"[0-9]{1,18}")
 
 
 class _Retryable(Exception):
@@ -211,8 +214,8 @@ class HttpRepository(Repository):
         raise RepositoryRejected(message)
 
     def _max_size_hint(self, response: requests.Response) -> int | None:
-        raw = response.headers.get("X-Fedsm-Max-Size", "")
-        return int(raw) if raw.isdigit() else None
+        raw = response.headers.get("X-Fedsm-Max-Size", "").strip()
+        return int(raw) if _SIZE_HEADER.fullmatch(raw) else None
 
     # -- Repository -----------------------------------------------------------------------
 
