@@ -477,15 +477,20 @@ def _run_verify(
         with RepositoryAudit(open_repository(repo, token), close_repository=True) as audit:
             findings = verify_all(path, (*checks, *audit.checks))
     errors = [f for f in findings if f.error]
+    strategy: str | None = None
     try:
         view = scan(path)
         head: tuple[int, str] | None = log_head(path, view.records)
+        opening = view.records[0].event if view.records else None
+        if isinstance(opening, ev.JobCreated):
+            strategy = opening.aggregator
     except LogError:  # the findings say why
         head = None
     if as_json:
         doc: dict[str, Any] = {
             "ok": not errors,
             "repository": repo,
+            "strategy": strategy,
             "head": None if head is None else {"seq": head[0], "hash": head[1]},
             "findings": [_finding_dict(f) for f in findings],
             "not_checked": [{"check": n, "what": w} for n, w, _hint in not_checked],
@@ -507,7 +512,11 @@ def _run_verify(
     if errors:
         out.write(f"{path}: {len(errors)} finding(s); the log does not verify\n")
     else:
-        scope = "and the repository's artifacts and aggregates" if repo else "(log only)"
+        scope = (
+            f"and the repository's artifacts and aggregates (recomputed with {strategy})"
+            if repo
+            else "(log only)"
+        )
         extra = ""
         if expect_head is not None:
             extra += f"; the expected head seq {expect_head[0]} is on its chain"
