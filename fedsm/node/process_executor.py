@@ -80,7 +80,11 @@ def _worker_env() -> dict[str, str]:
     (appended) when it is not a site directory, so that the worker runs the same code."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent.parent)
-    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    try:
+        site_dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    except AttributeError:  # an old virtualenv's site module
+        site_dirs = []
+    sites = {str(Path(p).resolve()) for p in site_dirs}
     if root not in sites:
         parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in parts:
