@@ -1,8 +1,9 @@
 """sha256, the one way fedsm names content: of bytes, of a file, and the digest's text form.
 
 Every layer may import this module (it sits beside :mod:`fedsm.errors` at the root). The
-pure functions, :func:`sha256_hex` and :func:`is_sha256`, do no I/O, so the pure core may use
-them; :func:`sha256_file` reads a file and is for the layers that do I/O.
+pure functions, :func:`sha256_hex`, :func:`keyed_sha256_hex` and :func:`is_sha256`, do no
+I/O, so the pure core may use them; :func:`sha256_file` reads a file and is for the layers
+that do I/O.
 
 A digest's text form is exactly 64 lowercase hex digits, the whole string (no trailing
 newline, no upper case): the same rule as ``fedsm.core.fields.HEX64_RE`` used with

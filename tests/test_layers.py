@@ -79,7 +79,7 @@ PURE_STDLIB = frozenset(
 #: Third-party libraries the core (and so the log) may use.
 CORE_LIBRARIES = frozenset({"msgpack", "transitions", "typing_extensions"})
 #: What core may take from fedsm.digests: the functions that do no I/O.
-PURE_DIGESTS = frozenset({"sha256_hex", "is_sha256"})
+PURE_DIGESTS = frozenset({"sha256_hex", "is_sha256", "keyed_sha256_hex"})
 #: Package __init__ files the layout says declare __all__ (so may hand on names).
 PUBLIC_PACKAGES = (
     "fedsm",

@@ -418,10 +418,12 @@ def _outcome_from(reply: Any) -> TrainingOutcome:
         raise TrainingFailed(str(reply.get("message", ""))[:2000], code=code)
     try:
         metrics = {str(k): float(v) for k, v in dict(reply["metrics"]).items()}
+        extras = {str(k): float(v) for k, v in dict(reply.get("extras") or {}).items()}
         return TrainingOutcome(
             params_sha256=str(reply["params_sha256"]),
             sample_size=int(reply["sample_size"]),
             metrics=metrics,
+            extras=extras,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise _Garbage(f"a malformed result ({type(exc).__name__}: {exc})") from None

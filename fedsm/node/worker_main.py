@@ -12,7 +12,7 @@ ext types, so nothing but plain data can be decoded). A reader refuses a length 
 limit at once, before reading the body.
 
 * worker -> node: ``{"kind": "ready", "pid": int}`` once started (after ``--preload``), then
-  one reply per task: ``{"kind": "ok", "params_sha256", "sample_size", "metrics"}`` or
+  one reply per task: ``{"kind": "ok", "params_sha256", "sample_size", "metrics", "extras"}`` or
   ``{"kind": "error", "code": int, "message": str}``.
 * node -> worker: ``{"kind": "train", "task": TrainingTask fields}`` or ``{"kind": "stop"}``.
 
@@ -196,6 +196,7 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
             "params_sha256": outcome.params_sha256,
             "sample_size": outcome.sample_size,
             "metrics": outcome.metrics,
+            "extras": outcome.extras,
         }
     except BaseException as exc:  # noqa: B036 - a plan's sys.exit() is a failure too
         if isinstance(exc, KeyboardInterrupt):
