@@ -3,6 +3,7 @@ node of the round at most once, and only what classify accepts ever reaches the 
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +21,7 @@ from fedsm.core.events import (
 )
 from fedsm.core.messages import ErrorReply, PingReply, TrainReply
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.testing.strategies import job_run
 
 JOB = "job-1"
 KEY = b"k" * 32
@@ -210,3 +212,26 @@ def test_a_reply_whose_url_names_another_file_fails_the_node_and_counts_it() -> 
     again = build("train", JOB, 2, "node-b", True, GOOD_URLS[0])
     assert classify(state, again).event is None
     assert state.pending_nodes() == ("node-c",)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        job_run(),
+        job_run(3, 4, fail=("node-1",)),
+        job_run(1, 1),
+        job_run(2, 5, fail=("node-0", "node-4")),
+    ],
+)
+def test_the_o1_pending_checks_agree_with_the_pending_nodes(events) -> None:
+    """``is_pending``/``has_pending`` (O(1), used per message) say what ``pending_nodes``
+    (O(K)) says, at every step of any valid run."""
+    state = lifecycle.initial_state()
+    for event in events:
+        state = lifecycle.apply(state, event)
+        if state.config is None:
+            continue
+        pending = set(state.pending_nodes())
+        assert state.has_pending() == bool(pending)
+        for node in set(state.config.nodes) | set(state.round_nodes) | {"stranger"}:
+            assert state.is_pending(node) == (node in pending)

@@ -77,7 +77,7 @@ def classify(state: JobState, message: Message, now: float = 0.0) -> Verdict:
         return Verdict(None, f"{node} is not in round {state.round}")
     if state.request_ids.get(node) != message.request_id:
         return Verdict(None, f"{node} answered request {message.request_id}, not ours")
-    if node not in state.pending_nodes():
+    if not state.is_pending(node):
         return Verdict(None, f"duplicate reply from {node}")
 
     def failed(code: int, text: str) -> Verdict:

@@ -210,6 +210,23 @@ class JobState:
             return ()
         return self.unanswered_nodes()
 
+    def is_pending(self, node: str) -> bool:
+        """Whether ``node`` is still awaited in the current round (O(1): checked for every
+        message a round takes, so a round of K nodes costs O(K), not O(K^2))."""
+        if not self.status.in_round or node not in self.request_ids:
+            return False
+        return (
+            node not in self.round_replies
+            and node not in self.round_failures
+            and self.round not in self.timed_out
+        )
+
+    def has_pending(self) -> bool:
+        """Whether any node is still awaited in the current round (O(1))."""
+        if not self.status.in_round or self.round in self.timed_out:
+            return False
+        return len(self.round_replies) + len(self.round_failures) < len(self.round_nodes)
+
     def round_complete(self) -> bool:
         """Whether the current round is over: every node replied or failed, or it timed out."""
         if self.round == 0:

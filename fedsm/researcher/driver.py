@@ -336,8 +336,8 @@ class RoundDriver:
         else:
             window_end = True
         backlog: int | None = None  # messages already queued when the wait ended
-        while job.state.pending_nodes():
-            if job.requests.came_online().intersection(job.state.pending_nodes()):
+        while job.state.has_pending():
+            if any(job.state.is_pending(n) for n in job.requests.came_online()):
                 return False  # a pending node is back: the policy sends it its request again
             remaining = stop_at - time.monotonic()
             if remaining <= 0:
