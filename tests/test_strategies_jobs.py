@@ -144,3 +144,25 @@ def test_a_users_strategy_is_recorded_by_import_path_and_audited_where_importabl
     lost = _verify(log, world.repository.root, {k: v for k, v in env.items() if k != "PYTHONPATH"})
     assert lost.returncode == 1
     assert "test_strategies_jobs:HalfStep" in lost.stdout and "can not import" in lost.stdout
+
+
+def test_a_tampered_strategy_state_is_an_audit_error(world, tmp_path) -> None:
+    exp = experiment(world, tmp_path / "run", aggregator="scaffold", round_limit=2)
+    try:
+        exp.run()
+    finally:
+        exp.close()
+    states = [
+        e.state_sha256 for e in run_events(tmp_path / "run") if type(e).__name__ == "Aggregated"
+    ]
+    repo = tmp_path / "repo-copy"
+    shutil.copytree(world.repository.root, repo)
+    stored = repo / states[0]
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(data))
+    found = _verify(tmp_path / "run" / "job.log", repo)
+    assert found.returncode == 1
+    assert "strategy state after round 1: the stored bytes hash to another digest" in found.stdout
+    assert "recompute: round 2 (scaffold)" in found.stdout

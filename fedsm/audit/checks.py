@@ -264,7 +264,17 @@ def artifacts_of(event: ev.Event) -> list[tuple[str, str]]:
     if isinstance(e, ev.ReplyReceived):
         return [(f"parameters {e.node_id} sent in round {e.round}", e.params_sha256)]
     if isinstance(e, ev.Aggregated):
-        return [(f"aggregate of round {e.round}", e.params_sha256)]
+        out = [(f"aggregate of round {e.round}", e.params_sha256)]
+        if e.state_sha256 is not None:
+            out.append((f"strategy state after round {e.round}", e.state_sha256))
+        return out
+    if isinstance(e, ev.RoundSent):
+        return [
+            (f"aggregator arg {name!r} sent to {node} in round {e.round}", v["sha256"])
+            for node, args in sorted(e.aggregator_args.items())
+            for name, v in sorted(dict(args).items())
+            if isinstance(v, dict) and set(v) == {"sha256"} and isinstance(v["sha256"], str)
+        ]
     if isinstance(e, ev.JobCompleted):
         return [("final parameters", e.params_sha256)]
     return []

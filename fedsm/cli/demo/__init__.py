@@ -70,6 +70,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from fedsm.cli.demo.run import DemoConfig, run_demo
 
+    if getattr(args, "aggregator", None):  # --aggregator FedProx names fedprox too
+        args.aggregator = args.aggregator.strip().lower()
     names = [f.name for f in fields(DemoConfig)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     # Checked before anything is created: a bad value is one line and exit code 2.
