@@ -249,13 +249,18 @@ def test_duplicate_train_request_trains_once_also_after_restart(world):
     assert world.node.trainings_run == 0
 
 
-def test_request_id_reused_for_another_request_is_refused(world):
+def test_request_id_reused_for_another_request_is_served_as_its_own(world):
+    """The reply cache is scoped by content: a request that reuses a known id with other
+    content (a pre-claim, or a stale id) neither gets the cached reply nor blocks anything."""
     world.approve(world.linear)
     request = world.train(world.linear, "LinearPlan")
-    assert isinstance(world.researcher.ask(NODE, request), TrainReply)
+    first = world.researcher.ask(NODE, request)
+    assert isinstance(first, TrainReply)
     other = world.train(world.linear, "LinearPlan", request_id=request.request_id, round=1)
     reply = world.researcher.ask(NODE, other)
-    assert reply.error_number is ErrorNumber.BAD_REQUEST
+    assert isinstance(reply, TrainReply) and reply.round == 1
+    again = world.researcher.ask(NODE, request)  # the first one still answered from cache
+    assert isinstance(again, TrainReply) and again.params_sha256 == first.params_sha256
 
 
 def _file_arg(url: str, digest: str) -> dict[str, str]:

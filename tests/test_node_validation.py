@@ -193,8 +193,10 @@ def test_a_duplicate_is_answered_from_the_cache(world):
     assert second == first
     assert node.trainings_run == served  # nothing was run again
 
-    # the same request id asking to train is another request: refused, not served from cache
+    # the same request id asking to train is another request (the cache is scoped by
+    # content): served as its own, not answered with the validation's cached reply
     training = dataclasses.replace(request, do_training=True)
     reply = world.ask(node.node_id, training)
-    assert isinstance(reply, ErrorReply)
-    assert reply.error_number is ErrorNumber.BAD_REQUEST, reply.message
+    assert isinstance(reply, TrainReply), reply
+    assert reply.params_sha256 != first.params_sha256
+    assert node.trainings_run == served + 1

@@ -8,6 +8,7 @@ from fedsm.errors import FedsmError
 __all__ = [
     "DataQualityCheckError",
     "JobError",
+    "JobIOError",
     "JobFailedError",
     "RefusedByLifecycle",
     "TrainingPlanNotApproved",
@@ -16,6 +17,12 @@ __all__ = [
 
 class JobError(FedsmError):
     """The Job can not do what was asked; the message says why and what to do."""
+
+
+class JobIOError(JobError, OSError):
+    """The researcher's machine could not read or write the job's files (disk full, read-only
+    file system). Whatever was recorded stays recorded; free space and resume the job
+    (``Experiment.resume``): it carries on from its log. ``errno`` is the cause's."""
 
 
 class JobFailedError(JobError):

@@ -27,6 +27,7 @@ from fedsm.core import lifecycle, policy
 from fedsm.core.events import ApprovalAsked, JobCancelled
 from fedsm.core.jobstate import JobState, JobStatus, initial_state
 from fedsm.digests import sha256_file
+from fedsm.errors import FedsmError
 from fedsm.log.read import gc_paused, scan
 from fedsm.log.writer import EventLog
 from fedsm.repository.base import Repository
@@ -36,6 +37,7 @@ from fedsm.researcher.driver import RoundDriver
 from fedsm.researcher.errors import (
     JobError,
     JobFailedError,
+    JobIOError,
     TrainingPlanNotApproved,
 )
 from fedsm.researcher.jobsettings import JobSettings
@@ -331,6 +333,21 @@ class Job(JobSettings):
         return decision
 
     def _carry_out(self, command: policy.Command, max_wait_s: float | None = None) -> None:
+        try:
+            self._carry_out_command(command, max_wait_s)
+        except FedsmError:
+            raise
+        except OSError as exc:  # the researcher's own disk: one typed line, nothing lost
+            raise JobIOError(
+                exc.errno,
+                f"{type(command).__name__.lower()} stopped: the job's files can not be "
+                f"written here ({exc.strerror or exc}"
+                + (f": {exc.filename}" if exc.filename else "")
+                + f"); free space under {self._run_dir} and resume the job: it carries on "
+                "from its log",
+            ) from exc
+
+    def _carry_out_command(self, command: policy.Command, max_wait_s: float | None) -> None:
         driver = self._driver
         if isinstance(command, policy.CheckApproval):
             self._record(driver.ask_approval(None))
