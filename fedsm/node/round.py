@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedsm.core.collect import digest_in_url
 from fedsm.core.messages import TrainingPlanStatusRequest, TrainReply, TrainRequest
 from fedsm.core.protocol_errors import ErrorNumber
 from fedsm.digests import sha256_file, sha256_hex
@@ -60,6 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: How many checked plan sources a node keeps in memory, by digest.
+PLAN_CACHE_SIZE = 8
 
 
 @contextmanager
@@ -103,6 +107,16 @@ class RoundContext:
         self.executor = executor
         self.datasets = datasets
         self.plans = plans
+        #: Plan sources this node downloaded and checked, by digest (the most recent few).
+        self.plan_cache: dict[str, bytes] = {}
+
+    def remember_plan(self, digest: str, source: bytes) -> None:
+        """Keep a checked plan source by its digest (at most :data:`PLAN_CACHE_SIZE`)."""
+        cache = self.plan_cache
+        cache.pop(digest, None)
+        cache[digest] = source
+        while len(cache) > PLAN_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
 
     def scratch_dir(self, request_id: str) -> Path:
         """A fresh directory for one request's files (removed by the caller)."""
@@ -139,6 +153,11 @@ def _download(
         ) from None
     except (RepositoryError, ValueError) as exc:
         raise RequestFailed(ErrorNumber.BAD_REQUEST, f"bad {what} URL {url!r}: {exc}") from None
+    if digest_in_url(url) == expected_sha256:
+        # The repository checked the bytes against the digest its URL names (a promise of
+        # every repository: fedsm.testing.RepositoryContract holds them to it): no second
+        # hash of the same bytes.
+        return
     actual = _io(f"could not read the downloaded {what} {dest}", lambda: sha256_file(dest))
     if actual != expected_sha256:
         raise RequestFailed(
@@ -151,16 +170,29 @@ def _download(
 def fetch_plan(
     ctx: RoundContext, request: TrainingPlanStatusRequest | TrainRequest, dest: Path
 ) -> bytes:
-    """Download the request's plan to ``dest``, check its digest, return its bytes."""
+    """The request's plan bytes, checked against its digest: downloaded to ``dest``, or the
+    bytes this node already downloaded and checked under that digest (the same plan every
+    round of a job: not fetched and hashed again each time)."""
+    digest = request.training_plan_sha256
+    cached = ctx.plan_cache.get(digest)
+    if cached is not None:
+        return cached
     _download(
         ctx,
         request.training_plan_url,
-        request.training_plan_sha256,
+        digest,
         dest,
         what="training plan",
         mismatch=ErrorNumber.PLAN_DIGEST_MISMATCH,
     )
-    return _io(f"could not read the downloaded training plan {dest}", dest.read_bytes)
+    source = _io(f"could not read the downloaded training plan {dest}", dest.read_bytes)
+    if sha256_hex(source) != digest:  # read back what was checked: the bytes the node runs
+        raise RequestFailed(
+            ErrorNumber.PLAN_DIGEST_MISMATCH,
+            f"the training plan read back from {dest} does not hash to {digest}",
+        )
+    ctx.remember_plan(digest, source)
+    return source
 
 
 def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> None:
@@ -265,14 +297,9 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
         trained = time.monotonic()
         if not request.do_training:
             return _validation_reply(ctx, request, source, outcome, started, downloaded, trained)
-        written = out_path.is_file() and _io(
-            f"could not read the trained parameters {out_path}", lambda: sha256_file(out_path)
-        )
-        if written != outcome.params_sha256:
+        if not out_path.is_file():
             raise RequestFailed(
-                ErrorNumber.INTERNAL,
-                "training finished but its parameters file is missing or does not match the "
-                "digest the trainer reported",
+                ErrorNumber.INTERNAL, "training finished but its parameters file is missing"
             )
         diverged = sorted(k for k, v in outcome.metrics.items() if not math.isfinite(v))
         if diverged:
@@ -288,6 +315,12 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             raise RequestFailed(
                 ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
             ) from None
+        if uploaded["sha256"] != outcome.params_sha256:  # the upload hashed what it stored
+            raise RequestFailed(
+                ErrorNumber.INTERNAL,
+                "the trained parameters file does not match the digest the trainer reported "
+                "(changed after training?); it was not sent",
+            )
         finished = time.monotonic()
         return TrainReply(
             request_id=request.request_id,
@@ -296,7 +329,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             job_id=request.job_id,
             round=request.round,
             dataset_id=request.dataset_id,
-            training_plan_sha256=sha256_hex(source),
+            training_plan_sha256=request.training_plan_sha256,  # checked when fetched
             params_url=uploaded["file"],
             params_sha256=uploaded["sha256"],
             sample_size=outcome.sample_size,
