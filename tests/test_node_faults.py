@@ -49,10 +49,11 @@ NODE = "node-f"
 EVIL = "researcher-evil"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def executor():
-    with InProcessTrainingExecutor() as shared:
-        yield shared
+    """One per test: a lane of a stopped node (same node id) never delays the next test."""
+    with InProcessTrainingExecutor() as own:
+        yield own
 
 
 class World:

@@ -120,6 +120,23 @@ class RepositoryContract:
     max_example_bytes: int = 4096
     #: Errors that count as refusing a URL or id that is not a digest of this repository.
     refusal_errors: tuple[type[BaseException], ...] = (RepositoryError, ValueError)
+    #: Examples per property at most (each is several uploads over the network for a remote
+    #: repository), except under a profile listed in ``unbounded_profiles``.
+    max_examples: int = 20
+    unbounded_profiles: tuple[str, ...] = ("deep",)
+
+    def _bounded(self) -> settings:
+        """The loaded profile's settings with ``max_examples`` capped (see the attribute)."""
+        parent = settings.default
+        bounded = settings.get_current_profile_name() not in self.unbounded_profiles
+        return settings(
+            parent,
+            max_examples=min(parent.max_examples, self.max_examples)
+            if bounded
+            else parent.max_examples,
+            deadline=None,
+            suppress_health_check=[*parent.suppress_health_check, HealthCheck.too_slow],
+        )
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -430,7 +447,7 @@ class RepositoryContract:
 
     def test_any_bytes_round_trip(self, repository: Repository, work: Path) -> None:
         # Settings are built when the test runs, so the loaded hypothesis profile applies.
-        @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @self._bounded()
         @given(data=st.binary(max_size=self.max_example_bytes))
         def round_trip(data: bytes) -> None:
             self._round_trip(repository, work, data)
@@ -438,7 +455,7 @@ class RepositoryContract:
         round_trip()
 
     def test_many_files_each_give_their_own_bytes(self, repository: Repository, work: Path) -> None:
-        @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @self._bounded()
         @given(contents=st.lists(st.binary(max_size=64), min_size=1, max_size=6, unique=True))
         def many(contents: list[bytes]) -> None:
             stored: dict[str, bytes] = {}
