@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,6 +107,15 @@ def test_a_transient_error_asks_the_node_again_with_the_same_request(tmp_path: P
         "node-b",
         "node-c",
     )
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedsm", "replay", str(tmp_path / "run"), "--round", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "node-a busy at" in shown.stdout and "[901]" in shown.stdout
+    assert "re-sent at" in shown.stdout
     world.close()
 
 

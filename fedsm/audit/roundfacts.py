@@ -79,6 +79,8 @@ class RoundFacts:
     resent: list[dict[str, Any]] = field(default_factory=list)
     replies: dict[str, NodeReply] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Transient errors (``NodeRetrying``): the node stayed pending and was asked again.
+    retries: list[dict[str, Any]] = field(default_factory=list)
     timed_out: dict[str, Any] | None = None
     aggregate: dict[str, Any] | None = None
     validation: bool = False
@@ -264,6 +266,17 @@ def round_facts(records: Iterable[Record]) -> list[RoundFacts]:
                     "message": e.message,
                 }
             )
+        elif isinstance(e, ev.NodeRetrying):
+            facts.retries.append(
+                {
+                    "node": e.node_id,
+                    "seq": r.seq,
+                    "after_s": after,
+                    "code": e.code,
+                    "message": e.message,
+                    "retry_after_s": e.retry_at - facts.sent_ts,
+                }
+            )
         elif isinstance(e, ev.RoundTimedOut):
             facts.timed_out = {"seq": r.seq, "after_s": after, "missing": list(e.missing)}
         elif isinstance(e, ev.Aggregated):
@@ -300,6 +313,12 @@ def format_round(facts: RoundFacts) -> str:
             0,
             f"round {facts.round}: sent at seq {facts.sent_seq} to {len(facts.asked)} nodes "
             f"with params {facts.params_sha256}, deadline +{facts.deadline_after_s:.1f}s",
+        )
+    for item in facts.retries:
+        lines.append(
+            f"  {item['node']} busy at +{item['after_s']:.3f}s (seq {item['seq']}) "
+            f"[{item['code']}] {item['message']}; asked again from "
+            f"+{item['retry_after_s']:.3f}s"
         )
     for item in facts.resent:
         lines.append(f"  re-sent at +{item['after_s']:.3f}s (seq {item['seq']}) to {item['nodes']}")
