@@ -457,6 +457,7 @@ class Node:
 
     def _serve_train(self, request: TrainRequest, key: str) -> None:
         reply: Reply | None = None
+        error: Exception | None = None
         try:
             if self._stopped:
                 return
@@ -476,10 +477,14 @@ class Node:
                 self.replies.put(key, request_fingerprint(request), encode(train_reply))
                 reply = train_reply
         except Exception as exc:
-            self._fail(request, exc)
+            error = exc
         finally:
             with self._lock:
                 copies = self._in_flight.pop(key, 1)
-        if reply is not None:
+        # Answered only once the request is no longer in flight: a re-send prompted by this
+        # answer (a transient error) is served again, not taken for a copy of this one.
+        if error is not None:
+            self._fail(request, error)
+        elif reply is not None:
             for _ in range(copies):
                 self._send(reply)
