@@ -149,3 +149,28 @@ def test_a_node_back_online_mid_round_gets_its_request_again(tmp_path: Path) -> 
         "node-c",
     )
     world.close()
+
+
+def test_a_flapping_node_is_sent_its_request_again_a_bounded_number_of_times() -> None:
+    """A node whose status flaps (or is spoofed) online again and again gets its pending
+    request again at most MAX_ONLINE_RESENDS times a round: the log does not grow without
+    end."""
+    from fedsm.core import lifecycle, policy
+    from fedsm.core.events import RoundResent
+    from fedsm.testing.strategies import job_run
+
+    events = job_run(1, 3)
+    sent_at = next(i for i, e in enumerate(events) if type(e).__name__ == "RoundSent")
+    state = lifecycle.replay(events[: sent_at + 1])
+    progress = policy.Progress(published_round=1, came_online=frozenset({"node-1"}))
+    now = state.round_deadline - 10.0
+    for _ in range(policy.MAX_ONLINE_RESENDS):
+        decision = policy.decide(state, now, progress)
+        resent = [e for e in decision.events if isinstance(e, RoundResent)]
+        assert [e.nodes for e in resent] == [("node-1",)]
+        assert resent[0].deadline == state.round_deadline  # the round's window is unchanged
+        state = lifecycle.apply(state, resent[0])
+    assert state.round_resends == {"node-1": policy.MAX_ONLINE_RESENDS}
+    decision = policy.decide(state, now, progress)
+    assert not decision.events
+    assert [type(c).__name__ for c in decision.commands] == ["Collect"]

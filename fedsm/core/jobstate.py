@@ -119,6 +119,8 @@ class JobState:
     #: Pending nodes of the current round that answered a transient error, and when
     #: (job clock) they are to be asked again (cleared by the ``RoundResent`` that asks).
     round_retries: Mapping[str, float] = field(default_factory=dict)
+    #: How many times each node's request of the current round went again (``RoundResent``).
+    round_resends: Mapping[str, int] = field(default_factory=dict)
     past_replies: AppendMap[int, AppendMap[str, ReplyReceived]] = field(default_factory=empty)
     past_failures: AppendMap[int, AppendMap[str, NodeFailed]] = field(default_factory=empty)
     timed_out: AppendMap[int, tuple[str, ...]] = field(default_factory=empty)

@@ -272,6 +272,8 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
     values["round_replies"] = values["round_failures"] = EMPTY
     if s.round_retries:
         values["round_retries"] = {}
+    if s.round_resends:
+        values["round_resends"] = {}
     if s.round > 0:  # archive the finished round's replies and failures
         values["past_replies"] = s.past_replies.plus(s.round, s.round_replies)
         values["past_failures"] = s.past_failures.plus(s.round, s.round_failures)
@@ -290,6 +292,10 @@ def _on_round_resent(s: JobState, e: RoundResent, values: dict[str, Any]) -> Non
         values["round_deadline"] = e.deadline
     if s.round_retries:  # the nodes asked again are no longer waiting for a retry
         values["round_retries"] = {n: t for n, t in s.round_retries.items() if n not in e.nodes}
+    counts = dict(s.round_resends)
+    for node in e.nodes:
+        counts[node] = counts.get(node, 0) + 1
+    values["round_resends"] = counts
 
 
 def _answered(amap: AppendMap[Any, Any], key: Any) -> bool:

@@ -238,9 +238,14 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
         )
     # Asked again, same request: a node back online (it may have lost the request with its
     # process) and a node whose transient error's retry time has come.
-    retries = state.round_retries
+    retries, resends = state.round_retries, state.round_resends
     again = tuple(
-        n for n in pending if n in progress.came_online or retries.get(n, math.inf) <= now
+        n
+        for n in pending
+        if retries.get(n, math.inf) <= now
+        # a node back online: at most MAX_ONLINE_RESENDS times a round (a flapping or
+        # spoofed status can not make the job re-send, and record it, without end)
+        or (n in progress.came_online and resends.get(n, 0) < MAX_ONLINE_RESENDS)
     )
     if again:
         resent = RoundResent(round=state.round, nodes=again, deadline=state.round_deadline)
@@ -248,6 +253,10 @@ def decide(state: JobState, now: float, progress: Progress = Progress()) -> Deci
             events=(resent,), commands=(Publish(state.round, again), _collect(state, pending))
         )
     return Decision(commands=(_collect(state, pending),))
+
+
+#: How many times in a round a pending node's request goes again because it came back online.
+MAX_ONLINE_RESENDS = 3
 
 
 def _collect(state: JobState, pending: tuple[str, ...]) -> Collect:
