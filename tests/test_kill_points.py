@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -63,7 +64,9 @@ def _names(log_path: Path) -> list[str]:
     return [type(r.event).__name__ for r in scan(log_path).records]
 
 
-def killed_in_process(run_dir: Path, point: str, nth: int) -> list[str]:
+def killed_in_process(
+    run_dir: Path, point: str, nth: int, config: DemoConfig = CONFIG
+) -> list[str]:
     """Run the memory demo in ``run_dir`` and stop it as a kill would, right after the
     ``nth`` record (``point`` = ``record``) or ``nth`` event of type ``point`` is durable.
 
@@ -92,7 +95,7 @@ def killed_in_process(run_dir: Path, point: str, nth: int) -> list[str]:
 
     try:
         with append_hook(after, before=before):
-            run_demo(run_dir, CONFIG, say=lambda s: None)
+            run_demo(run_dir, config, say=lambda s: None)
     except SimulatedKill:
         pass
     else:
@@ -148,9 +151,11 @@ def verify_cli(run_dir: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def resume_memory(run_dir: Path, digest: str, had_records: bool) -> DemoResult:
+def resume_memory(
+    run_dir: Path, digest: str, had_records: bool, config: DemoConfig = CONFIG
+) -> DemoResult:
     said: list[str] = []
-    result = run_demo(run_dir, CONFIG, say=said.append)
+    result = run_demo(run_dir, config, say=said.append)
     assert any("resuming" in line for line in said) == had_records, said
     assert result.final_params_sha256 == digest
     names = _names(Path(result.log))
@@ -213,6 +218,32 @@ def test_sigkill_points_resume_to_the_same_bytes(
     assert names and "results.json" not in os.listdir(tmp_path)
     resume_memory(tmp_path, digest, had_records=True)
     verify_cli(tmp_path)
+
+
+_CLEAN_DIGESTS: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("aggregator", ["scaffold", "fedadam"])
+@pytest.mark.parametrize(("point", "nth"), [("Aggregated", 1), ("ReplyReceived", NODES + 2)])
+def test_a_stateful_strategy_killed_resumes_to_the_same_bytes(
+    tmp_path_factory: pytest.TempPathFactory, aggregator: str, point: str, nth: int
+) -> None:
+    """Killed right after a round's aggregate (and the strategy's new state) is recorded, before
+    either is uploaded, or mid-round after it: the resumed run ends on the uninterrupted run's
+    digest, and the audit finds every state file in the repository and recomputes every round."""
+    config = dataclasses.replace(CONFIG, aggregator=aggregator)
+    if aggregator not in _CLEAN_DIGESTS:
+        clean_dir = tmp_path_factory.mktemp(f"clean-{aggregator}")
+        _CLEAN_DIGESTS[aggregator] = run_demo(
+            clean_dir, config, say=lambda s: None
+        ).final_params_sha256
+    run_dir = tmp_path_factory.mktemp(f"killed-{aggregator}")
+    left = killed_in_process(run_dir, point, nth, config)
+    assert left.count(point) == nth
+    resume_memory(run_dir, _CLEAN_DIGESTS[aggregator], True, config)
+    code, out = verify_in_process(run_dir)
+    assert code == 0, out
+    assert f"recomputed with {aggregator}" in out
 
 
 def test_a_header_only_log_is_a_fresh_start(tmp_path: Path, clean: tuple[str, list[str]]) -> None:

@@ -270,7 +270,10 @@ class RoundDriver:
             for v in dict(args.get(node, {})).values()
             if isinstance(v, Mapping) and set(v) == {"sha256"} and is_sha256(v["sha256"])
         ]
-        self.ensure_uploaded([state.plan_sha256, state.params_sha256, *file_args])
+        # The strategy's state of the last aggregation too: uploaded after the event naming
+        # it, so a process killed in between uploads it here (the audit fetches it).
+        recorded = [state.strategy_state_sha256] if state.strategy_state_sha256 else []
+        self.ensure_uploaded([state.plan_sha256, state.params_sha256, *recorded, *file_args])
         offline = job.requests.offline_nodes(nodes)
         if offline:
             log.warning(
@@ -440,7 +443,8 @@ class RoundDriver:
         assert config is not None and job.state.params_sha256 is not None
         # The final parameters are uploaded after the event naming them; a process killed in
         # between uploads them here, on its way out (no later request would).
-        self.ensure_uploaded([job.state.params_sha256])
+        state_sha = job.state.strategy_state_sha256
+        self.ensure_uploaded([job.state.params_sha256, *([state_sha] if state_sha else [])])
         wait_s = min(config.reply_deadline_s, END_WAIT_S)
         nodes = sorted(set(config.nodes) | set(job.state.nodes))  # all that ever took part
         replies = job.requests.ask(
