@@ -376,3 +376,20 @@ def test_a_copy_re_sent_while_the_first_runs_trains_once(world, tmp_path):
     assert world.node.trainings_run == 1
     with pytest.raises(TimeoutError):
         world.researcher.wait(request.request_id, timeout_s=0.5)
+
+
+def test_a_plan_over_max_plan_bytes_is_refused_before_it_is_read(tmp_path, executor, caplog):
+    """The size cap applies to the plan a train request downloads too, not only to what the
+    registry stores: refused as the request's fault, nothing recorded, nothing trained."""
+    w = World(tmp_path, executor, max_plan_bytes=1000)  # the approved plan fits
+    try:
+        big = w.linear + b"\n# padding" * 100
+        reply = w.researcher.ask(NODE, w.train(plan=big))
+        assert isinstance(reply, ErrorReply), reply
+        assert reply.error_number is ErrorNumber.BAD_REQUEST, reply.message
+        assert "max_plan_bytes (1000)" in reply.message
+        assert w.node.trainings_run == 1  # served once, refused before any import
+        assert w.node.plans.status(sha256(big)) == "unknown"  # not recorded as pending
+        _no_traceback(caplog)
+    finally:
+        w.close()

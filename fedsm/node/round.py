@@ -185,6 +185,13 @@ def fetch_plan(
         what="training plan",
         mismatch=ErrorNumber.PLAN_DIGEST_MISMATCH,
     )
+    size = _io(f"could not read the downloaded training plan {dest}", lambda: dest.stat().st_size)
+    limit = ctx.settings.max_plan_bytes
+    if size > limit:  # not read, not recorded, not imported: the request's fault
+        raise RequestFailed(
+            ErrorNumber.BAD_REQUEST,
+            f"the training plan is {size} bytes, over this node's max_plan_bytes ({limit})",
+        )
     source = _io(f"could not read the downloaded training plan {dest}", dest.read_bytes)
     if sha256_hex(source) != digest:  # read back what was checked: the bytes the node runs
         raise RequestFailed(
