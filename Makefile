@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/ruff check fedsm tests tools
 	$(BIN)/ruff format --check fedsm tests tools
 	# Two workers (the machine's two cores); a test file stays on one worker (its fixtures).
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The same suite with hypothesis searching far deeper (minutes to hours; not for CI).
 test-deep: $(STAMP)
