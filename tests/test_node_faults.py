@@ -50,9 +50,12 @@ EVIL = "researcher-evil"
 
 
 @pytest.fixture
-def executor():
-    """One per test: a lane of a stopped node (same node id) never delays the next test."""
-    with InProcessTrainingExecutor() as own:
+def executor(request):
+    """One per test: a lane of a stopped node (same node id) never delays the next test.
+    Parameters travel as bytes (the default) unless the test is parametrized with
+    ``in_memory`` False (through scratch files, as with a worker process)."""
+    in_memory = getattr(request, "param", True)
+    with InProcessTrainingExecutor(in_memory=in_memory) as own:
         yield own
 
 
@@ -124,13 +127,19 @@ def _points(world: World) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    "point",
+    ("point", "executor"),
     [
-        "scratch directory",
-        "download into the scratch directory",
-        "parameters file",
-        "upload into the local repository",
+        (point, in_memory)
+        for in_memory in (True, False)
+        for point in (
+            "scratch directory",  # the plan's download: a file in either mode
+            "download into the scratch directory",
+            "parameters file",  # written by a training through files only
+            "upload into the local repository",
+        )
+        if in_memory is False or point != "parameters file"
     ],
+    indirect=["executor"],
 )
 def test_disk_full_is_node_io_error_then_the_same_request_trains(world, caplog, point):
     caplog.set_level(logging.INFO)

@@ -150,6 +150,11 @@ class TrainingTask:
     ``do_training`` False: a validation-only round (the request's ``do_training``): the
     params at ``params_path`` are evaluated on the validation split and nothing is written
     to ``out_path``.
+
+    For an executor that trains in the node's own process (:attr:`TrainingExecutor.in_memory`)
+    the parameters may travel as bytes instead of files: ``params_bytes`` replaces the file
+    at ``params_path``, and an empty ``out_path`` asks for the new parameters back in
+    :attr:`TrainingOutcome.params_bytes`.
     """
 
     plan_source: str
@@ -165,6 +170,7 @@ class TrainingTask:
     #: path of a safetensors file already checked against its digest).
     aggregator_args: dict[str, Any] = field(default_factory=dict)
     aggregator_files: dict[str, str] = field(default_factory=dict)
+    params_bytes: bytes | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain map of the fields."""
@@ -184,6 +190,8 @@ class TrainingOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     #: Numbers for the strategy sent beside the parameters (``num_updates``, ``lr``).
     extras: dict[str, float] = field(default_factory=dict)
+    #: The new parameters (safetensors bytes) when the task had no ``out_path``.
+    params_bytes: bytes | None = field(default=None, repr=False)
 
 
 def run_task(task: TrainingTask) -> TrainingOutcome:
@@ -196,16 +204,19 @@ def run_task(task: TrainingTask) -> TrainingOutcome:
         plan_class=task.plan_class,
         model_args=task.model_args,
         training_args=task.training_args,
-        params_path=Path(task.params_path),
+        params_path=task.params_bytes if task.params_bytes is not None else Path(task.params_path),
         dataset=task.dataset,
         seed=task.seed,
     )
     if task.do_training:
+        # The output is a scratch file (or bytes) that the node's upload stores durably:
+        # no fsync of its own.
         result = train_round(
             **common,
-            out_path=Path(task.out_path),
+            out_path=Path(task.out_path) if task.out_path else None,
             aggregator_args=task.aggregator_args,
             aggregator_files=task.aggregator_files,
+            durable=False,
         )
     else:
         result = validate_round(**common)
@@ -215,6 +226,7 @@ def run_task(task: TrainingTask) -> TrainingOutcome:
         sample_size=int(result.sample_size),
         metrics=metrics,
         extras={str(k): float(v) for k, v in dict(result.extras).items()},
+        params_bytes=result.params_bytes,
     )
 
 
@@ -230,6 +242,10 @@ class TrainingExecutor(abc.ABC):
     control_threads
         Threads for short requests (plan status), so they never wait behind a training.
     """
+
+    #: Whether :meth:`train` runs in the node's own process, so that a task's parameters
+    #: may travel as bytes (:attr:`TrainingTask.params_bytes`, an empty ``out_path``).
+    in_memory: bool = False
 
     def __init__(self, *, lane_threads: int = 1, control_threads: int = 1) -> None:
         self._lane_pool = ThreadPoolExecutor(lane_threads, thread_name_prefix="fedsm-train")
@@ -312,6 +328,10 @@ class InProcessTrainingExecutor(TrainingExecutor):
     nodes still overlap with a training. There is no wall-clock limit here (a thread cannot
     be killed); use :class:`~fedsm.node.process_executor.ProcessTrainingExecutor` for plans
     you do not trust to finish.
+
+    ``in_memory`` (default): the parameters travel between the node and the training as
+    bytes, never through a file (see :attr:`TrainingExecutor.in_memory`); False: through
+    scratch files, as with a worker process.
     """
 
     def __init__(
@@ -320,9 +340,11 @@ class InProcessTrainingExecutor(TrainingExecutor):
         lane_threads: int = 4,
         control_threads: int = 2,
         max_concurrent_trainings: int = 1,
+        in_memory: bool = True,
     ) -> None:
         super().__init__(lane_threads=lane_threads, control_threads=control_threads)
         self._slots = threading.BoundedSemaphore(max_concurrent_trainings)
+        self.in_memory = in_memory
 
     def train(self, task: TrainingTask, *, time_limit_s: float | None = None) -> TrainingOutcome:
         with self._slots:

@@ -126,19 +126,34 @@ class RoundContext:
         return path
 
 
-def _download(
-    ctx: RoundContext,
-    url: str,
-    expected_sha256: str,
-    dest: Path,
-    *,
-    what: str,
-    mismatch: ErrorNumber,
-) -> None:
-    """Download ``url`` to ``dest`` and check it hashes to ``expected_sha256``."""
+class Scratch:
+    """One request's scratch directory, made on first use (a request whose files all
+    travel in memory makes none) and removed by :meth:`remove`."""
+
+    def __init__(self, ctx: RoundContext, request_id: str) -> None:
+        self._ctx = ctx
+        self._request_id = request_id
+        self._dir: Path | None = None
+
+    def path(self, name: str) -> Path:
+        """``name`` inside the directory (made now if it is not yet)."""
+        if self._dir is None:
+            self._dir = self._ctx.scratch_dir(self._request_id)
+        return self._dir / name
+
+    def remove(self) -> None:
+        """Remove the directory and what it holds, if it was made."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+@contextmanager
+def _repository_errors(url: str, what: str, mismatch: ErrorNumber) -> Iterator[None]:
+    """Turn a repository's refusal to hand out ``url`` into the :class:`RequestFailed` the
+    researcher gets (digest mismatch, unreachable, unknown file, bad URL)."""
     try:
-        with node_io(f"could not write the downloaded {what} to {dest}"):
-            ctx.repository.download_file(url, dest)
+        yield
     except DigestMismatch as exc:
         raise RequestFailed(
             mismatch, f"the {what} at {url} failed its digest check: {exc}"
@@ -153,6 +168,21 @@ def _download(
         ) from None
     except (RepositoryError, ValueError) as exc:
         raise RequestFailed(ErrorNumber.BAD_REQUEST, f"bad {what} URL {url!r}: {exc}") from None
+
+
+def _download(
+    ctx: RoundContext,
+    url: str,
+    expected_sha256: str,
+    dest: Path,
+    *,
+    what: str,
+    mismatch: ErrorNumber,
+) -> None:
+    """Download ``url`` to ``dest`` and check it hashes to ``expected_sha256``."""
+    with _repository_errors(url, what, mismatch):
+        with node_io(f"could not write the downloaded {what} to {dest}"):
+            ctx.repository.download_file(url, dest)
     if digest_in_url(url) == expected_sha256:
         # The repository checked the bytes against the digest its URL names (a promise of
         # every repository: fedsm.testing.RepositoryContract holds them to it): no second
@@ -165,6 +195,28 @@ def _download(
             f"the {what} downloaded from {url} hashes to {actual}, not to the "
             f"{expected_sha256} the request names; refusing it",
         )
+
+
+def _read(
+    ctx: RoundContext,
+    url: str,
+    expected_sha256: str,
+    *,
+    what: str,
+    mismatch: ErrorNumber,
+    max_bytes: int,
+) -> bytes:
+    """The bytes at ``url``, in memory, checked to hash to ``expected_sha256``."""
+    with _repository_errors(url, what, mismatch):
+        with node_io(f"could not read the {what}"):
+            data = ctx.repository.read_bytes(url, max_bytes=max_bytes)
+    if digest_in_url(url) != expected_sha256 and sha256_hex(data) != expected_sha256:
+        raise RequestFailed(
+            mismatch,
+            f"the {what} downloaded from {url} does not hash to the {expected_sha256} the "
+            "request names; refusing it",
+        )
+    return data
 
 
 def fetch_plan(
@@ -231,7 +283,7 @@ def check_approval(ctx: RoundContext, source: bytes, request: TrainRequest) -> N
 
 
 def _aggregator_args(
-    ctx: RoundContext, request: TrainRequest, work: Path
+    ctx: RoundContext, request: TrainRequest, work: Scratch
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The strategy's args for this node: values as sent, and each file arg (``{"url",
     "sha256"}``) downloaded into ``work`` and checked against its digest before the plan
@@ -240,7 +292,7 @@ def _aggregator_args(
     files: dict[str, str] = {}
     for i, (name, value) in enumerate(sorted(request.aggregator_args.items())):
         if isinstance(value, dict) and set(value) == {"url", "sha256"}:
-            dest = work / f"aggregator-{i}.safetensors"
+            dest = work.path(f"aggregator-{i}.safetensors")
             _download(
                 ctx,
                 str(value["url"]),
@@ -258,9 +310,14 @@ def _aggregator_args(
 def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
     """Serve one train request and return the reply; refusals raise ``RequestFailed``."""
     started = time.monotonic()
-    work = ctx.scratch_dir(request.request_id)
+    work = Scratch(ctx, request.request_id)
+    # An executor in this process takes the parameters as bytes and gives them back so:
+    # no file is written on the node's side of the round.
+    in_memory = ctx.executor.in_memory
     try:
-        source = fetch_plan(ctx, request, work / "plan.py")
+        source = ctx.plan_cache.get(request.training_plan_sha256) or fetch_plan(
+            ctx, request, work.path("plan.py")
+        )
         check_approval(ctx, source, request)
         try:
             dataset = ctx.datasets.get(request.dataset_id)
@@ -269,15 +326,28 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 ErrorNumber.DATASET_NOT_FOUND,
                 f"node {ctx.node_id} has no dataset {request.dataset_id!r} (search again)",
             ) from None
-        params_in = work / "params_in.safetensors"
-        _download(
-            ctx,
-            request.params_url,
-            request.params_sha256,
-            params_in,
-            what="parameters file",
-            mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
-        )
+        params_in = "" if in_memory else str(work.path("params_in.safetensors"))
+        params_bytes = None
+        if in_memory:
+            from fedsm.training.params import MAX_PARAMS_BYTES  # imports torch
+
+            params_bytes = _read(
+                ctx,
+                request.params_url,
+                request.params_sha256,
+                what="parameters file",
+                mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
+                max_bytes=MAX_PARAMS_BYTES,
+            )
+        else:
+            _download(
+                ctx,
+                request.params_url,
+                request.params_sha256,
+                Path(params_in),
+                what="parameters file",
+                mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
+            )
         try:
             plan_text = source.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -286,27 +356,28 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             ) from None
         agg_values, agg_files = _aggregator_args(ctx, request, work)
         downloaded = time.monotonic()
-        out_path = work / "params_out.safetensors"
+        out_path = "" if in_memory else str(work.path("params_out.safetensors"))
         task = TrainingTask(
             plan_source=plan_text,
             plan_class=request.training_plan_class,
             model_args=dict(request.model_args),
             training_args=dict(request.training_args),
-            params_path=str(params_in),
+            params_path=params_in,
             dataset=dataset,
             seed=request.seed,
-            out_path=str(out_path),
+            out_path=out_path,
             do_training=request.do_training,
             aggregator_args=agg_values,
             aggregator_files=agg_files,
+            params_bytes=params_bytes,
         )
         outcome = ctx.executor.train(task, time_limit_s=ctx.settings.training_time_limit_s)
         trained = time.monotonic()
         if not request.do_training:
             return _validation_reply(ctx, request, source, outcome, started, downloaded, trained)
-        if not out_path.is_file():
+        if (outcome.params_bytes is None) if in_memory else not Path(out_path).is_file():
             raise RequestFailed(
-                ErrorNumber.INTERNAL, "training finished but its parameters file is missing"
+                ErrorNumber.INTERNAL, "training finished but its parameters are missing"
             )
         diverged = sorted(k for k, v in outcome.metrics.items() if not math.isfinite(v))
         if diverged:
@@ -317,7 +388,10 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             )
         try:
             with node_io("could not store the trained parameters in the repository"):
-                uploaded = ctx.repository.upload_file(out_path)
+                if outcome.params_bytes is not None and in_memory:
+                    uploaded = ctx.repository.upload_bytes(outcome.params_bytes)
+                else:
+                    uploaded = ctx.repository.upload_file(out_path)
         except RepositoryError as exc:
             raise RequestFailed(
                 ErrorNumber.REPOSITORY_UNREACHABLE, f"could not upload the parameters: {exc}"
@@ -350,7 +424,7 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
             extras=outcome.extras,
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        work.remove()
 
 
 def _validation_reply(

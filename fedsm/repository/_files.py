@@ -28,6 +28,8 @@ __all__ = [
     "copy_and_hash",
     "fsync_dir",
     "resolve_destination",
+    "write_file",
+    "write_temp",
 ]
 
 #: Bytes read or written per step when streaming: big enough for throughput, small enough
@@ -84,6 +86,30 @@ def copy_and_hash(source: Path, directory: Path) -> tuple[Path, str, int]:
         tmp.unlink(missing_ok=True)
         raise
     return tmp, digest, size
+
+
+def write_temp(directory: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file in ``directory`` (made if missing); the caller
+    commits it with :func:`commit_temp` or removes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(directory)
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_file(destination: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``destination`` atomically (temporary file, then rename)."""
+    tmp = write_temp(destination.parent, data)
+    try:
+        commit_temp(tmp, destination, sync=sync)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def commit_temp(tmp: Path, destination: Path, *, sync: bool = True) -> None:

@@ -8,6 +8,7 @@ do not hash to the digest in its URL, so a tampered or cut-short file is never u
 from __future__ import annotations
 
 import abc
+import tempfile
 from pathlib import Path
 from typing import TypedDict
 
@@ -77,3 +78,27 @@ class Repository(abc.ABC):
     @abc.abstractmethod
     def digest_of_url(self, url: str) -> str:
         """The digest a URL of this repository names (raises for a URL that is not one)."""
+
+    def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """The bytes at ``url``, checked against the digest it names, held in memory.
+
+        Raises :class:`FileTooLarge` for a file over ``max_bytes``, and whatever
+        :meth:`download_file` raises. This default downloads into a temporary directory
+        and reads the file back; a repository that can do better (no file on the way)
+        overrides it.
+        """
+        with tempfile.TemporaryDirectory(prefix="fedsm-read-") as tmp:
+            _, path = self.download_file(url, Path(tmp) / "file")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise FileTooLarge(f"{url} holds {size} bytes, over the limit of {max_bytes}")
+            return path.read_bytes()
+
+    def upload_bytes(self, data: bytes) -> Uploaded:
+        """Store ``data``; return its URL and sha256 (as :meth:`upload_file`). This default
+        writes a temporary file and uploads it; a repository that can store bytes directly
+        overrides it."""
+        with tempfile.TemporaryDirectory(prefix="fedsm-upload-") as tmp:
+            path = Path(tmp) / "file"
+            path.write_bytes(data)
+            return self.upload_file(path)

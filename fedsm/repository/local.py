@@ -13,6 +13,12 @@ bytes, so a file corrupted or tampered with on disk is refused, never handed out
 
 ``durable=False`` (simulations: the memory demo, benchmarks) drops the fsyncs of those writes
 and keeps everything else (temporary file, digest, atomic rename, the check on download).
+It also keeps the bytes of the files it stored or checked in memory
+(:class:`~fedsm.repository._memo.VerifiedBytes`, bounded), served by :meth:`read_bytes` and
+:meth:`download_file` while the stored file is unchanged on disk: the K simulated nodes of a
+round read the same global parameters, and the researcher reads back what each node just
+stored, without a read and a hash each time. What is served is always bytes that hashed to
+the digest.
 That is safe against the death of the process, as the simulated nodes' registries are
 (``NodeDatabase(durable=False)``): a file renamed into place is whole in the kernel's page
 cache whatever happens to the process, so a killed simulation resumes to the same digest.
@@ -23,18 +29,28 @@ it instead of handing out wrong parameters.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from fedsm.digests import is_sha256
+from fedsm.digests import is_sha256, sha256_hex
 from fedsm.repository._files import (
     check_digest,
     commit_temp,
     copy_and_hash,
     resolve_destination,
+    write_file,
+    write_temp,
 )
+from fedsm.repository._memo import VerifiedBytes
 from fedsm.repository._store import DigestStore, Stored
-from fedsm.repository.base import DigestMismatch, FileNotInRepository, Repository, Uploaded
+from fedsm.repository.base import (
+    DigestMismatch,
+    FileNotInRepository,
+    FileTooLarge,
+    Repository,
+    Uploaded,
+)
 from fedsm.repository.errors import InvalidRepositoryUrl
 
 __all__ = ["LocalRepository"]
@@ -54,7 +70,7 @@ class LocalRepository(Repository):
     durable
         fsync every file written (uploads and downloads) and its directory; ``False`` for
         simulations (see the module docstring: safe against a killed process, not a crashed
-        machine).
+        machine), which also keeps checked bytes in memory.
     """
 
     def __init__(
@@ -68,6 +84,7 @@ class LocalRepository(Repository):
         self._root_text = str(self._store.root)
         self.download_dir = Path(download_dir).expanduser().absolute() if download_dir else None
         self.durable = durable
+        self._memo = VerifiedBytes() if not durable else VerifiedBytes(max_bytes=0)
 
     @property
     def root(self) -> Path:
@@ -153,6 +170,10 @@ class LocalRepository(Repository):
         digest = self.digest_of_url(url)
         source = self._store.path_for(digest)
         dest = resolve_destination(filename, self.download_dir)
+        kept = self._memo.get(digest, source)
+        if kept is not None:
+            write_file(dest, kept, sync=self.durable)
+            return 200, dest
         try:
             tmp, actual, _ = copy_and_hash(source, dest.parent)
         except FileNotFoundError as exc:
@@ -176,3 +197,45 @@ class LocalRepository(Repository):
     def exists(self, digest: str) -> bool:
         """Whether a file with this digest is stored (raises InvalidDigest for a bad id)."""
         return self._store.has(digest)
+
+    def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """The bytes at ``url`` (one of this repository's), checked against their digest,
+        without a file on the way; see :meth:`Repository.read_bytes`."""
+        digest = self.digest_of_url(url)
+        source = self._store.path_for(digest)
+        kept = self._memo.get(digest, source)
+        if kept is not None:
+            return kept
+        try:
+            with source.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > max_bytes:
+                    raise FileTooLarge(
+                        f"file {digest} holds {size} bytes, over the limit of {max_bytes}"
+                    )
+                data = fh.read()
+        except FileNotFoundError:
+            raise FileNotInRepository(
+                f"no file {digest} in the local repository at {self.root}"
+            ) from None
+        if sha256_hex(data) != digest:
+            raise DigestMismatch(
+                f"the stored file {source} hashes to another digest than {digest}: it was "
+                "corrupted or tampered with on disk; upload the original again"
+            )
+        self._memo.put(digest, data, source)
+        return data
+
+    def upload_bytes(self, data: bytes) -> Uploaded:
+        """Store ``data`` (written once, never copied); see :meth:`Repository.upload_bytes`."""
+        digest = sha256_hex(data)
+        final = self._store.path_for(digest)
+        if self._memo.get(digest, final) is None:
+            tmp = write_temp(self._store.tmp_dir, data)
+            try:
+                commit_temp(tmp, final, sync=self.durable)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._memo.put(digest, data, final)
+        return {"file": self.url_for(digest), "sha256": digest, "size": len(data)}

@@ -14,12 +14,22 @@ Two formats, both read without executing anything from the file:
   quality check would reject a federation whose data are in fact alike).
 - ``tensors``: a safetensors file with exactly a ``"data"`` tensor (samples on dim 0) and a
   ``"target"`` tensor with the same first dimension.
+
+A node loads its dataset every round, and a process simulating many nodes loads many: a
+loaded dataset is kept by its file's identity (device, inode, size, modification time) and
+each load gets its own copy of the tensors (a plan may change them in place), so a file
+changed on disk is read again and no round sees another round's changes. The cache holds at
+most :data:`DATASET_CACHE_BYTES` of tensors.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -228,6 +238,68 @@ class TensorDataset(_InMemoryDataset):
         super().__init__(data, target)
 
 
+#: Most bytes of loaded datasets kept for the next load of the same file.
+DATASET_CACHE_BYTES = 256 * 2**20
+
+_CACHE: OrderedDict[tuple, CsvDataset | TensorDataset] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_cache_bytes = 0
+
+
+def _nbytes(dataset: _InMemoryDataset) -> int:
+    return sum(t.element_size() * t.nelement() for t in (dataset.data, dataset.target))
+
+
+def _copy(dataset: CsvDataset | TensorDataset) -> CsvDataset | TensorDataset:
+    """A copy sharing nothing mutable with ``dataset`` (its own tensors and column list)."""
+    out = copy.copy(dataset)
+    out.data = dataset.data.clone()
+    out.target = dataset.target.clone()
+    if isinstance(out, CsvDataset):
+        out.columns = list(dataset.columns)
+    return out
+
+
+def _cache_key(data_type: str, path: Any, target: Any) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None  # the loader reports it
+    return (
+        data_type,
+        os.path.abspath(path),
+        target,
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+    )
+
+
+def _cached(key: tuple | None, load: Any) -> CsvDataset | TensorDataset:
+    """The dataset under ``key`` (a copy), loading and keeping it when missing."""
+    global _cache_bytes
+    if key is not None:
+        with _CACHE_LOCK:
+            hit = _CACHE.get(key)
+            if hit is not None:
+                _CACHE.move_to_end(key)
+        if hit is not None:
+            return _copy(hit)
+    dataset = load()
+    size = _nbytes(dataset)
+    if key is not None and size <= DATASET_CACHE_BYTES // 4:
+        kept = _copy(dataset)
+        with _CACHE_LOCK:
+            if key not in _CACHE:
+                _CACHE[key] = kept
+                _cache_bytes += size
+            while _cache_bytes > DATASET_CACHE_BYTES and _CACHE:
+                _, old = _CACHE.popitem(last=False)
+                _cache_bytes -= _nbytes(old)
+    return dataset
+
+
 def load_dataset(record: Mapping[str, Any]) -> CsvDataset | TensorDataset:
     """Load the dataset a node registry record points to, reading only ``record["path"]``.
 
@@ -249,9 +321,9 @@ def load_dataset(record: Mapping[str, Any]) -> CsvDataset | TensorDataset:
         target = record.get("target")
         if not isinstance(target, str):
             raise DatasetError("a csv dataset record needs its target column name under 'target'")
-        dataset = CsvDataset(path, target)
+        dataset = _cached(_cache_key("csv", path, target), lambda: CsvDataset(path, target))
     elif data_type == "tensors":
-        dataset = TensorDataset(path)
+        dataset = _cached(_cache_key("tensors", path, None), lambda: TensorDataset(path))
     else:
         raise DatasetError(f"unsupported data_type {data_type!r}; expected 'csv' or 'tensors'")
     expected = record.get("sample_count")

@@ -12,7 +12,7 @@ loaded module must not outlive its use: :func:`loaded_plan_class` (what the runn
 drops the module from ``sys.modules`` and ``linecache`` when the block ends, and
 :func:`unload_plan_class` does it for a class from :func:`load_plan_class`. Tracebacks
 formatted afterwards still show the plan's lines: the module's ``__loader__`` serves its
-source to ``linecache`` on demand (the file name ``<fedsm-plan>/<sha prefix>/<n>.py`` is one
+source to ``linecache`` on demand (the file name ``<fedsm-plan>/<sha prefix>/plan.py`` is one
 that ``linecache.lazycache`` accepts).
 """
 
@@ -25,6 +25,7 @@ import linecache
 import sys
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -91,13 +92,8 @@ def load_plan_class(source: str, class_name: str) -> type[TorchTrainingPlan]:
     with _COUNTER_LOCK:
         number = next(_COUNTER)
     module_name = f"fedsm_plan_{number}_{sha[:12]}"
-    filename = f"<fedsm-plan>/{sha[:12]}/{number}.py"
-    try:
-        code = compile(source, filename, "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        raise PlanImportError(
-            f"training plan source does not compile: line {exc.lineno}: {exc.msg}"
-        ) from exc
+    code = _compiled(source, sha)
+    filename = code.co_filename
     module = types.ModuleType(module_name)
     module.__file__ = filename
     module.__loader__ = _PlanSourceLoader(source)
@@ -128,6 +124,34 @@ def load_plan_class(source: str, class_name: str) -> type[TorchTrainingPlan]:
         _forget(module_name, filename)
         raise PlanImportError(f"{class_name!r} is not a TorchTrainingPlan subclass")
     return cls
+
+
+#: Compiled plan sources kept by digest (compiling is a pure function of the source; the
+#: module each load executes them in is always a new one).
+_CODE_CACHE_SIZE = 16
+_CODE_CACHE: OrderedDict[str, types.CodeType] = OrderedDict()
+
+
+def _compiled(source: str, sha: str) -> types.CodeType:
+    """The code object of ``source`` (whose sha256 is ``sha``), compiled once per digest
+    under the file name ``<fedsm-plan>/<sha prefix>/plan.py``."""
+    with _COUNTER_LOCK:
+        code = _CODE_CACHE.get(sha)
+        if code is not None:
+            _CODE_CACHE.move_to_end(sha)
+            return code
+    filename = f"<fedsm-plan>/{sha[:12]}/plan.py"
+    try:
+        code = compile(source, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise PlanImportError(
+            f"training plan source does not compile: line {exc.lineno}: {exc.msg}"
+        ) from exc
+    with _COUNTER_LOCK:
+        _CODE_CACHE[sha] = code
+        while len(_CODE_CACHE) > _CODE_CACHE_SIZE:
+            _CODE_CACHE.popitem(last=False)
+    return code
 
 
 def _forget(module_name: str, filename: str) -> None:

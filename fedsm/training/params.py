@@ -25,7 +25,14 @@ from safetensors.torch import save as st_save
 from fedsm.digests import sha256_hex
 from fedsm.errors import FedsmError
 
-__all__ = ["MAX_PARAMS_BYTES", "ParamsFileError", "load_params", "save_params"]
+__all__ = [
+    "MAX_PARAMS_BYTES",
+    "ParamsFileError",
+    "load_params",
+    "params_from_bytes",
+    "params_to_bytes",
+    "save_params",
+]
 
 MAX_PARAMS_BYTES = 2 * 1024**3
 """Largest params file ``load_params`` reads by default (2 GiB)."""
@@ -55,10 +62,30 @@ def _canonical(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
+def params_to_bytes(tensors: Mapping[str, torch.Tensor], *, what: str = "parameters") -> bytes:
+    """The safetensors bytes of ``tensors``: what :func:`save_params` writes, in memory.
+
+    The same tensors always give the same bytes (names sorted, fixed metadata).
+
+    Raises
+    ------
+    ParamsFileError
+        A value is not a tensor (the message says which).
+    """
+    try:
+        return st_save(_canonical(tensors), metadata=_METADATA)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
+        raise ParamsFileError(f"cannot serialise {what}: {exc}") from exc
+
+
+def save_params(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], *, durable: bool = True
+) -> str:
     """Write ``tensors`` to ``path`` as safetensors, atomically; return the file's sha256 (hex).
 
     The same tensors always give the same bytes (names sorted, fixed metadata).
+    ``durable=False`` skips the fsyncs (the rename stays atomic): for a scratch file that
+    something else makes durable, such as a node's output, which its upload stores durably.
 
     Raises
     ------
@@ -66,10 +93,7 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
         A value is not a tensor, or the file cannot be written (the message says why).
     """
     path = Path(path)
-    try:
-        payload = st_save(_canonical(tensors), metadata=_METADATA)
-    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
-        raise ParamsFileError(f"cannot serialise parameters for {str(path)!r}: {exc}") from exc
+    payload = params_to_bytes(tensors, what=f"parameters for {str(path)!r}")
     directory = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -78,8 +102,9 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except OSError as exc:
         try:
@@ -87,7 +112,8 @@ def save_params(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
         except OSError:
             pass
         raise ParamsFileError(f"cannot write params file {str(path)!r}: {exc}") from exc
-    _fsync_directory(directory)
+    if durable:
+        _fsync_directory(directory)
     return sha256_hex(payload)
 
 
@@ -143,21 +169,38 @@ def load_params(
         raw = path.read_bytes()
     except OSError as exc:
         raise ParamsFileError(f"cannot read params file {str(path)!r}: {exc}") from exc
+    return params_from_bytes(raw, like, source=f"params file {str(path)!r}")
+
+
+def params_from_bytes(
+    raw: bytes,
+    like: Mapping[str, torch.Tensor] | None = None,
+    *,
+    source: str = "parameters",
+) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes as :func:`load_params` parses a file (never unpickled); with
+    ``like``, check names, shapes and dtypes. ``source`` names the bytes in errors.
+
+    Raises
+    ------
+    ParamsFileError
+        Truncated bytes, anything that is not safetensors, or a mismatch with ``like``.
+    """
     if len(raw) < 8:
-        raise ParamsFileError(f"params file {str(path)!r} is truncated ({len(raw)} bytes)")
+        raise ParamsFileError(f"{source} is truncated ({len(raw)} bytes)")
     header_len = int.from_bytes(raw[:8], "little")
     if header_len > len(raw) - 8 or raw[8:9] != b"{":
         raise ParamsFileError(
-            f"params file {str(path)!r} is not a safetensors file (bad header: truncated, or "
+            f"{source} is not a safetensors file (bad header: truncated, or "
             "another format such as a pickle); refusing to parse it"
         )
     try:
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise ParamsFileError(f"params file {str(path)!r} is not valid safetensors: {exc}") from exc
+        raise ParamsFileError(f"{source} is not valid safetensors: {exc}") from exc
     result = {name: tensors[name] for name in sorted(tensors)}
     if like is not None:
-        check_like(result, like, source=str(path))
+        check_like(result, like, source=source)
     return result
 
 

@@ -28,6 +28,7 @@ process simulating 1,000 nodes runs 1,000 imports a round, and none of them may 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -37,13 +38,13 @@ from typing import Any
 
 import torch
 
-from fedsm.digests import sha256_file
+from fedsm.digests import sha256_file, sha256_hex
 from fedsm.errors import FedsmError
 from fedsm.training.args import TrainingArgs
 from fedsm.training.datasets import load_dataset
 from fedsm.training.loader import loaded_plan_class
 from fedsm.training.loaders import BatchLoader, DataManager
-from fedsm.training.params import load_params, save_params
+from fedsm.training.params import load_params, params_from_bytes, params_to_bytes, save_params
 from fedsm.training.plan import PlanError, TorchTrainingPlan, TrainingError
 
 __all__ = [
@@ -86,10 +87,14 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
     losses: tuple[float, ...] = ()
     extras: dict[str, float] = field(default_factory=dict)
+    #: The new parameters' safetensors bytes when the round was asked to keep them in
+    #: memory (``out_path`` None) instead of writing a file; not part of :meth:`to_dict`.
+    params_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (msgpack/JSON-ready); ``losses`` as a list."""
         out = asdict(self)
+        out.pop("params_bytes")
         out["losses"] = list(self.losses)
         return out
 
@@ -111,13 +116,39 @@ def deterministic(seed: int) -> Iterator[None]:
         rng_state = torch.get_rng_state()
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
-        torch.manual_seed(seed)
+        _seed_torch(seed)
         try:
             yield
         finally:
             torch.set_rng_state(rng_state)
             torch.use_deterministic_algorithms(det, warn_only=warn_only)
             torch.set_num_threads(threads)
+
+
+@functools.cache
+def _has_accelerator() -> bool:
+    """Whether torch may run on a device other than the CPU here (asked once per process)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (mps is not None and mps.is_available())
+        or (xpu is not None and xpu.is_available())
+    )
+
+
+def _seed_torch(seed: int) -> None:
+    """``torch.manual_seed(seed)``, without its cost where only the CPU exists.
+
+    ``torch.manual_seed`` also queues a seeding of every CUDA device, and while CUDA is not
+    initialised that queueing records a Python traceback (about 100 us a call, the largest
+    cost of a small model's round). Where no accelerator exists the CPU generator is all
+    there is to seed, and seeding it alone draws the same numbers.
+    """
+    if _has_accelerator():
+        torch.manual_seed(seed)
+    else:
+        torch.random.default_generator.manual_seed(seed)
 
 
 def warm_up() -> None:
@@ -171,7 +202,7 @@ def _prepare_round(
     *,
     model_args: Mapping[str, Any] | None,
     args: TrainingArgs,
-    params_path: Path | None,
+    params: Path | bytes | None,
     dataset: Mapping[str, Any],
     seed: int,
 ) -> tuple[TorchTrainingPlan, BatchLoader, BatchLoader | None]:
@@ -181,8 +212,11 @@ def _prepare_round(
     Returns the plan and its (train, test) loaders, also set on the plan.
     """
     plan = make_plan(plan_cls, model_args, args)
-    if params_path is not None:
-        plan.set_params(load_params(params_path, like=plan.model().state_dict()))
+    if isinstance(params, bytes):
+        like = plan.model().state_dict()
+        plan.set_params(params_from_bytes(params, like, source="the round's parameters"))
+    elif params is not None:
+        plan.set_params(load_params(params, like=plan.model().state_dict()))
     plan.dataset = load_dataset(dataset)
     manager = plan.training_data()
     if not isinstance(manager, DataManager):
@@ -206,15 +240,19 @@ def train_plan(
     *,
     model_args: Mapping[str, Any] | None,
     training_args: Mapping[str, Any] | None,
-    params_path: Path | None,
+    params_path: Path | bytes | None,
     dataset: Mapping[str, Any],
     seed: int,
-    out_path: Path,
+    out_path: Path | None,
     aggregator_args: Mapping[str, Any] | None = None,
+    durable: bool = True,
 ) -> RoundResult:
     """Train ``plan_cls`` for one round and write its parameters; see :func:`train_round`.
 
-    ``params_path`` None starts from the plan's own seeded initialisation (LocalJob).
+    ``params_path`` None starts from the plan's own seeded initialisation (LocalJob); bytes
+    are the parameters themselves (safetensors). ``out_path`` None keeps the new parameters
+    in memory (:attr:`RoundResult.params_bytes`) instead of writing a file; ``durable``
+    False writes it without fsync (a scratch file that an upload makes durable).
     ``plan_cls`` may be a plan instance (LocalJob): it is ``post_init``-ed again (seeded)
     and trained in place.
     """
@@ -224,7 +262,7 @@ def train_plan(
             plan_cls,
             model_args=model_args,
             args=args,
-            params_path=params_path,
+            params=params_path,
             dataset=dataset,
             seed=seed,
         )
@@ -239,9 +277,15 @@ def train_plan(
                 metrics[f"val_{name}"] = value
         metrics["train_loss"] = _mean(losses)
         metrics["train_loss_last"] = losses[-1] if losses else float("nan")
-        sha = save_params(out_path, plan.get_params())
+        if out_path is None:
+            payload: bytes | None = params_to_bytes(plan.get_params())
+            sha = sha256_hex(payload)
+        else:
+            payload = None
+            sha = save_params(out_path, plan.get_params(), durable=durable)
     return RoundResult(
         params_sha256=sha,
+        params_bytes=payload,
         sample_size=train.sample_count,
         metrics=dict(sorted(metrics.items())),
         losses=tuple(losses),
@@ -254,25 +298,28 @@ def validate_plan(
     *,
     model_args: Mapping[str, Any] | None,
     training_args: Mapping[str, Any] | None,
-    params_path: Path,
+    params_path: Path | bytes,
     dataset: Mapping[str, Any],
     seed: int,
 ) -> RoundResult:
-    """Validate the params at ``params_path`` without training; see :func:`validate_round`."""
+    """Validate the params at ``params_path`` (or these safetensors bytes) without
+    training; see :func:`validate_round`."""
     args = TrainingArgs(training_args)
     with deterministic(seed), _plan_errors():
         plan, train, test = _prepare_round(
             plan_cls,
             model_args=model_args,
             args=args,
-            params_path=params_path,
+            params=params_path,
             dataset=dataset,
             seed=seed,
         )
         loader = test if test is not None else train
         metrics = _global_validation(plan, loader)
     return RoundResult(
-        params_sha256=sha256_file(params_path),
+        params_sha256=(
+            sha256_hex(params_path) if isinstance(params_path, bytes) else sha256_file(params_path)
+        ),
         sample_size=loader.sample_count,
         metrics=dict(sorted(metrics.items())),
     )
@@ -284,12 +331,13 @@ def train_round(
     plan_class: str,
     model_args: dict[str, Any],
     training_args: dict[str, Any],
-    params_path: Path,
+    params_path: Path | bytes,
     dataset: Mapping[str, Any],
     seed: int,
-    out_path: Path,
+    out_path: Path | None,
     aggregator_args: Mapping[str, Any] | None = None,
     aggregator_files: Mapping[str, str] | None = None,
+    durable: bool = True,
 ) -> RoundResult:
     """Run one node-side training round: import the plan, load params, train, save params.
 
@@ -300,14 +348,16 @@ def train_round(
     model_args, training_args
         As sent by the researcher (training args are validated here).
     params_path
-        Global parameters of the round (safetensors, checked against the model).
+        Global parameters of the round (a safetensors file, or its bytes), checked against
+        the model.
     dataset
         The node registry record (``data_type``, ``path``, ``target``, ``sample_count``...).
     seed
         Seed of this (job, round, node): initialisation, shuffling, split (unless the
         training args fix ``random_seed``).
     out_path
-        Where the updated parameters are written (atomically).
+        Where the updated parameters are written (atomically; without fsync when
+        ``durable`` is False); None: kept in memory as :attr:`RoundResult.params_bytes`.
     aggregator_args, aggregator_files
         The strategy's values for this node, and its files (safetensors, already checked
         against their digests), loaded as tensors: together ``plan.aggregator_args``.
@@ -325,11 +375,12 @@ def train_round(
             plan_cls,
             model_args=model_args,
             training_args=training_args,
-            params_path=Path(params_path),
+            params_path=_as_params(params_path),
             dataset=dataset,
             seed=seed,
-            out_path=Path(out_path),
+            out_path=None if out_path is None else Path(out_path),
             aggregator_args=sent,
+            durable=durable,
         )
 
 
@@ -339,7 +390,7 @@ def validate_round(
     plan_class: str,
     model_args: dict[str, Any],
     training_args: dict[str, Any],
-    params_path: Path,
+    params_path: Path | bytes,
     dataset: Mapping[str, Any],
     seed: int,
 ) -> RoundResult:
@@ -368,10 +419,15 @@ def validate_round(
             plan_cls,
             model_args=model_args,
             training_args=training_args,
-            params_path=Path(params_path),
+            params_path=_as_params(params_path),
             dataset=dataset,
             seed=seed,
         )
+
+
+def _as_params(value: Path | str | bytes) -> Path | bytes:
+    """Parameters given as bytes stay bytes; anything else names a file."""
+    return value if isinstance(value, bytes) else Path(value)
 
 
 def initial_params(
