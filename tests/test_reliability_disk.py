@@ -4,9 +4,10 @@ The disk fills by injection (:mod:`faults`: creating the matching files fails wi
 as round 2 is sent, where the simulated nodes write in round 2: their uploads into the run's
 repository (they train in memory: the parameters reach them and leave them as bytes, so
 no scratch file is written; the scratch files of a node that trains through files are put
-under the same fault in ``tests/test_node_faults.py``). The nodes answer ``NODE_IO_ERROR``; the researcher records the transient error
-(``NodeRetrying``) and asks again, same request id, until space is back. The run ends on the
-digest of an uninterrupted run, its log verifies, and nothing logs a traceback.
+under the same fault in ``tests/test_node_faults.py``). The nodes answer ``NODE_IO_ERROR``;
+the researcher records the transient error (``NodeRetrying``) and asks again, same request
+id, until space is back. The run ends on the digest of an uninterrupted run, its log
+verifies, and nothing logs a traceback.
 
 Reproduce: ``.venv/bin/python -m pytest -q tests/test_reliability_disk.py``.
 """

@@ -56,6 +56,7 @@ from hypothesis import strategies as st
 from fedsm.repository.base import (
     DigestMismatch,
     FileNotInRepository,
+    FileTooLarge,
     Repository,
     RepositoryError,
 )
@@ -443,6 +444,45 @@ class RepositoryContract:
         assert (back.hexdigest(), got_size) == (digest.hexdigest(), size), (
             f"download of digest {up['sha256']} gave {got_size} bytes with sha256 "
             f"{back.hexdigest()}, not the {size} bytes uploaded"
+        )
+
+    def test_bytes_round_trip_as_files_do(self, repository: Repository, work: Path) -> None:
+        """``upload_bytes`` stores what ``upload_file`` would, ``read_bytes`` gives back what
+        ``download_file`` would, and a file over ``max_bytes`` is refused."""
+        for data in (b"", b"parameters " * 300):
+            up = dict(repository.upload_bytes(data))
+            self._check_upload(repository, up, data)
+            self._download(repository, work, up["file"], data)
+            got = repository.read_bytes(up["file"], max_bytes=len(data))
+            assert got == data, (
+                f"read_bytes of digest {up['sha256']} gave {_show(got)}, not {_show(data)}"
+            )
+        up = self._upload(repository, work, b"x" * 100)
+        try:
+            got = repository.read_bytes(up["file"], max_bytes=99)
+        except FileTooLarge:
+            pass
+        else:
+            raise AssertionError(
+                f"read_bytes(max_bytes=99) of a 100-byte file gave {_show(got)} instead of "
+                "raising FileTooLarge"
+            )
+
+    @pytest.mark.parametrize("kind", _TAMPERINGS)
+    def test_tampered_stored_file_is_refused_by_read_bytes(
+        self, repository: Repository, work: Path, kind: str
+    ) -> None:
+        data = b"good parameters " * 1000
+        up = self._upload(repository, work, data)
+        bad = _tampered(kind, data, b"the bytes of another file")
+        self.replace_stored_bytes(repository, up["sha256"], bad)
+        try:
+            got = repository.read_bytes(up["file"], max_bytes=len(data) * 2)
+        except DigestMismatch:
+            return
+        raise AssertionError(
+            f"read_bytes of digest {up['sha256']}, whose stored bytes were tampered with "
+            f"({kind}: now {_show(bad)}), gave {_show(got)} instead of raising DigestMismatch"
         )
 
     def test_any_bytes_round_trip(self, repository: Repository, work: Path) -> None:
