@@ -151,7 +151,7 @@ class TrainingTask:
     params at ``params_path`` are evaluated on the validation split and nothing is written
     to ``out_path``.
 
-    For an executor that trains in the node's own process (:attr:`TrainingExecutor.in_memory`)
+    For an executor that takes parameters in memory (:attr:`TrainingExecutor.in_memory`)
     the parameters may travel as bytes instead of files: ``params_bytes`` replaces the file
     at ``params_path``, and an empty ``out_path`` asks for the new parameters back in
     :attr:`TrainingOutcome.params_bytes`.
@@ -243,9 +243,12 @@ class TrainingExecutor(abc.ABC):
         Threads for short requests (plan status), so they never wait behind a training.
     """
 
-    #: Whether :meth:`train` runs in the node's own process, so that a task's parameters
-    #: may travel as bytes (:attr:`TrainingTask.params_bytes`, an empty ``out_path``).
+    #: Whether a task's parameters may travel as bytes (:attr:`TrainingTask.params_bytes`,
+    #: an empty ``out_path``) instead of scratch files: in the node's own process, or
+    #: through a worker's pipe for parameters of at most :attr:`max_bytes_in_memory`.
     in_memory: bool = False
+    #: Largest parameters passed as bytes (None: any size); larger ones go through files.
+    max_bytes_in_memory: int | None = None
 
     def __init__(self, *, lane_threads: int = 1, control_threads: int = 1) -> None:
         self._lane_pool = ThreadPoolExecutor(lane_threads, thread_name_prefix="fedsm-train")

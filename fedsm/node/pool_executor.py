@@ -13,6 +13,10 @@ function of its task (plan source, params file, dataset, seed; see
 :mod:`fedsm.training.runner`, which trains with one intra-op thread and deterministic
 algorithms), and the researcher aggregates in sorted node order. So the final parameters are
 bit-identical to a one-core run (``tests/test_perf_pool.py`` checks it).
+
+Parameters of up to :data:`~fedsm.node.worker_main.MAX_PARAMS_IN_FRAME` travel to a worker
+and back through its pipes (:attr:`TrainingExecutor.in_memory`), so a simulated node writes
+no scratch file; larger ones go through files.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import threading
 
 from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
 from fedsm.node.process_executor import ProcessTrainingExecutor
+from fedsm.node.worker_main import MAX_PARAMS_IN_FRAME
 
 __all__ = ["PoolTrainingExecutor"]
 
@@ -46,6 +51,9 @@ class PoolTrainingExecutor(TrainingExecutor):
         Threads serving train requests (download, check, train, upload); default twice
         ``workers``, so a node's transfers overlap other nodes' trainings.
     """
+
+    in_memory = True
+    max_bytes_in_memory = MAX_PARAMS_IN_FRAME
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsm.core.protocol_errors import ErrorNumber
+from fedsm.digests import sha256_hex
 from fedsm.node.errors import TrainingFailed, TrainingTimedOut, WorkerCrashed
 from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
 from fedsm.node.worker_main import (
@@ -419,11 +420,18 @@ def _outcome_from(reply: Any) -> TrainingOutcome:
     try:
         metrics = {str(k): float(v) for k, v in dict(reply["metrics"]).items()}
         extras = {str(k): float(v) for k, v in dict(reply.get("extras") or {}).items()}
+        params_bytes = reply.get("params_bytes")
+        if params_bytes is not None and not isinstance(params_bytes, bytes):
+            raise TypeError(f"params_bytes is a {type(params_bytes).__name__}")
+        digest = str(reply["params_sha256"])
+        if params_bytes is not None and sha256_hex(params_bytes) != digest:
+            raise ValueError("the parameters sent back do not hash to the digest reported")
         return TrainingOutcome(
-            params_sha256=str(reply["params_sha256"]),
+            params_sha256=digest,
             sample_size=int(reply["sample_size"]),
             metrics=metrics,
             extras=extras,
+            params_bytes=params_bytes,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise _Garbage(f"a malformed result ({type(exc).__name__}: {exc})") from None

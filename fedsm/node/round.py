@@ -45,6 +45,7 @@ from fedsm.node.settings import NodeSettings
 from fedsm.repository.base import (
     DigestMismatch,
     FileNotInRepository,
+    FileTooLarge,
     Repository,
     RepositoryError,
     RepositoryUnreachable,
@@ -148,6 +149,10 @@ class Scratch:
             self._dir = None
 
 
+class _TooLargeInMemory(Exception):
+    """The parameters are larger than the executor takes in memory."""
+
+
 @contextmanager
 def _repository_errors(url: str, what: str, mismatch: ErrorNumber) -> Iterator[None]:
     """Turn a repository's refusal to hand out ``url`` into the :class:`RequestFailed` the
@@ -205,11 +210,19 @@ def _read(
     what: str,
     mismatch: ErrorNumber,
     max_bytes: int,
+    too_large_ok: bool = False,
 ) -> bytes:
-    """The bytes at ``url``, in memory, checked to hash to ``expected_sha256``."""
+    """The bytes at ``url``, in memory, checked to hash to ``expected_sha256``. A file over
+    ``max_bytes`` is the request's fault, or with ``too_large_ok`` raises
+    :class:`_TooLargeInMemory` (the caller takes it through a file)."""
     with _repository_errors(url, what, mismatch):
         with node_io(f"could not read the {what}"):
-            data = ctx.repository.read_bytes(url, max_bytes=max_bytes)
+            try:
+                data = ctx.repository.read_bytes(url, max_bytes=max_bytes)
+            except FileTooLarge:
+                if too_large_ok:
+                    raise _TooLargeInMemory from None
+                raise
     if digest_in_url(url) != expected_sha256 and sha256_hex(data) != expected_sha256:
         raise RequestFailed(
             mismatch,
@@ -307,13 +320,41 @@ def _aggregator_args(
     return values, files
 
 
+def _round_params(
+    ctx: RoundContext, request: TrainRequest, work: Scratch
+) -> tuple[str, bytes | None]:
+    """The round's global parameters, checked against their digest: as bytes (``("",
+    data)``) for an executor that takes them in memory and parameters within its limit, so
+    that no file is written on the node's side of the round; else downloaded into the
+    scratch directory (``(path, None)``)."""
+    what, mismatch = "parameters file", ErrorNumber.PARAMS_DIGEST_MISMATCH
+    if ctx.executor.in_memory:
+        from fedsm.training.params import MAX_PARAMS_BYTES  # imports torch
+
+        limit = ctx.executor.max_bytes_in_memory
+        try:
+            data = _read(
+                ctx,
+                request.params_url,
+                request.params_sha256,
+                what=what,
+                mismatch=mismatch,
+                max_bytes=MAX_PARAMS_BYTES if limit is None else min(limit, MAX_PARAMS_BYTES),
+                too_large_ok=limit is not None,
+            )
+        except _TooLargeInMemory:
+            pass  # through a file, below
+        else:
+            return "", data
+    path = work.path("params_in.safetensors")
+    _download(ctx, request.params_url, request.params_sha256, path, what=what, mismatch=mismatch)
+    return str(path), None
+
+
 def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
     """Serve one train request and return the reply; refusals raise ``RequestFailed``."""
     started = time.monotonic()
     work = Scratch(ctx, request.request_id)
-    # An executor in this process takes the parameters as bytes and gives them back so:
-    # no file is written on the node's side of the round.
-    in_memory = ctx.executor.in_memory
     try:
         source = ctx.plan_cache.get(request.training_plan_sha256) or fetch_plan(
             ctx, request, work.path("plan.py")
@@ -326,28 +367,8 @@ def run_train_request(ctx: RoundContext, request: TrainRequest) -> TrainReply:
                 ErrorNumber.DATASET_NOT_FOUND,
                 f"node {ctx.node_id} has no dataset {request.dataset_id!r} (search again)",
             ) from None
-        params_in = "" if in_memory else str(work.path("params_in.safetensors"))
-        params_bytes = None
-        if in_memory:
-            from fedsm.training.params import MAX_PARAMS_BYTES  # imports torch
-
-            params_bytes = _read(
-                ctx,
-                request.params_url,
-                request.params_sha256,
-                what="parameters file",
-                mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
-                max_bytes=MAX_PARAMS_BYTES,
-            )
-        else:
-            _download(
-                ctx,
-                request.params_url,
-                request.params_sha256,
-                Path(params_in),
-                what="parameters file",
-                mismatch=ErrorNumber.PARAMS_DIGEST_MISMATCH,
-            )
+        params_in, params_bytes = _round_params(ctx, request, work)
+        in_memory = params_bytes is not None
         try:
             plan_text = source.decode("utf-8")
         except UnicodeDecodeError as exc:

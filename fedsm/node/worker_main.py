@@ -39,6 +39,7 @@ import msgpack
 
 __all__ = [
     "HEADER",
+    "MAX_PARAMS_IN_FRAME",
     "MAX_REPLY_BYTES",
     "MAX_REQUEST_BYTES",
     "FrameDecoder",
@@ -51,8 +52,12 @@ __all__ = [
 
 #: The length prefix of every frame: unsigned 32-bit, big-endian.
 HEADER = struct.Struct(">I")
-#: Largest frame the node accepts from a worker (replies are a digest and a few metrics).
-MAX_REPLY_BYTES = 1 << 20
+#: Largest parameters a task and its reply carry as bytes (a simulation's pool of workers
+#: passes small models through the pipes; larger ones go through scratch files).
+MAX_PARAMS_IN_FRAME = 16 << 20
+#: Largest frame the node accepts from a worker (a digest, a few metrics, and parameters of
+#: at most :data:`MAX_PARAMS_IN_FRAME` when the task asked for them as bytes).
+MAX_REPLY_BYTES = (1 << 20) + MAX_PARAMS_IN_FRAME
 #: Largest frame a worker accepts from the node (a task carries the plan's source).
 MAX_REQUEST_BYTES = 256 << 20
 
@@ -67,9 +72,16 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """Decode msgpack ``data``; raises ``ValueError`` (or a subclass) on anything malformed."""
+    """Decode msgpack ``data``; raises ``ValueError`` (or a subclass) on anything malformed.
+    Binary values (parameters) are taken up to :data:`MAX_PARAMS_IN_FRAME` bytes."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_PARAMS_IN_FRAME,
+            max_ext_len=0,
+        )
     except ValueError:
         raise
     except Exception as exc:  # msgpack's own errors are not all ValueErrors
@@ -191,13 +203,21 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
 
     try:
         outcome = run_task(TrainingTask(**request["task"]))
-        return {
+        reply = {
             "kind": "ok",
             "params_sha256": outcome.params_sha256,
             "sample_size": outcome.sample_size,
             "metrics": outcome.metrics,
             "extras": outcome.extras,
         }
+        if outcome.params_bytes is not None:
+            if len(outcome.params_bytes) > MAX_PARAMS_IN_FRAME:
+                raise ValueError(
+                    f"the trained parameters ({len(outcome.params_bytes)} bytes) are larger "
+                    f"than a worker may send back ({MAX_PARAMS_IN_FRAME} bytes)"
+                )
+            reply["params_bytes"] = outcome.params_bytes
+        return reply
     except BaseException as exc:  # noqa: B036 - a plan's sys.exit() is a failure too
         if isinstance(exc, KeyboardInterrupt):
             raise

@@ -28,6 +28,7 @@ __all__ = [
     "copy_and_hash",
     "fsync_dir",
     "resolve_destination",
+    "link_file",
     "write_file",
     "write_temp",
 ]
@@ -91,15 +92,41 @@ def copy_and_hash(source: Path, directory: Path) -> tuple[Path, str, int]:
 def write_temp(directory: Path, data: bytes) -> Path:
     """Write ``data`` to a new temporary file in ``directory`` (made if missing); the caller
     commits it with :func:`commit_temp` or removes it."""
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(directory)
     try:
-        with open(tmp, "xb") as fh:
+        try:
+            fh = open(tmp, "xb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            directory.mkdir(parents=True, exist_ok=True)
+            fh = open(tmp, "xb")  # noqa: SIM115
+        with fh:
             fh.write(data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def link_file(source: Path, destination: Path) -> bool:
+    """Make ``destination`` another name of the file ``source`` (a hard link, atomically
+    replacing what was there); False where links are not possible (another file system,
+    a file system without them), and nothing changed."""
+    tmp = _temp_name(destination.parent)
+    try:
+        os.link(source, tmp)
+    except FileNotFoundError:
+        if source.exists():  # the destination's directory is missing
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            return link_file(source, destination)
+        raise
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def write_file(destination: Path, data: bytes, *, sync: bool = True) -> None:

@@ -38,6 +38,7 @@ from fedsm.repository._files import (
     check_digest,
     commit_temp,
     copy_and_hash,
+    link_file,
     resolve_destination,
     write_file,
     write_temp,
@@ -172,7 +173,10 @@ class LocalRepository(Repository):
         dest = resolve_destination(filename, self.download_dir)
         kept = self._memo.get(digest, source)
         if kept is not None:
-            write_file(dest, kept, sync=self.durable)
+            # The stored file is the one whose bytes were checked: a simulation's copy is
+            # another name of it (files are never changed in place, only replaced).
+            if not link_file(source, dest):
+                write_file(dest, kept, sync=self.durable)
             return 200, dest
         try:
             tmp, actual, _ = copy_and_hash(source, dest.parent)
