@@ -282,3 +282,43 @@ def test_uploads_and_reads_from_many_threads_agree(tmp_path: Path) -> None:
     assert sorted(p.name for p in repo.root.iterdir() if p.is_file()) == sorted(
         sha256_hex(c) for c in contents
     )
+
+
+# --------------------------------------------------------------------------- worker pool
+
+
+def test_a_worker_pool_takes_and_gives_parameters_as_bytes(tmp_path: Path) -> None:
+    from fedsm.node.pool_executor import PoolTrainingExecutor
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "m").mkdir()
+    through_files = run_task(_task(tmp_path / "f", in_memory=False))
+    with PoolTrainingExecutor(1, start_timeout_s=120) as pool:
+        assert pool.in_memory and pool.max_bytes_in_memory
+        pooled = pool.train(_task(tmp_path / "m", in_memory=True), time_limit_s=120)
+    assert pooled.params_bytes == (tmp_path / "f" / "out.safetensors").read_bytes()
+    assert pooled.params_sha256 == through_files.params_sha256
+    assert pooled.metrics == through_files.metrics
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"params_bytes": b"not what was trained"},
+        {"params_bytes": "a string"},
+    ],
+)
+def test_a_worker_reply_whose_bytes_do_not_match_its_digest_is_garbage(reply: dict) -> None:
+    from fedsm.node import process_executor
+
+    body = {
+        "kind": "ok",
+        "params_sha256": sha256_hex(b"trained"),
+        "sample_size": 3,
+        "metrics": {},
+        **reply,
+    }
+    with pytest.raises(process_executor._Garbage):
+        process_executor._outcome_from(body)
+    body["params_bytes"] = b"trained"
+    assert process_executor._outcome_from(body).params_bytes == b"trained"
