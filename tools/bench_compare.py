@@ -103,7 +103,8 @@ def _rounds(exp, rounds: int) -> list[float]:
 
 
 def scenario_fedsm(args: argparse.Namespace) -> dict:
-    """Simulated nodes in this process on the memory bus (``workers``: training processes)."""
+    """Simulated nodes in this process on the memory bus (``workers``: training processes;
+    ``hosts``: the nodes in that many host processes, :class:`fedsm.node.hosts.NodeHosts`)."""
     import torch  # noqa: F401 - imported before the baseline RSS: not the nodes' memory
     from bench_common import RssSampler, write_shards
 
@@ -122,7 +123,17 @@ def scenario_fedsm(args: argparse.Namespace) -> dict:
         before = rss.sample()
         t0 = time.perf_counter()
         extra = {"workers": args.workers} if args.workers else {}
-        nodes = start_memory_nodes(root / "nodes", broker, repo, shards, approve=[plan], **extra)
+        if args.hosts:
+            from fedsm.node.hosts import NodeHosts
+
+            hosts = NodeHosts(
+                root / "nodes", broker, repo.root, shards, hosts=args.hosts, approve=[plan]
+            )
+            nodes = [hosts]  # stopped below as the nodes are
+        else:
+            nodes = start_memory_nodes(
+                root / "nodes", broker, repo, shards, approve=[plan], **extra
+            )
         t1 = time.perf_counter()
         after = rss.sample()
         bus = MemoryBus(broker, "researcher-bench", role="researcher")
@@ -275,6 +286,7 @@ def main() -> int:
     parser.add_argument(
         "--worker-count", dest="workers_", type=int, default=0, help=argparse.SUPPRESS
     )
+    parser.add_argument("--host-count", dest="hosts", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         args.workers = args.workers_
@@ -313,6 +325,12 @@ def main() -> int:
                     (
                         f"fedsm {args.workers} workers",
                         ["--run", "fedsm", "--worker-count", str(args.workers)],
+                    )
+                )
+                variants.append(
+                    (
+                        f"fedsm {args.workers} node hosts",
+                        ["--run", "fedsm", "--host-count", str(args.workers)],
                     )
                 )
         for label, extra in variants:

@@ -474,7 +474,8 @@ class Node:
                     return
                 # Kept before it is sent: a reply that could not be kept (a full disk) is not
                 # sent; the request is answered NODE_IO_ERROR and served again when re-sent.
-                self.replies.put(key, request_fingerprint(request), encode(train_reply))
+                # The key ends with the request's fingerprint (see cache_key).
+                self.replies.put(key, key.rsplit("/", 1)[1], encode(train_reply))
                 reply = train_reply
         except Exception as exc:
             error = exc

@@ -121,6 +121,7 @@ def start_memory_nodes(
     approve: Sequence[Path] = (),
     executor: TrainingExecutor | None = None,
     workers: int = 0,
+    node_ids: Sequence[str] | None = None,
 ) -> list[Node]:
     """Start one node per CSV in ``datasets`` (ids ``node-1`` .. ``node-K``) and return them.
 
@@ -133,14 +134,20 @@ def start_memory_nodes(
     many worker processes (:func:`shared_pool`), so trainings use every core; the final
     parameters are bit-identical to a one-core run (trainings are pure functions of their
     tasks and aggregation goes in sorted node order).
+
+    ``node_ids`` names the nodes instead (one per dataset): a share of a larger simulation
+    (:mod:`fedsm.node.hosts` starts each share in a process of its own).
     """
+    if node_ids is None:
+        node_ids = [f"node-{k}" for k in range(1, len(datasets) + 1)]
+    if len(node_ids) != len(datasets):
+        raise ValueError(f"{len(node_ids)} node ids for {len(datasets)} datasets")
     if executor is None:
         executor = shared_pool(workers) if workers > 0 else shared_executor()
     sources = [Path(p).read_bytes() for p in approve]
     nodes: list[Node] = []
     try:
-        for k, csv in enumerate(datasets, start=1):
-            node_id = f"node-{k}"
+        for node_id, csv in zip(node_ids, datasets, strict=True):
             node_dir = Path(base_dir) / node_id
             settings = _open_or_init(node_dir, node_id)
             bus = MemoryBus(broker, settings.node_id, role="node")

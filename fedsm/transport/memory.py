@@ -55,6 +55,10 @@ class MemoryBroker:
         with a warning (mosquitto's ``max_queued_messages`` does the same).
     max_message_bytes:
         Encoded size limit of one message.
+    forward_unknown:
+        Called with ``((role, participant id), encoded message)`` for a message to a
+        participant with no bus here, instead of queueing it: a broker bridged to another
+        process's broker (:mod:`fedsm.node.hosts`) hands those messages over.
     """
 
     def __init__(
@@ -63,8 +67,10 @@ class MemoryBroker:
         faults: Faults | None = None,
         max_pending: int = 10_000,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        forward_unknown: Callable[[tuple[str, str], bytes], None] | None = None,
     ) -> None:
         self.faults = faults
+        self.forward_unknown = forward_unknown
         self.max_pending = max_pending
         self.max_message_bytes = max_message_bytes
         self._lock = threading.Lock()
@@ -95,6 +101,16 @@ class MemoryBroker:
     def deliver_raw(self, role: str, participant_id: str, data: bytes) -> None:
         """Hand ``data`` to a participant as if it came off the wire (tests feed garbage here)."""
         self._deliver((role, participant_id), bytes(data))
+
+    def attach_remote(
+        self, role: str, participant_id: str, forward: Callable[[bytes], None]
+    ) -> Callable[[], None]:
+        """Connect a participant that lives in another process: messages to it are handed
+        to ``forward`` (encoded, as on a wire) and, for a node, researchers see it online
+        until the returned function detaches it."""
+        remote = _RemoteBus(role, participant_id, forward)
+        self._connect(remote)  # type: ignore[arg-type]  # what _connect uses of a bus
+        return lambda: self._disconnect(remote)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Stop the delay timer thread. Buses are closed by their owners."""
@@ -168,7 +184,9 @@ class MemoryBroker:
     def _deliver(self, key: _Key, data: bytes) -> None:
         with self._lock:
             bus = self._buses.get(key)
-            if bus is None:
+            if bus is None and self.forward_unknown is not None:
+                forward = self.forward_unknown
+            elif bus is None:
                 queue = self._pending.setdefault(key, deque())
                 if len(queue) >= self.max_pending:
                     queue.popleft()
@@ -180,7 +198,26 @@ class MemoryBroker:
                     )
                 queue.append(data)
                 return
+            else:
+                forward = None
+        if forward is not None:
+            forward(key, data)
+            return
         bus._receive(data)
+
+
+class _RemoteBus:
+    """Stands in a broker for a participant of another process (see ``attach_remote``)."""
+
+    def __init__(self, role: str, participant_id: str, forward: Callable[[bytes], None]) -> None:
+        check_participant(participant_id, role)
+        self.role = role
+        self.participant_id = participant_id
+        self._forward = forward
+        self._liveness = NodeLiveness(f"remote {role} {participant_id}")
+
+    def _receive(self, data: bytes) -> None:
+        self._forward(data)
 
 
 class MemoryBus(LivenessQueries, Bus):
