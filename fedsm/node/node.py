@@ -62,8 +62,9 @@ from fedsm.digests import sha256_hex
 from fedsm.node.database import DB_FILE, NodeDatabase, ReplyCache
 from fedsm.node.errors import RegistryBusy, RequestFailed
 from fedsm.node.executor import TrainingExecutor, describe_io_fault, io_fault
+from fedsm.node.fetch import RoundContext, fetch_plan
 from fedsm.node.registry import ApprovalRegistry, DatasetRegistry, PlanTooLarge, public_dataset
-from fedsm.node.round import RoundContext, fetch_plan, run_train_request
+from fedsm.node.round import run_train_request
 from fedsm.node.settings import NodeSettings, load_settings
 from fedsm.node.witness import WitnessStore
 from fedsm.repository.base import Repository
