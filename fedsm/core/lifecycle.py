@@ -36,7 +36,7 @@ from typing import Any
 
 from transitions import Machine
 
-from fedsm.core.appendmap import EMPTY, AppendMap
+from fedsm.core.appendmap import EMPTY, AppendMap, keys_of
 from fedsm.core.events import (
     EVENT_TYPES,
     Aggregated,
@@ -238,11 +238,25 @@ def _on_approval_checked(s: JobState, e: ApprovalChecked, values: dict[str, Any]
     values["approvals"] = e
 
 
+def _effective(s: JobState, name: str, default: Any) -> Any:
+    """``s.overrides.get(name, default)`` without ``Mapping.get``'s KeyError when nothing
+    was overridden (an empty :class:`AppendMap`, the state of nearly every fold)."""
+    overrides = s.overrides
+    return overrides.get(name, default) if overrides else default
+
+
 def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
-    assert s.config is not None
-    _check(e.round == s.round + 1, f"round {e.round} is not the next round ({s.round + 1})")
+    # Messages are built only when a check fails: replay runs these checks for every round.
+    # ``s.round_limit``, ``s.nodes`` and ``s.approval_refusals()`` are computed inline
+    # (same values) for the same reason.
+    config = s.config
+    assert config is not None
+    if e.round != s.round + 1:
+        raise _Refused(f"round {e.round} is not the next round ({s.round + 1})")
+    nodes = e.nodes
     if e.do_training:
-        _check(e.round <= s.round_limit, f"round {e.round} is over the round_limit")
+        if e.round > int(_effective(s, "round_limit", config.round_limit)):
+            raise _Refused(f"round {e.round} is over the round_limit")
     else:  # the final validation: after the last round trained, before completion
         _check(
             s.status is JobStatus.AGGREGATED and s.round >= s.round_limit and s.round_do_training,
@@ -250,21 +264,26 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
             f"round ({s.round_limit}) is aggregated",
         )
         _check(not e.aggregator_args, "a validation-only round carries no aggregator args")
-    _check(bool(e.nodes), "a round needs at least one node")
-    _check(len(set(e.nodes)) == len(e.nodes), "the round's nodes are not unique")
-    strangers = sorted(set(e.nodes).difference(s.nodes))
-    _check(not strangers, f"nodes {strangers} are not nodes of this job")
-    _check(set(e.request_ids) == set(e.nodes), "request_ids must name exactly the round's nodes")
-    _check(
-        e.params_sha256 == s.params_sha256,
-        f"sent params {e.params_sha256[:12]}..., but the current params are {s.params_sha256}",
-    )
-    strangers = sorted(set(e.aggregator_args).difference(e.nodes))
-    _check(not strangers, f"aggregator args for nodes {strangers} that are not in the round")
+    _check(bool(nodes), "a round needs at least one node")
+    node_set = set(nodes)
+    _check(len(node_set) == len(nodes), "the round's nodes are not unique")
+    job_nodes = tuple(_effective(s, "nodes", config.nodes))
+    if not node_set.issubset(job_nodes):
+        strangers = sorted(node_set.difference(job_nodes))
+        raise _Refused(f"nodes {strangers} are not nodes of this job")
+    _check(set(e.request_ids) == node_set, "request_ids must name exactly the round's nodes")
+    if e.params_sha256 != s.params_sha256:
+        raise _Refused(
+            f"sent params {e.params_sha256[:12]}..., but the current params are {s.params_sha256}"
+        )
+    if not node_set.issuperset(e.aggregator_args):
+        strangers = sorted(set(e.aggregator_args).difference(nodes))
+        raise _Refused(f"aggregator args for nodes {strangers} that are not in the round")
     # Approval is a fact per round: a round goes only to nodes the last check cleared.
-    refused = {n: v for n, v in s.approval_refusals().items() if n in e.nodes}
-    _check(not refused, f"the training plan is not approved on {refused}")
-    values["round"], values["round_nodes"], values["request_ids"] = e.round, e.nodes, e.request_ids
+    if not _approved(s, nodes):
+        refused = {n: v for n, v in s.approval_refusals().items() if n in nodes}
+        _check(not refused, f"the training plan is not approved on {refused}")
+    values["round"], values["round_nodes"], values["request_ids"] = e.round, nodes, e.request_ids
     values["round_deadline"], values["round_aggregator_args"] = e.deadline, e.aggregator_args
     values["round_do_training"] = e.do_training
     if not e.do_training:
@@ -279,8 +298,22 @@ def _on_round_sent(s: JobState, e: RoundSent, values: dict[str, Any]) -> None:
         values["past_failures"] = s.past_failures.plus(s.round, s.round_failures)
 
 
+def _approved(s: JobState, nodes: tuple[str, ...]) -> bool:
+    """Whether the last approval check cleared every one of ``nodes`` (nodes of the job):
+    True exactly when ``s.approval_refusals()`` names none of them, without building it."""
+    check = s.approvals
+    if check is None or check.plan_sha256 != s.plan_sha256:
+        return False
+    statuses, required = check.statuses, check.approval_required
+    for node in nodes:
+        if statuses.get(node) != "approved" and required.get(node, True):
+            return False
+    return True
+
+
 def _check_current(s: JobState, round_: int) -> None:
-    _check(round_ == s.round, f"round {round_} is not the current round {s.round}")
+    if round_ != s.round:
+        raise _Refused(f"round {round_} is not the current round {s.round}")
 
 
 def _on_round_resent(s: JobState, e: RoundResent, values: dict[str, Any]) -> None:
@@ -353,19 +386,36 @@ def _on_timed_out(s: JobState, e: RoundTimedOut, values: dict[str, Any]) -> None
 
 
 def _on_aggregated(s: JobState, e: Aggregated, values: dict[str, Any]) -> None:
-    assert s.config is not None
-    _check_current(s, e.round)
-    _check(s.round_do_training, f"round {s.round} only validated: nothing to aggregate")
-    replied = tuple(sorted(s.round_replies))
-    _check(e.nodes == replied, f"contributors {list(e.nodes)} are not the replied {list(replied)}")
+    config = s.config
+    assert config is not None
+    if e.round != s.round:
+        raise _Refused(f"round {e.round} is not the current round {s.round}")
+    if not s.round_do_training:
+        raise _Refused(f"round {s.round} only validated: nothing to aggregate")
+    replies = s.round_replies
+    replied = tuple(sorted(keys_of(replies)))
+    if e.nodes != replied:
+        raise _Refused(f"contributors {list(e.nodes)} are not the replied {list(replied)}")
     _check(set(e.weights) == set(e.nodes), "weights must name exactly the contributors")
-    _check(s.round_complete(), f"nodes {list(s.unanswered_nodes())} have not answered yet")
-    _check(
-        len(replied) >= s.config.min_nodes,
-        f"{len(replied)} replies, fewer than min_nodes {s.config.min_nodes}",
-    )
+    if not _round_complete(s):
+        raise _Refused(f"nodes {list(s.unanswered_nodes())} have not answered yet")
+    if len(replied) < config.min_nodes:
+        raise _Refused(f"{len(replied)} replies, fewer than min_nodes {config.min_nodes}")
     values["params_sha256"] = e.params_sha256
     values["aggregates"] = s.aggregates.plus(e.round, e)
+
+
+def _round_complete(s: JobState) -> bool:
+    """``s.round_complete()`` without building the tuple of unanswered nodes."""
+    if s.round == 0:
+        return False
+    if _answered(s.timed_out, s.round):
+        return True
+    replied, failed = keys_of(s.round_replies), keys_of(s.round_failures)
+    for node in s.round_nodes:
+        if node not in replied and node not in failed:
+            return False
+    return True
 
 
 def _on_completed(s: JobState, e: JobCompleted, values: dict[str, Any]) -> None:
