@@ -10,6 +10,8 @@ again, nothing shared between two loads that one of them could change.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -322,3 +324,35 @@ def test_a_worker_reply_whose_bytes_do_not_match_its_digest_is_garbage(reply: di
         process_executor._outcome_from(body)
     body["params_bytes"] = b"trained"
     assert process_executor._outcome_from(body).params_bytes == b"trained"
+
+
+def test_a_node_process_reads_parameters_for_its_worker_without_importing_torch(
+    tmp_path: Path,
+) -> None:
+    """A real node trains in a worker process: it hands the parameters over as bytes, and
+    neither that nor its checks load torch into the node's own process."""
+    script = f"""
+import sys
+from pathlib import Path
+from fedsm.core.messages import TrainRequest
+from fedsm.node.fetch import RoundContext, Scratch, round_params
+from fedsm.node.process_executor import ProcessTrainingExecutor
+from fedsm.repository import LocalRepository
+repo = LocalRepository(Path({str(tmp_path)!r}) / "repo")
+up = repo.upload_bytes(b"parameters" * 100)
+ctx = RoundContext(node_id="node-1", node_dir=Path({str(tmp_path)!r}), settings=None,
+                   repository=repo, executor=ProcessTrainingExecutor(), datasets=None,
+                   plans=None)
+class R:
+    params_url = up["file"]
+    params_sha256 = up["sha256"]
+    request_id = "r1"
+path, data = round_params(ctx, R, Scratch(ctx, "r1"))
+assert path == "" and data == b"parameters" * 100, (path, data)
+print("torch" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

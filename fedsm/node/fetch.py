@@ -289,9 +289,13 @@ def round_params(
     scratch directory (``(path, None)``)."""
     what, mismatch = "parameters file", ErrorNumber.PARAMS_DIGEST_MISMATCH
     if ctx.executor.in_memory:
-        from fedsm.training.params import MAX_PARAMS_BYTES  # imports torch
-
         limit = ctx.executor.max_bytes_in_memory
+        if limit is None:  # trains in this process, so torch is loaded here anyway
+            from fedsm.training.params import MAX_PARAMS_BYTES
+
+            max_bytes = MAX_PARAMS_BYTES
+        else:  # a worker's limit (a node process never imports torch itself)
+            max_bytes = limit
         try:
             data = _read(
                 ctx,
@@ -299,7 +303,7 @@ def round_params(
                 request.params_sha256,
                 what=what,
                 mismatch=mismatch,
-                max_bytes=MAX_PARAMS_BYTES if limit is None else min(limit, MAX_PARAMS_BYTES),
+                max_bytes=max_bytes,
                 too_large_ok=limit is not None,
             )
         except _TooLargeInMemory:

@@ -53,7 +53,7 @@ class PoolTrainingExecutor(TrainingExecutor):
     """
 
     in_memory = True
-    max_bytes_in_memory = MAX_PARAMS_IN_FRAME
+    max_bytes_in_memory = MAX_PARAMS_IN_FRAME  # as each of its ProcessTrainingExecutors
 
     def __init__(
         self,

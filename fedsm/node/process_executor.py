@@ -36,6 +36,7 @@ from fedsm.digests import sha256_hex
 from fedsm.node.errors import TrainingFailed, TrainingTimedOut, WorkerCrashed
 from fedsm.node.executor import TrainingExecutor, TrainingOutcome, TrainingTask
 from fedsm.node.worker_main import (
+    MAX_PARAMS_IN_FRAME,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     FrameDecoder,
@@ -287,6 +288,11 @@ class ProcessTrainingExecutor(TrainingExecutor):
         plan into a fresh module that stays in the worker's memory, so a worker serving a
         long-lived node is recycled now and then.
     """
+
+    # Parameters of up to MAX_PARAMS_IN_FRAME go to the worker and back through its pipes:
+    # no scratch file, no fsync, no second read on the node's side (larger ones: files).
+    in_memory = True
+    max_bytes_in_memory = MAX_PARAMS_IN_FRAME
 
     def __init__(
         self,

@@ -187,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
     """One connection; routes ``/files/<sha256>`` to the server's store."""
 
     protocol_version = "HTTP/1.1"  # keep-alive for the requests session on the client side
+    # A response is written as headers, then body: with Nagle's algorithm on, the body waits
+    # for the client's delayed ACK of the headers (40 ms on Linux) on every request.
+    disable_nagle_algorithm = True
     server: RepositoryHTTPServer
     server_version = "fedsm-repository"
     sys_version = ""

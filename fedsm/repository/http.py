@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 
-from fedsm.digests import sha256_file
+from fedsm.digests import sha256_file, sha256_hex
 from fedsm.errors import ConfigurationError
 from fedsm.repository._files import (
     CHUNK_SIZE,
@@ -274,8 +274,25 @@ class HttpRepository(Repository):
         path = Path(path)
         size = path.stat().st_size
         digest = sha256_file(path, chunk_size=CHUNK_SIZE)
+
+        def put(send: Callable[[Any], None]) -> None:
+            with open(path, "rb") as body:
+                # requests sends an empty file object chunked, which the server refuses
+                # (411): an empty file goes as an empty body with its Content-Length.
+                send(body if size else b"")
+
+        return self._upload(digest, size, f"upload of {path.name} ({digest})", put)
+
+    def upload_bytes(self, data: bytes) -> Uploaded:
+        """Upload ``data`` (one PUT of the bytes, unless the server has them); see
+        :meth:`upload_file`."""
+        digest = sha256_hex(data)
+        return self._upload(digest, len(data), f"upload of {digest}", lambda send: send(data))
+
+    def _upload(
+        self, digest: str, size: int, what: str, put_body: Callable[[Callable[[Any], None]], None]
+    ) -> Uploaded:
         url = self.url_for(digest)
-        what = f"upload of {path.name} ({digest})"
         result: Uploaded = {"file": url, "sha256": digest, "size": size}
 
         def probe() -> int | None:
@@ -295,23 +312,60 @@ class HttpRepository(Repository):
                 f"{what}: {size} bytes is over the repository's limit of {hint} bytes"
             )
 
-        def put() -> None:
-            with open(path, "rb") as body:
-                response = self._session().put(
-                    url,
-                    # requests sends an empty file object chunked, which the server refuses
-                    # (411): an empty file goes as an empty body with its Content-Length.
-                    data=body if size else b"",
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    },
-                    timeout=self.timeout_s,
-                )
+        def send(body: Any) -> None:
+            response = self._session().put(
+                url,
+                data=body,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(size),
+                },
+                timeout=self.timeout_s,
+            )
             self._check_status(response, what)
 
-        self._with_retries(what, put)
+        self._with_retries(what, lambda: put_body(send))
         return result
+
+    def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """The bytes at ``url``, checked against its digest, in memory (no file on the way);
+        a file over ``max_bytes`` raises :class:`FileTooLarge` before more than that is read.
+        Retries and errors as :meth:`download_file`."""
+        digest = self.digest_of_url(url)
+        what = f"download of {digest}"
+
+        def attempt() -> bytes:
+            with self._session().get(url, stream=True, timeout=self.timeout_s) as response:
+                self._check_status(response, what)
+                raw_length = response.headers.get("Content-Length", "")
+                length = int(raw_length) if raw_length.isdigit() else None
+                if length is not None and length > max_bytes:
+                    raise FileTooLarge(f"{what}: {length} bytes, over the limit of {max_bytes}")
+                data = bytearray()
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise FileTooLarge(f"{what}: more than {max_bytes} bytes")
+            if (length is not None and len(data) != length) or sha256_hex(data) != digest:
+                raise _Retryable(
+                    DigestMismatch(
+                        f"{what} from {self.base_url}: {len(data)} bytes that do not hash to "
+                        f"{digest} (cut short, corrupted or tampered with)"
+                    )
+                )
+            return bytes(data)
+
+        def attempt_mapped() -> bytes:
+            try:
+                return attempt()
+            except requests.exceptions.ChunkedEncodingError as exc:
+                raise _Retryable(
+                    DigestMismatch(
+                        f"{what} from {self.base_url}: the transfer was cut short ({exc})"
+                    )
+                ) from exc
+
+        return self._with_retries(what, attempt_mapped)
 
     def download_file(self, url: str, filename: str | Path) -> tuple[int, Path]:
         """Stream ``url`` into ``filename`` while hashing it; return ``(200, path)``.
