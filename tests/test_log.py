@@ -247,6 +247,41 @@ def test_batch_durability_buffers_until_flush_or_batch_size(tmp_path: Path) -> N
     assert scan(path).last_seq == 5  # close flushes
 
 
+@pytest.mark.parametrize(("durability", "kept"), [("process", len(EVENTS)), ("never", 0)])
+def test_process_durability_keeps_every_record_of_a_killed_writer(
+    tmp_path: Path, durability: str, kept: int
+) -> None:
+    """``process``: each record is the OS's once appended, so a writer killed with SIGKILL
+    (no flush, no close) loses none; ``never`` buffers them in the process and loses all."""
+    path = tmp_path / "job.log"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from fedsm.log.writer import EventLog
+        from fedsm.testing.strategies import job_run
+        log = EventLog.open(Path({str(path)!r}), durability={durability!r})
+        for event in job_run(rounds=1, nodes=3):
+            log.append(event, ts=1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert scan(path).last_seq == kept
+
+
+def test_process_durability_writes_as_it_appends(tmp_path: Path) -> None:
+    path = tmp_path / "job.log"
+    with EventLog.open(path, durability="process") as log:
+        for i, event in enumerate(EVENTS[:4], start=1):
+            log.append(event, ts=1.0)
+            assert scan(path).last_seq == i
+        log.append_all(EVENTS[4:6], ts=1.0)
+        assert scan(path).last_seq == 6
+        log.flush()
+
+
 def test_append_refuses_bad_input_and_closed_logs(tmp_path: Path) -> None:
     log = EventLog.open(tmp_path / "job.log", durability="never")
     with pytest.raises(TypeError):

@@ -64,8 +64,11 @@ from fedsm.log.read import (
 
 __all__ = ["DURABILITIES", "EventLog"]
 
-#: Durability policies: fsync after every append, group commit, or never (tests/benchmarks).
-DURABILITIES = ("always", "batch", "never")
+#: Durability policies: fsync after every append, group commit, ``process`` (every record
+#: written to the OS as it is appended, never fsynced: it survives the death of the process,
+#: not a crash of the machine; what a simulation uses, whose nodes keep the same promise), or
+#: never (buffered in the process until flushed; tests and benchmarks).
+DURABILITIES = ("always", "batch", "process", "never")
 #: Under ``never``, records are written to the OS once this many bytes are buffered.
 _NEVER_BUFFER_BYTES = 1 << 20
 
@@ -80,7 +83,8 @@ _blake2b = hashlib.blake2b
 class EventLog:
     """The single writer of one job's event log. Build it with :meth:`open`.
 
-    ``append`` is thread-safe. Records appended under ``batch`` or ``never`` are durable only
+    ``append`` is thread-safe. Under ``process`` a record is in the OS (not yet on disk) when
+    :meth:`append` returns. Records appended under ``batch`` or ``never`` are durable only
     after :meth:`flush` (``batch`` also flushes by itself every ``batch_events`` events or when
     ``batch_interval_ms`` have passed since the oldest unflushed one, checked on append).
     """
@@ -280,6 +284,8 @@ class EventLog:
                 if self._durability == "always":
                     write_all(fd, frame)
                     _sync(fd)
+                elif self._durability == "process":
+                    write_all(fd, frame)
                 else:
                     pending = self._pending
                     if not pending:
@@ -331,6 +337,8 @@ class EventLog:
                 if self._durability == "always":
                     write_all(fd, frames)
                     _sync(fd)
+                elif self._durability == "process":
+                    write_all(fd, frames)
                 else:
                     if not self._pending:
                         self._pending_since = time.monotonic()
@@ -352,7 +360,7 @@ class EventLog:
         with self._lock:
             fd = self._check_writable()
             try:
-                self._flush_locked(fd, sync=self._durability != "never")
+                self._flush_locked(fd, sync=self._durability not in ("never", "process"))
             except OSError as exc:
                 self._broken = f"a write failed ({exc})"
                 raise LogError(f"{self._path}: flushing failed: {exc}; reopen the log") from exc

@@ -514,6 +514,9 @@ class RoundDriver:
                 state_path=None if state_sha is None else self._local_file(state_sha),
                 out_path=tmp,
                 state_out_path=state_tmp,
+                # as durable as the log that will name them (a simulation's "process" log
+                # survives a killed process, as a file written without fsync does)
+                durable=job._log.durability in ("always", "batch"),
             )
         except (StrategyError, ParamsFileError) as exc:  # a set of checked replies can fail
             tmp.unlink(missing_ok=True)

@@ -338,13 +338,15 @@ def aggregate_files(
     state_path: Path | None,
     out_path: Path,
     state_out_path: Path,
+    durable: bool = True,
 ) -> tuple[str, str | None]:
     """The one way a round is aggregated from files, by the Job and by the audit alike.
 
     ``replies`` are ``(node_id, params_path, weight, extras)`` in any order (sorted here);
     each reply's parameters are loaded when the strategy asks and checked against the
     global parameters' names, shapes and dtypes. Writes the new parameters to ``out_path``
-    and the new state (if any) to ``state_out_path``; returns their digests.
+    and the new state (if any) to ``state_out_path`` (fsynced unless ``durable`` is False);
+    returns their digests.
     """
     global_params = load_params(global_params_path)
     state = load_params(state_path) if state_path is not None else None
@@ -369,8 +371,8 @@ def aggregate_files(
             state=state,
         )
     )
-    digest = save_params(Path(out_path), result.params)
+    digest = save_params(Path(out_path), result.params, durable=durable)
     state_digest = None
     if result.state is not None:
-        state_digest = save_params(Path(state_out_path), result.state)
+        state_digest = save_params(Path(state_out_path), result.state, durable=durable)
     return digest, state_digest

@@ -346,11 +346,19 @@ def run_demo(
     def report(summary: Any) -> None:
         say(summary.line(config.rounds))
 
+    # The memory world is one process: its log, repository and nodes survive the death of
+    # that process (written to the OS, not fsynced), as a killed run needs to resume; the
+    # MQTT world keeps every fsync.
+    durability = "process" if config.transport == "memory" else "always"
     with world(run_dir, config, files, say=say) as (bus, repository):
         if resuming:
             say(f"resuming the unfinished run in {run_dir}")
             exp = Experiment.resume(
-                run_dir / "researcher", bus=bus, repository=repository, on_round=report
+                run_dir / "researcher",
+                bus=bus,
+                repository=repository,
+                on_round=report,
+                durability=durability,
             )
         else:
             exp = Experiment(
@@ -369,6 +377,7 @@ def run_demo(
                 reply_deadline_s=config.reply_deadline_s,
                 aggregator=config.aggregator,
                 on_round=report,
+                durability=durability,
             )
         try:
             final_sha256 = exp.run()
