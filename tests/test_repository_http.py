@@ -143,6 +143,24 @@ def test_second_upload_of_same_content_sends_nothing(repo: HttpRepository, tmp_p
     assert stored.stat().st_ino == inode  # not rewritten: the HEAD probe found it
 
 
+def test_upload_bytes_sends_small_new_bytes_in_one_request(
+    repo: HttpRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's trained parameters are new: one PUT, no HEAD first (a round trip saved per
+    node-round); the server keeps one file per digest, and the bytes read back whole."""
+    import requests
+
+    def no_head(*args: object, **kwargs: object) -> None:
+        raise AssertionError("upload_bytes asked first (HEAD) for small new bytes")
+
+    monkeypatch.setattr(requests.Session, "head", no_head)
+    data = b"trained parameters" * 100
+    up = repo.upload_bytes(data)
+    assert repo.upload_bytes(data) == up  # again: stored once
+    assert repo.read_bytes(up["file"], max_bytes=len(data)) == data
+    assert sorted(p.name for p in (tmp_path / "store").iterdir() if p.is_file()) == [up["sha256"]]
+
+
 def test_open_repository_gives_a_working_http_client(
     server: RepositoryServer, tmp_path: Path
 ) -> None:

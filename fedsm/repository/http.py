@@ -54,6 +54,10 @@ __all__ = ["HttpRepository"]
 _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: ``upload_bytes`` sends up to this many bytes without asking first whether the server
+#: has them.
+DIRECT_UPLOAD_BYTES = 256 * 1024
 _MAX_BACKOFF_S = 5.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: A size header from the server: ASCII digits only (str.isdigit() also accepts "1\u00b2").
@@ -287,13 +291,30 @@ class HttpRepository(Repository):
         """Upload ``data`` (one PUT of the bytes, unless the server has them); see
         :meth:`upload_file`."""
         digest = sha256_hex(data)
-        return self._upload(digest, len(data), f"upload of {digest}", lambda send: send(data))
+        # Bytes just made (a node's trained parameters) are new to the server: asking first
+        # (HEAD) whether it has them costs a round trip that sending small ones barely
+        # exceeds (the server stores a digest once, and answers 413 over its limit).
+        return self._upload(
+            digest,
+            len(data),
+            f"upload of {digest}",
+            lambda send: send(data),
+            probe_first=len(data) > DIRECT_UPLOAD_BYTES,
+        )
 
     def _upload(
-        self, digest: str, size: int, what: str, put_body: Callable[[Callable[[Any], None]], None]
+        self,
+        digest: str,
+        size: int,
+        what: str,
+        put_body: Callable[[Callable[[Any], None]], None],
+        *,
+        probe_first: bool = True,
     ) -> Uploaded:
         url = self.url_for(digest)
         result: Uploaded = {"file": url, "sha256": digest, "size": size}
+        if not probe_first:
+            return self._send(url, size, what, put_body, result)
 
         def probe() -> int | None:
             response = self._session().head(url, timeout=self.timeout_s)
@@ -312,6 +333,16 @@ class HttpRepository(Repository):
                 f"{what}: {size} bytes is over the repository's limit of {hint} bytes"
             )
 
+        return self._send(url, size, what, put_body, result)
+
+    def _send(
+        self,
+        url: str,
+        size: int,
+        what: str,
+        put_body: Callable[[Callable[[Any], None]], None],
+        result: Uploaded,
+    ) -> Uploaded:
         def send(body: Any) -> None:
             response = self._session().put(
                 url,
