@@ -356,3 +356,30 @@ print("torch" in sys.modules)
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_parameters_too_large_for_a_worker_pipe_are_refused_before_any_worker_starts(
+    tmp_path: Path,
+) -> None:
+    from fedsm.node.errors import TrainingFailed
+    from fedsm.node.process_executor import ProcessTrainingExecutor
+    from fedsm.node.worker_main import MAX_PARAMS_IN_FRAME
+
+    task = _task(tmp_path, in_memory=True)
+    big = TrainingTask(**{**task.__dict__, "params_bytes": b"\0" * (MAX_PARAMS_IN_FRAME + 1)})
+    executor = ProcessTrainingExecutor()
+    try:
+        with pytest.raises(TrainingFailed, match="pass them as a file"):
+            executor.train(big, time_limit_s=60)
+        assert executor.restarts == 0 and executor._worker is None  # nothing crashed
+    finally:
+        executor.close()
+
+
+def test_a_kept_file_over_the_limit_is_too_large_not_served(tmp_path: Path) -> None:
+    from fedsm.repository.base import FileTooLarge
+
+    repo = LocalRepository(tmp_path / "repo", durable=False)
+    up = repo.upload_bytes(b"x" * 1000)  # kept in memory
+    with pytest.raises(FileTooLarge):
+        repo.read_bytes(up["file"], max_bytes=999)

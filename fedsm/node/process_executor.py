@@ -361,6 +361,11 @@ class ProcessTrainingExecutor(TrainingExecutor):
 
     def train(self, task: TrainingTask, *, time_limit_s: float | None = None) -> TrainingOutcome:
         limit = self._time_limit_s if time_limit_s is None else time_limit_s
+        if task.params_bytes is not None and len(task.params_bytes) > MAX_PARAMS_IN_FRAME:
+            raise TrainingFailed(
+                f"the task carries {len(task.params_bytes)} bytes of parameters, more than a "
+                f"worker takes through its pipe ({MAX_PARAMS_IN_FRAME}); pass them as a file"
+            )
         frame = encode_frame({"kind": "train", "task": task.to_dict()})
         if len(frame) > MAX_REQUEST_BYTES:
             raise TrainingFailed(

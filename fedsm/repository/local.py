@@ -245,6 +245,10 @@ class LocalRepository(Repository):
         source = self._store.path_for(digest)
         kept = self._memo.get(digest, source)
         if kept is not None:
+            if len(kept) > max_bytes:
+                raise FileTooLarge(
+                    f"file {digest} holds {len(kept)} bytes, over the limit of {max_bytes}"
+                )
             return kept
         try:
             with source.open("rb") as fh:
