@@ -7,7 +7,9 @@
 * settings from ``node.toml`` and ``FEDSM_*`` variables (:mod:`fedsm.node.settings`);
 * executors that run trainings in a worker process or in-process
   (:mod:`fedsm.node.executor`, :mod:`fedsm.node.process_executor`);
-* :func:`start_memory_nodes` for simulated nodes on a memory bus (:mod:`fedsm.node.simulate`);
+* :func:`start_memory_nodes` for simulated nodes on a memory bus (:mod:`fedsm.node.simulate`),
+  and :class:`NodeHosts` to serve them from several processes, one share each
+  (:mod:`fedsm.node.hosts`);
 * what ``fedsm node start`` adds to run as a service: the node-directory lock, the repository
   check and the bus watch (:mod:`fedsm.node.service`).
 
@@ -37,6 +39,8 @@ _LAZY = {
     "NodeError": "fedsm.node.errors",
     "RequestFailed": "fedsm.node.errors",
     "start_memory_nodes": "fedsm.node.simulate",
+    "NodeHosts": "fedsm.node.hosts",
+    "NodeHostError": "fedsm.node.hosts",
     "WitnessStore": "fedsm.node.witness",
 }
 
