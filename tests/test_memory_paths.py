@@ -241,6 +241,21 @@ def test_a_rewrite_the_cache_cannot_see_never_hands_out_other_bytes(tmp_path: Pa
     assert got == data
 
 
+def test_a_download_is_a_copy_of_its_own_not_another_name_of_the_stored_file(
+    tmp_path: Path,
+) -> None:
+    """The researcher's copy of a reply is its evidence: rewriting the repository's file in
+    place (as a tamperer would) changes nothing of it."""
+    repo = LocalRepository(tmp_path / "repo", durable=False)
+    data = b"a node's parameters " * 300
+    up = repo.upload_bytes(data)
+    for name in ("kept.bin", "again.bin"):
+        _, dest = repo.download_file(up["file"], tmp_path / name)
+        assert dest.stat().st_ino != (repo.root / up["sha256"]).stat().st_ino
+    (repo.root / up["sha256"]).write_bytes(b"tampered" * 10)
+    assert (tmp_path / "kept.bin").read_bytes() == data
+
+
 def test_a_removed_file_is_not_served_from_memory(tmp_path: Path) -> None:
     repo = LocalRepository(tmp_path / "repo", durable=False)
     up = repo.upload_bytes(b"abc")

@@ -157,10 +157,16 @@ def test_a_node_killed_mid_round_and_restarted_ends_on_the_quiet_digest(
 
     def kill_and_restart() -> None:
         try:
-            _wait_for("node-2 to receive round 2", lambda: _witnessed_trains(node_dir) >= 2)
             node = _node_process(node_dir)
             cmd = node.cmdline()
             workers = node.children(recursive=True)
+            # Its training worker frozen from the moment round 2 is sent, node-2 receives the
+            # request and can not answer it (a round trains in milliseconds: a kill aimed
+            # between the two would be a race).
+            assert workers, "node-2 has no training worker to hold"
+            for worker in workers:
+                worker.send_signal(signal.SIGSTOP)
+            _wait_for("node-2 to receive round 2", lambda: _witnessed_trains(node_dir) >= 2)
             node.send_signal(signal.SIGKILL)
             for proc in [node, *workers]:
                 with contextlib.suppress(psutil.Error):

@@ -28,7 +28,6 @@ __all__ = [
     "copy_and_hash",
     "fsync_dir",
     "resolve_destination",
-    "link_file",
     "write_file",
     "write_temp",
 ]
@@ -105,28 +104,6 @@ def write_temp(directory: Path, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
-
-
-def link_file(source: Path, destination: Path) -> bool:
-    """Make ``destination`` another name of the file ``source`` (a hard link, atomically
-    replacing what was there); False where links are not possible (another file system,
-    a file system without them), and nothing changed."""
-    tmp = _temp_name(destination.parent)
-    try:
-        os.link(source, tmp)
-    except FileNotFoundError:
-        if source.exists():  # the destination's directory is missing
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            return link_file(source, destination)
-        raise
-    except OSError:
-        return False
-    try:
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
 
 
 def write_file(destination: Path, data: bytes, *, sync: bool = True) -> None:

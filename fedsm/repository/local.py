@@ -33,12 +33,11 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from fedsm.digests import is_sha256, sha256_file, sha256_hex
+from fedsm.digests import is_sha256, sha256_hex
 from fedsm.repository._files import (
     check_digest,
     commit_temp,
     copy_and_hash,
-    link_file,
     resolve_destination,
     write_file,
     write_temp,
@@ -173,12 +172,9 @@ class LocalRepository(Repository):
         dest = resolve_destination(filename, self.download_dir)
         kept = self._memo.get(digest, source)
         if kept is not None:
-            # The stored file is the one whose bytes were checked: a simulation's copy is
-            # another name of it (files are never changed in place, only replaced).
-            if not link_file(source, dest):
-                write_file(dest, kept, sync=self.durable)
-            return 200, dest
-        if not self.durable and self._link_checked(digest, source, dest):
+            # A copy of its own, never another name of the stored file: whoever rewrites that
+            # file in place must not change what the caller keeps (its evidence).
+            write_file(dest, kept, sync=self.durable)
             return 200, dest
         try:
             tmp, actual, _ = copy_and_hash(source, dest.parent)
@@ -199,40 +195,6 @@ class LocalRepository(Repository):
             tmp.unlink(missing_ok=True)
             raise
         return 200, dest
-
-    def _link_checked(self, digest: str, source: Path, dest: Path) -> bool:
-        """Give ``dest`` the stored file as another name if it hashes to ``digest`` (no copy:
-        a simulation's files are never changed in place, only replaced); the linked file
-        itself is hashed, so what ``dest`` names is what was checked. False where links are
-        not possible; raises as :meth:`download_file` does."""
-        tmp = dest.parent / f".link-{os.urandom(8).hex()}.tmp"
-        try:
-            os.link(source, tmp)
-        except FileNotFoundError:
-            if not source.exists():
-                raise FileNotInRepository(
-                    f"no file {digest} in the local repository at {self.root}"
-                ) from None
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            return self._link_checked(digest, source, dest)
-        except OSError:
-            return False
-        try:
-            size = tmp.stat().st_size
-            data = tmp.read_bytes() if size <= self._memo.max_item_bytes else None
-            actual = sha256_hex(data) if data is not None else sha256_file(tmp)
-            if actual != digest:
-                raise DigestMismatch(
-                    f"the stored file {source} hashes to {actual}, not to {digest}: it was "
-                    "corrupted or tampered with on disk; upload the original again"
-                )
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if data is not None:
-            self._memo.put(digest, data, dest)
-        return True
 
     def exists(self, digest: str) -> bool:
         """Whether a file with this digest is stored (raises InvalidDigest for a bad id)."""
