@@ -398,3 +398,18 @@ def test_a_kept_file_over_the_limit_is_too_large_not_served(tmp_path: Path) -> N
     up = repo.upload_bytes(b"x" * 1000)  # kept in memory
     with pytest.raises(FileTooLarge):
         repo.read_bytes(up["file"], max_bytes=999)
+
+
+def test_bytes_a_downloader_copied_are_not_kept_again(tmp_path: Path) -> None:
+    """The researcher copies each reply's parameters into its run directory once: the
+    repository lets go of them then, so a long run's memory stays flat."""
+    repo = LocalRepository(tmp_path / "repo", durable=False)
+    for i in range(20):
+        up = repo.upload_bytes(bytes([i]) * 5000)
+        repo.download_file(up["file"], tmp_path / "copy.bin")
+        assert (tmp_path / "copy.bin").read_bytes() == bytes([i]) * 5000
+    assert repo._memo.size == 0
+    up = repo.upload_bytes(b"g" * 5000)  # read by many (the round's global parameters)
+    for _ in range(3):
+        assert repo.read_bytes(up["file"], max_bytes=5000) == b"g" * 5000
+    assert repo._memo.size == 5000

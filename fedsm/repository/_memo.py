@@ -43,24 +43,26 @@ class VerifiedBytes:
         Larger files are never kept.
     """
 
-    def __init__(self, max_bytes: int = 192 * 2**20, max_item_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, max_bytes: int = 128 * 2**20, max_item_bytes: int = 48 * 2**20) -> None:
         self.max_bytes = max_bytes
         self.max_item_bytes = min(max_item_bytes, max_bytes)
         self._items: OrderedDict[str, tuple[bytes, FileIdentity]] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
 
-    def get(self, digest: str, path: Path) -> bytes | None:
+    def get(self, digest: str, path: Path, *, last: bool = False) -> bytes | None:
         """The bytes of ``digest`` if kept and the file at ``path`` is still the one they
-        were stored in; else None (a stale entry is dropped)."""
+        were stored in; else None (a stale entry is dropped). ``last``: the caller keeps a
+        copy from now on, so the entry is dropped once served."""
         with self._lock:
             item = self._items.get(digest)
         if item is None:
             return None
         data, ident = item
-        if identity(path) != ident:
+        current = identity(path) == ident
+        if not current or last:
             self.drop(digest)
-            return None
+            return data if current else None
         with self._lock:
             if digest in self._items:
                 self._items.move_to_end(digest)

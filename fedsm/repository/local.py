@@ -170,7 +170,9 @@ class LocalRepository(Repository):
         digest = self.digest_of_url(url)
         source = self._store.path_for(digest)
         dest = resolve_destination(filename, self.download_dir)
-        kept = self._memo.get(digest, source)
+        # Whoever downloads keeps a copy from now on (the researcher its replies' parameters):
+        # the bytes are served once more and not kept, so memory stays flat across rounds.
+        kept = self._memo.get(digest, source, last=True)
         if kept is not None:
             # A copy of its own, never another name of the stored file: whoever rewrites that
             # file in place must not change what the caller keeps (its evidence).
