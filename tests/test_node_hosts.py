@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_perf_pool import NODES, ROUNDS, _shards
+from test_perf_pool import NODES, ROUNDS, _shards, experiment
 
 from fedsm.node.hosts import NodeHostError, NodeHosts
 from fedsm.node.simulate import start_memory_nodes
 from fedsm.node.worker_main import encode_frame
 from fedsm.repository import LocalRepository
-from fedsm.researcher.experiment import Experiment
 from fedsm.training.demo_plan import BreastCancerPlan
 from fedsm.transport import MemoryBroker, MemoryBus
 
@@ -45,23 +44,6 @@ def _gone(pid: int, within_s: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _experiment(root: Path, plan: Path, bus: MemoryBus, repo: LocalRepository, rounds: int):
-    return Experiment(
-        tags=["breast-cancer"],
-        training_plan_class="BreastCancerPlan",
-        training_plan_path=plan,
-        training_args={"lr": 0.3, "epochs": 2, "batch_size": 8},
-        model_args={"hidden": 8},
-        round_limit=rounds,
-        run_dir=root / "run",
-        bus=bus,
-        repository=repo,
-        progress=False,
-        discovery_s=0.0,
-        reply_deadline_s=600,
-    )
 
 
 def _world(root: Path) -> tuple[list[Path], Path, MemoryBroker, LocalRepository]:
@@ -84,7 +66,7 @@ def _digest(root: Path, *, hosts: int, stop_after: int | None = None) -> str | N
     try:
         if hosts:
             assert sorted(bus.online_nodes()) == sorted(f"node-{k}" for k in range(1, NODES + 1))
-        exp = _experiment(root, plan, bus, repo, ROUNDS)
+        exp = experiment(root, plan, bus, repo, ROUNDS)
         if stop_after is None:
             exp.run()
         else:

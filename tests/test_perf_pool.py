@@ -40,6 +40,26 @@ def _shards(root: Path) -> list[Path]:
     return paths
 
 
+def experiment(
+    root: Path, plan: Path, bus: MemoryBus, repo: LocalRepository, rounds: int
+) -> Experiment:
+    """The small job these tests (and ``tests/test_node_hosts.py``) run."""
+    return Experiment(
+        tags=["breast-cancer"],
+        training_plan_class="BreastCancerPlan",
+        training_plan_path=plan,
+        training_args={"lr": 0.3, "epochs": 2, "batch_size": 8},
+        model_args={"hidden": 8},
+        round_limit=rounds,
+        run_dir=root / "run",
+        bus=bus,
+        repository=repo,
+        progress=False,
+        discovery_s=0.0,
+        reply_deadline_s=600,
+    )
+
+
 def _final_digest(root: Path, workers: int) -> str:
     shards = _shards(root / "data")
     plan = root / "plan.py"
@@ -51,20 +71,7 @@ def _final_digest(root: Path, workers: int) -> str:
     )
     bus = MemoryBus(broker, "researcher-pool", role="researcher")
     try:
-        exp = Experiment(
-            tags=["breast-cancer"],
-            training_plan_class="BreastCancerPlan",
-            training_plan_path=plan,
-            training_args={"lr": 0.3, "epochs": 2, "batch_size": 8},
-            model_args={"hidden": 8},
-            round_limit=ROUNDS,
-            run_dir=root / "run",
-            bus=bus,
-            repository=repo,
-            progress=False,
-            discovery_s=0.0,
-            reply_deadline_s=600,
-        )
+        exp = experiment(root, plan, bus, repo, ROUNDS)
         exp.run()
         state = exp.job.state
         assert state.round == ROUNDS and len(state.aggregates[ROUNDS].nodes) == NODES

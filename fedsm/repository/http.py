@@ -386,17 +386,7 @@ class HttpRepository(Repository):
                 )
             return bytes(data)
 
-        def attempt_mapped() -> bytes:
-            try:
-                return attempt()
-            except requests.exceptions.ChunkedEncodingError as exc:
-                raise _Retryable(
-                    DigestMismatch(
-                        f"{what} from {self.base_url}: the transfer was cut short ({exc})"
-                    )
-                ) from exc
-
-        return self._with_retries(what, attempt_mapped)
+        return self._with_retries(what, self._cut_short_retried(what, attempt))
 
     def download_file(self, url: str, filename: str | Path) -> tuple[int, Path]:
         """Stream ``url`` into ``filename`` while hashing it; return ``(200, path)``.
@@ -429,15 +419,20 @@ class HttpRepository(Repository):
                     tmp.commit(dest)
             return 200, dest
 
-        def attempt_mapped() -> tuple[int, Path]:
+        return self._with_retries(what, self._cut_short_retried(what, attempt))
+
+    def _cut_short_retried(self, what: str, attempt: Callable[[], _T]) -> Callable[[], _T]:
+        """``attempt`` with a download cut short (urllib3 noticed fewer bytes than
+        Content-Length) turned into a retryable :class:`DigestMismatch`."""
+
+        def mapped() -> _T:
             try:
                 return attempt()
             except requests.exceptions.ChunkedEncodingError as exc:
-                # urllib3 noticed fewer bytes than Content-Length: a cut-short download.
                 raise _Retryable(
                     DigestMismatch(
                         f"{what} from {self.base_url}: the transfer was cut short ({exc})"
                     )
                 ) from exc
 
-        return self._with_retries(what, attempt_mapped)
+        return mapped
