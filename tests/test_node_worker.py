@@ -347,6 +347,20 @@ def fake_worker(monkeypatch, tmp_path):
                 pytest.fail(f"fake worker {pid} was left running")
 
 
+def test_a_worker_dead_before_reading_its_task_is_reported_with_its_last_words(
+    fake_worker, tmp_path
+):
+    """The task is larger than a pipe holds, so the node is still sending when the worker
+    (which never reads) dies: what the worker wrote is read and named all the same."""
+    executor = fake_worker("exits")
+    try:
+        task = _linear_task(tmp_path, source=plan_bytes("linear_plan.py") + b"#" * 300_000)
+        with pytest.raises(WorkerCrashed, match="exit code 3, after 14 bytes of an unfinished"):
+            executor.train(task, time_limit_s=5.0)
+    finally:
+        executor.close()
+
+
 @pytest.mark.parametrize(
     ("kind", "error", "words"),
     [

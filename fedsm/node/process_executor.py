@@ -138,14 +138,14 @@ class _Worker:
                 raise _Timeout()
             if not _wait_for(fd, select.POLLOUT, min(left, _POLL_S)):
                 if not self.alive():
-                    raise _Gone(self.proc.returncode)
+                    raise self._gone(drain=True)
                 continue
             try:
                 data = data[os.write(fd, data) :]
             except BlockingIOError:
                 continue
             except OSError:  # EPIPE: the worker is gone
-                raise _Gone(self._exit_code()) from None
+                raise self._gone(drain=True) from None
 
     def receive(self, deadline: float) -> Any:
         """Read one frame and decode it; raise :class:`_Gone`, :class:`_Timeout` or
@@ -185,8 +185,22 @@ class _Worker:
                 raise self._gone()
             self._decoder.feed(chunk)
 
-    def _gone(self) -> _Gone:
+    def _gone(self, *, drain: bool = False) -> _Gone:
+        """Why the worker is gone; with ``drain``, what it wrote before dying is read first
+        (it died while the node was still sending: its last words say how far it got)."""
         code = self._exit_code()
+        if drain:
+            fd = self._from_worker.fileno()
+            left = MAX_REPLY_BYTES  # bounded: a child of the plan may still be writing
+            while left > 0:
+                try:
+                    chunk = os.read(fd, min(left, 1 << 16))
+                except OSError:  # BlockingIOError: nothing more now
+                    break
+                if not chunk:
+                    break
+                left -= len(chunk)
+                self._decoder.feed(chunk)
         if self._decoder.pending:
             return _Gone(code, f"{self._decoder.pending} bytes of an unfinished frame")
         return _Gone(code)
