@@ -47,3 +47,20 @@ def test_a_killed_parent_takes_its_children_with_it(tmp_path: Path) -> None:
             parent.kill()
         if "child_pid" in locals() and _alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_a_signal_arriving_inside_the_events_wait_still_sets_it() -> None:
+    """The handler of `fedsm repo serve` and `fedsm node start` runs in the main thread,
+    which may then hold the stop event's own lock (inside its wait): setting the event there
+    would wait forever for that lock. Held here on purpose, in a process of its own."""
+    script = """
+import signal, threading
+from fedsm.cli.procs import signal_setter
+stop = threading.Event()
+handler = signal_setter(stop)
+with stop._cond:  # as inside stop.wait(), before it lets go of the lock
+    handler(signal.SIGTERM, None)
+print("set" if stop.wait(10) else "not set", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "set", out

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedsm.cli.procs import signal_setter
 from fedsm.errors import ConfigurationError
 from fedsm.node.database import PLAN_STATUSES
 
@@ -664,9 +665,7 @@ def _serve(
 
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
+    on_signal = signal_setter(stop)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     executor = ProcessTrainingExecutor(time_limit_s=settings.training_time_limit_s)
     try:

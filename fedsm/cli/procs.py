@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedsm.errors import DeadlineExceeded
 
-__all__ = ["Child", "free_port"]
+__all__ = ["Child", "free_port", "signal_setter"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,6 +44,20 @@ def _die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def signal_setter(event: threading.Event) -> Callable[[int, object], None]:
+    """A signal handler that sets ``event`` (for SIGTERM/SIGINT).
+
+    It sets it from a new thread: a handler runs in the main thread between two bytecodes,
+    possibly while that thread holds the event's own lock (inside ``event.wait``), and
+    setting it there would wait for that lock forever (a SIGTERM that never stops the
+    process)."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        threading.Thread(target=event.set, name="fedsm-signal", daemon=True).start()
+
+    return on_signal
 
 
 class Child:

@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from fedsm.cli.procs import signal_setter
 from fedsm.errors import ConfigurationError
 
 _SIZE_RE = re.compile(r"(\d+)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
@@ -107,9 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
+    on_signal = signal_setter(stop)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
