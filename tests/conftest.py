@@ -49,6 +49,9 @@ LONG_FILES = (
     "test_strategies_jobs.py",
     "test_node_cli.py",
     "test_scale.py",
+    "test_node_hosts.py",
+    "test_perf_pool.py",
+    "test_reliability_disk.py",
 )
 
 
