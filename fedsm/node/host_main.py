@@ -35,7 +35,7 @@ from fedsm.node.worker_main import (
     _take_protocol_fds,
     _write_all,
     encode_frame,
-    unpack,
+    read_frame,
 )
 
 __all__ = ["MAX_FRAME_BYTES", "main"]
@@ -60,12 +60,7 @@ class _Pipe:
 
     def receive(self) -> Any:
         """The next frame's content, or None at the end of the input."""
-        while (body := self._decoder.next_frame()) is None:
-            chunk = os.read(self._read_fd, 1 << 16)
-            if not chunk:
-                return None
-            self._decoder.feed(chunk)
-        return unpack(body)
+        return read_frame(self._read_fd, self._decoder)
 
 
 def _start(config: dict[str, Any], pipe: _Pipe) -> tuple[Any, list[Any]]:

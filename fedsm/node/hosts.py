@@ -32,7 +32,7 @@ from typing import Any
 from fedsm.errors import FedsmError
 from fedsm.node.host_main import MAX_FRAME_BYTES
 from fedsm.node.process_executor import _worker_env
-from fedsm.node.worker_main import FrameDecoder, encode_frame, unpack
+from fedsm.node.worker_main import FrameDecoder, encode_frame, read_frame
 from fedsm.transport import MemoryBroker
 from fedsm.transport.topics import NODE
 
@@ -96,12 +96,7 @@ class _Host:
 
     def receive(self) -> Any:
         """The next frame's content (blocking; the host writes or ends), None at its end."""
-        while (body := self._decoder.next_frame()) is None:
-            chunk = os.read(self._in, 1 << 16)
-            if not chunk:
-                return None
-            self._decoder.feed(chunk)
-        return unpack(body)
+        return read_frame(self._in, self._decoder)
 
     def kill(self, wait_s: float) -> None:
         """Close its input (it leaves), wait up to ``wait_s``, then kill it by PID."""

@@ -45,6 +45,7 @@ __all__ = [
     "FrameDecoder",
     "FrameTooLarge",
     "encode_frame",
+    "read_frame",
     "pack",
     "unpack",
     "main",
@@ -92,6 +93,17 @@ def encode_frame(obj: Any) -> bytes:
     """One frame: the length prefix and the msgpack body of ``obj``."""
     body = pack(obj)
     return HEADER.pack(len(body)) + body
+
+
+def read_frame(fd: int, decoder: FrameDecoder) -> Any:
+    """The next frame's content read from the blocking ``fd`` through ``decoder``, or None
+    at the end of the stream (a reader thread's loop: it ends when the writer does)."""
+    while (body := decoder.next_frame()) is None:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None
+        decoder.feed(chunk)
+    return unpack(body)
 
 
 class FrameDecoder:
